@@ -1,0 +1,57 @@
+# The front door. `make demo` runs the main job end to end; `make test` runs the test suite.
+# Both create .venv unless a virtualenv is already active, and install what they need.
+SHELL := /bin/bash
+.DEFAULT_GOAL := help
+
+ifdef VIRTUAL_ENV
+VENV := $(VIRTUAL_ENV)
+else
+VENV := $(CURDIR)/.venv
+endif
+PYTHON := $(VENV)/bin/python
+PIP := $(PYTHON) -m pip --disable-pip-version-check
+STAMP := $(VENV)/.disent-installed
+# On CPU-only machines a CPU wheel of this version lies on local disk; elsewhere pip picks the
+# build for the platform. A torch that is already installed is kept.
+TORCH_SPEC ?= torch==2.13.0
+# Debian packages: the demo's real data, and the single-node Slurm cluster the tests start.
+APT_PACKAGES ?= dataset-fashion-mnist
+PYTEST_ARGS ?=
+
+export DS_ACCELERATOR ?= cpu
+
+.PHONY: help setup system-deps demo test clean
+
+help:
+	@echo "make demo   prepare Fashion-MNIST, train on 2 CPU ranks, evaluate, log to ./mlflow.db"
+	@echo "make test   run the test suite (what CI runs)"
+	@echo "make setup  create $(VENV) and install disent with its test extras"
+
+$(PYTHON):
+	python3 -m venv $(VENV)
+
+$(STAMP): pyproject.toml | $(PYTHON)
+	$(PYTHON) -c "import torch" 2>/dev/null || $(PIP) install "$(TORCH_SPEC)"
+	$(PIP) install -e ".[test]"
+	touch $(STAMP)
+
+setup: $(STAMP)
+
+# Installs missing Debian packages when we are root (CI, fresh machines); otherwise says what is missing.
+system-deps:
+	@missing=""; for p in $(APT_PACKAGES); do dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
+	if [ -n "$$missing" ]; then \
+	  if [ "$$(id -u)" = 0 ]; then \
+	    echo "installing Debian packages:$$missing"; \
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing >/dev/null; \
+	  else echo "warning: missing Debian packages (install as root):$$missing"; fi; \
+	fi
+
+demo: setup system-deps
+	$(PYTHON) -m disent.demo
+
+test: setup system-deps
+	$(PYTHON) -m pytest $(PYTEST_ARGS)
+
+clean:
+	rm -rf runs data mlflow.db mlruns .pytest_cache

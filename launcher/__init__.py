@@ -1,0 +1,1 @@
+"""Environment-aware process launch for disent (local, torchrun, Slurm, Kubernetes)."""

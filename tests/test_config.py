@@ -1,0 +1,173 @@
+"""Config loading, overrides and each kind of config error, through the real CLI."""
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from disent.config import ConfigError, flatten, from_dict, load_config, micro_batch_size, run_name, to_dict
+from disent.train.ds_config import deepspeed_config
+
+ROOT = Path(__file__).resolve().parents[1]
+CONFIGS = sorted((ROOT / "configs").glob("*.yaml"))
+
+
+def disent(*args, cwd=ROOT):
+    return subprocess.run([sys.executable, "-m", "disent.cli", *args], cwd=cwd, capture_output=True, text=True)
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)
+def test_every_shipped_config_validates(path):
+    cfg = load_config(path)
+    assert cfg.name and cfg.data.url
+
+
+def test_extends_and_override_parsed_as_yaml():
+    cfg = load_config(ROOT / "configs/fashion_mnist.yaml", ["model.z_dim=32", "optim.vae.betas=[0.9, 0.99]"])
+    assert cfg.model.z_dim == 32
+    assert cfg.optim.vae.betas == [0.9, 0.99]
+    assert cfg.loss.swap == 1.0  # inherited from base.yaml
+    assert cfg.name == "fashion_mnist"
+
+
+def test_config_show_prints_resolved_yaml():
+    out = disent("config", "show", "configs/fashion_mnist.yaml", "model.z_dim=32")
+    assert out.returncode == 0, out.stderr
+    assert "z_dim: 32" in out.stdout
+    assert yaml.safe_load(out.stdout)["model"]["z_dim"] == 32
+
+
+def test_help_lists_commands():
+    out = disent("--help")
+    assert out.returncode == 0 and "config" in out.stdout
+
+
+def test_unknown_key_in_file_names_key_file_and_suggestion(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(f"extends: {ROOT / 'configs/base.yaml'}\nmodel:\n  z_dimm: 8\n")
+    out = disent("config", "show", str(bad))
+    assert out.returncode == 2
+    assert "model.z_dimm" in out.stderr and str(bad) in out.stderr and "model.z_dim" in out.stderr
+    assert "Traceback" not in out.stderr
+
+
+def test_unknown_key_on_command_line_names_origin():
+    with pytest.raises(ConfigError, match=r"'train.stpes' \(from the command line\); did you mean 'train.steps'"):
+        load_config(ROOT / "configs/base.yaml", ["train.stpes=3"])
+
+
+def test_unknown_top_level_section():
+    with pytest.raises(ConfigError, match="did you mean 'model'"):
+        load_config(ROOT / "configs/base.yaml", ["modle.z_dim=3"])
+
+
+def test_wrong_type_names_key_expected_type_and_value():
+    out = disent("config", "show", "configs/base.yaml", "train.steps=many")
+    assert out.returncode == 2
+    assert "train.steps" in out.stderr and "must be int" in out.stderr and "'many'" in out.stderr
+    assert "Traceback" not in out.stderr
+
+
+@pytest.mark.parametrize(
+    "override, expected",
+    [
+        ("train.steps=1.5", "must be int"),
+        ("train.progress=1", "must be bool"),
+        ("model.discriminator=patch", "one of 'pair', 'label'"),
+        ("optim.vae.betas=0.5", "must be a list of float"),
+        ("data=3", "must be a mapping"),
+        ("tracking.uri=[1]", "must be str or null"),
+    ],
+)
+def test_wrong_types(override, expected):
+    with pytest.raises(ConfigError, match=expected):
+        load_config(ROOT / "configs/base.yaml", [override])
+
+
+def test_missing_required_value_is_named(tmp_path):
+    partial = tmp_path / "partial.yaml"
+    partial.write_text("name: x\ndata:\n  image_size: 28\n")
+    out = disent("config", "show", str(partial))
+    assert out.returncode == 2
+    assert "missing required config key 'data.url'" in out.stderr
+
+
+def test_missing_required_name():
+    with pytest.raises(ConfigError, match="missing required config key 'name'"):
+        load_config(None, ["data.url=somewhere"])
+
+
+def test_missing_file_and_bad_yaml(tmp_path):
+    out = disent("config", "show", str(tmp_path / "nope.yaml"))
+    assert out.returncode == 2 and "does not exist" in out.stderr
+    broken = tmp_path / "broken.yaml"
+    broken.write_text("name: [unclosed\n")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_config(broken)
+
+
+def test_yaml_is_loaded_safely(tmp_path):
+    evil = tmp_path / "evil.yaml"
+    evil.write_text("name: !!python/object/apply:os.system ['echo pwned']\ndata: {url: x}\n")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_config(evil)
+
+
+def test_extends_cycle(tmp_path):
+    (tmp_path / "a.yaml").write_text("extends: b.yaml\n")
+    (tmp_path / "b.yaml").write_text("extends: a.yaml\n")
+    with pytest.raises(ConfigError, match="cycle"):
+        load_config(tmp_path / "a.yaml")
+
+
+def test_malformed_override():
+    with pytest.raises(ConfigError, match="section.key=value"):
+        load_config(ROOT / "configs/base.yaml", ["model.z_dim"])
+
+
+@pytest.mark.parametrize(
+    "override, expected",
+    [
+        ("data.image_size=30", "28, 32 or 64"),
+        ("train.zero_stage=3", "0, 1 or 2"),
+        ("train.global_batch_size=0", "must be > 0"),
+        ("loss.real_label=1.5", "real_label"),
+        ("train.checkpoint_upload_url=/tmp/x", "s3://"),
+    ],
+)
+def test_semantic_checks(override, expected):
+    with pytest.raises(ConfigError, match=expected):
+        load_config(ROOT / "configs/base.yaml", [override])
+
+
+def test_batch_must_divide_world_size_times_accumulation():
+    cfg = load_config(ROOT / "configs/base.yaml", ["train.global_batch_size=30", "train.grad_accum=2"])
+    with pytest.raises(ConfigError, match=r"not divisible by world size \(4\) x train.grad_accum \(2\)"):
+        micro_batch_size(cfg, 4)
+    assert micro_batch_size(cfg, 3) == 5
+
+
+def test_deepspeed_configs_derive_from_one_config():
+    cfg = load_config(
+        ROOT / "configs/base.yaml",
+        ["train.global_batch_size=32", "train.grad_accum=2", "train.zero_stage=2", "optim.disc.lr=1e-3",
+         "deepspeed.vae={zero_optimization: {reduce_bucket_size: 1000}}"],
+    )
+    vae, disc = deepspeed_config(cfg, "vae", 2), deepspeed_config(cfg, "disc", 2)
+    assert vae["train_micro_batch_size_per_gpu"] == 8 and vae["gradient_accumulation_steps"] == 2
+    assert vae["zero_optimization"] == {"stage": 2, "reduce_bucket_size": 1000}
+    assert disc["zero_optimization"] == {"stage": 2}
+    assert disc["optimizer"]["params"]["lr"] == 1e-3
+    assert vae["gradient_clipping"] == cfg.train.grad_clip
+    with pytest.raises(ConfigError, match="needs a GPU"):
+        deepspeed_config(load_config(ROOT / "configs/base.yaml", ["train.precision=bf16"]), "vae", 1, "cpu")
+    assert deepspeed_config(load_config(ROOT / "configs/base.yaml", ["train.precision=bf16"]), "vae", 1, "cuda")["bf16"]["enabled"]
+
+
+def test_round_trip_flatten_and_run_name():
+    cfg = load_config(ROOT / "configs/sprites.yaml", ["model.z_dim=4", "tracking.uri=http://x"])
+    assert from_dict(to_dict(cfg)) == cfg.__class__(**{**cfg.__dict__, "source": None, "overrides": []})
+    flat = flatten(to_dict(cfg))
+    assert flat["model.z_dim"] == 4 and flat["optim.vae.lr"] == cfg.optim.vae.lr
+    assert run_name(cfg) == "sprites model.z_dim=4"
