@@ -363,6 +363,11 @@ def validate(cfg: Config, world_size: int | None = None) -> None:
         raise ConfigError(f"config key 'data.channels' must be 1 or 3, got {cfg.data.channels}")
     if cfg.data.num_workers < 0:
         raise ConfigError(f"config key 'data.num_workers' must be >= 0, got {cfg.data.num_workers}")
+    if cfg.model.base_channels % 8:
+        raise ConfigError(
+            f"config key 'model.base_channels' must be a multiple of 8 (GroupNorm uses 8 groups), "
+            f"got {cfg.model.base_channels}"
+        )
     if cfg.train.zero_stage not in (0, 1, 2):
         raise ConfigError(f"config key 'train.zero_stage' must be 0, 1 or 2, got {cfg.train.zero_stage}")
     if not 0.0 < cfg.loss.real_label <= 1.0:

@@ -1,0 +1,118 @@
+"""The training objective of Mathieu et al. (2016), one step of it.
+
+With x1, x1' of one class and an independent same-class pair x2, x2':
+  1. reconstruction  Dec(z1, s1) -> x1, plus KL(q(z1|x1, s1) || N(0, I))
+  2. swap            Dec(z1, s1') -> x1: s must carry what x1 and x1' share (the class)
+  3. adversarial     Dec(z1, s2) and Dec(z_prior, s2) must pass as real members of x2's class,
+                     so z1 cannot smuggle x1's class into the image.
+The discriminator is trained to tell the real (x2, x2') from those fakes.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from disent.config import LossConfig
+from disent.models.vae import DisentVAE, kl_to_standard_normal, reconstruction_loss
+
+
+@dataclass
+class Fakes:
+    """Generated images the discriminator sees next, detached from the VAE graph."""
+
+    from_z1: torch.Tensor  # Dec(z1, s2)
+    from_prior: torch.Tensor  # Dec(z_prior, s2)
+
+
+def kl_weight(cfg: LossConfig, z_dim: int, pixels: int) -> float:
+    """Per-pixel reconstruction pairs with a KL scaled by z_dim / pixels (the authors' ratio)."""
+    return cfg.kl * (z_dim / pixels if cfg.kl_scale_by_latent_ratio else 1.0)
+
+
+def adversarial_ramp(cfg: LossConfig, step: int) -> float:
+    """Optional linear warm-up of the adversarial weight over the first steps."""
+    if cfg.adversarial_warmup_steps <= 0:
+        return 1.0
+    return min(1.0, step / cfg.adversarial_warmup_steps)
+
+
+def vae_losses(
+    vae: DisentVAE,
+    discriminator: torch.nn.Module,
+    x1: torch.Tensor,
+    x1p: torch.Tensor,
+    x2: torch.Tensor,
+    x2p: torch.Tensor,
+    y2: torch.Tensor,
+    cfg: LossConfig,
+    step: int,
+) -> tuple[torch.Tensor, dict[str, torch.Tensor], Fakes]:
+    """The VAE's total loss, its terms (detached), and the fakes for the discriminator.
+
+    `discriminator` is the bare module with frozen parameters: gradients flow through it into
+    the decoder but never into its own weights.
+    """
+    b = x1.shape[0]
+    # One encoder pass over x1, x1', x2 and (where asked) x2'.
+    encode_x2p = cfg.reconstruct_x2
+    inputs = [x1, x1p, x2] + ([x2p] if encode_x2p else [])
+    s, mu, logvar = vae.encode(torch.cat(inputs))
+    s1, s1p, s2 = s[:b], s[b : 2 * b], s[2 * b : 3 * b]
+    mu1, logvar1 = mu[:b], logvar[:b]
+    z1 = vae.sample(mu1, logvar1)
+    z_prior = vae.prior(b, like=z1)
+
+    # One decoder pass: Dec(z1, s1), Dec(z1, s1'), Dec(z1, s2), Dec(z_prior, s2).
+    logits = vae.decode(torch.cat([z1, z1, z1, z_prior]), torch.cat([s1, s1p, s2, s2]))
+    recon1, swap1, fake_z1, fake_prior = logits.split(b)
+
+    terms = {"reconstruction": reconstruction_loss(recon1, x1)}
+    if cfg.reconstruct_x1_prime:
+        z1p = vae.sample(mu[b : 2 * b], logvar[b : 2 * b])
+        terms["reconstruction"] = terms["reconstruction"] + reconstruction_loss(vae.decode(z1p, s1p), x1p)
+    if cfg.reconstruct_x2:
+        z2 = vae.sample(mu[2 * b : 3 * b], logvar[2 * b : 3 * b])
+        terms["reconstruction"] = terms["reconstruction"] + reconstruction_loss(vae.decode(z2, s2), x2)
+    terms["kl"] = kl_to_standard_normal(mu1, logvar1)
+    terms["swap"] = reconstruction_loss(swap1, x1)
+
+    images = torch.sigmoid(torch.cat([fake_z1, fake_prior]))
+    judged = discriminator(images, torch.cat([x2, x2]), torch.cat([y2, y2]))
+    terms["adversarial"] = F.binary_cross_entropy_with_logits(judged, torch.ones_like(judged))
+
+    pixels = x1[0].numel()
+    total = (
+        cfg.reconstruction * terms["reconstruction"]
+        + kl_weight(cfg, vae.z_dim, pixels) * terms["kl"]
+        + cfg.swap * terms["swap"]
+        + cfg.adversarial * adversarial_ramp(cfg, step) * terms["adversarial"]
+    )
+    fakes = Fakes(from_z1=images[:b].detach(), from_prior=images[b:].detach())
+    return total, {k: v.detach() for k, v in terms.items()}, fakes
+
+
+def discriminator_losses(
+    discriminator: torch.nn.Module,
+    x2: torch.Tensor,
+    x2p: torch.Tensor,
+    y2: torch.Tensor,
+    fakes: Fakes,
+    cfg: LossConfig,
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Real (x2, x2') against (x2, Dec(z1, s2)) and (x2, Dec(z_prior, s2)); one backward for the sum."""
+    b = x2.shape[0]
+    images = torch.cat([x2p, fakes.from_z1, fakes.from_prior])
+    logits = discriminator(images, torch.cat([x2, x2, x2]), torch.cat([y2, y2, y2]))
+    real, fake = logits[:b], logits[b:]
+    # One-sided label smoothing: real targets are cfg.real_label (0.95), fakes 0.
+    loss_real = F.binary_cross_entropy_with_logits(real, torch.full_like(real, cfg.real_label))
+    loss_fake = F.binary_cross_entropy_with_logits(fake, torch.zeros_like(fake))
+    terms = {
+        "disc_real": loss_real.detach(),
+        "disc_fake": loss_fake.detach(),
+        "disc_acc_real": (real > 0).float().mean().detach(),
+        "disc_acc_fake": (fake < 0).float().mean().detach(),
+    }
+    return loss_real + loss_fake, terms

@@ -1,0 +1,106 @@
+"""The disentangling autoencoder of Mathieu et al. (NIPS 2016).
+
+An image x is split into a specified code s = f_s(x) (deterministic, carries the class)
+and an unspecified code z ~ N(mu, sigma) with (mu, log sigma^2) = f_z(x, s) (everything
+else). The decoder renders Dec(z, s). Conv stacks are sized from the image size:
+28 -> 14 -> 7, 32 -> 16 -> 8 -> 4, 64 -> 32 -> 16 -> 8 -> 4.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+# image size -> number of stride-2 stages; chosen so the smallest feature map is 4x4 or 7x7
+DOWNSAMPLINGS = {28: 2, 32: 3, 64: 4}
+
+
+def feature_size(image_size: int) -> int:
+    if image_size not in DOWNSAMPLINGS:
+        raise ValueError(f"image size {image_size} is not supported; use one of {sorted(DOWNSAMPLINGS)}")
+    return image_size // 2 ** DOWNSAMPLINGS[image_size]
+
+
+def conv_trunk(in_channels: int, base_channels: int, image_size: int) -> tuple[nn.Sequential, int]:
+    """Stride-2 convs doubling the width each stage; returns the trunk and its flattened size."""
+    layers, channels = [], in_channels
+    for stage in range(DOWNSAMPLINGS[image_size]):
+        width = base_channels * 2**stage
+        layers += [nn.Conv2d(channels, width, 4, stride=2, padding=1), nn.GroupNorm(8, width), nn.SiLU()]
+        channels = width
+    return nn.Sequential(*layers, nn.Flatten()), channels * feature_size(image_size) ** 2
+
+
+class Encoder(nn.Module):
+    """x -> (s, mu, logvar). f_s and f_z share the conv trunk; f_z also sees s."""
+
+    def __init__(self, channels: int, image_size: int, s_dim: int, z_dim: int, base_channels: int):
+        super().__init__()
+        self.trunk, features = conv_trunk(channels, base_channels, image_size)
+        self.f_s = nn.Sequential(nn.Linear(features, 256), nn.SiLU(), nn.Linear(256, s_dim))
+        self.f_z = nn.Sequential(nn.Linear(features + s_dim, 256), nn.SiLU(), nn.Linear(256, 2 * z_dim))
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        h = self.trunk(x)
+        s = self.f_s(h)
+        mu, logvar = self.f_z(torch.cat([h, s], dim=1)).chunk(2, dim=1)
+        return s, mu, logvar.clamp(-10.0, 10.0)
+
+
+class Decoder(nn.Module):
+    """(z, s) -> image logits, mirroring the encoder's trunk with transposed convs."""
+
+    def __init__(self, channels: int, image_size: int, s_dim: int, z_dim: int, base_channels: int):
+        super().__init__()
+        stages = DOWNSAMPLINGS[image_size]
+        self.width = base_channels * 2 ** (stages - 1)
+        self.side = feature_size(image_size)
+        self.project = nn.Sequential(nn.Linear(z_dim + s_dim, self.width * self.side**2), nn.SiLU())
+        layers, width = [], self.width
+        for stage in reversed(range(stages - 1)):
+            out = base_channels * 2**stage
+            layers += [nn.ConvTranspose2d(width, out, 4, stride=2, padding=1), nn.GroupNorm(8, out), nn.SiLU()]
+            width = out
+        layers.append(nn.ConvTranspose2d(width, channels, 4, stride=2, padding=1))
+        self.upsample = nn.Sequential(*layers)
+
+    def forward(self, z: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
+        h = self.project(torch.cat([z, s], dim=1)).view(-1, self.width, self.side, self.side)
+        return self.upsample(h)
+
+
+class DisentVAE(nn.Module):
+    def __init__(self, channels: int, image_size: int, s_dim: int, z_dim: int, base_channels: int = 32):
+        super().__init__()
+        self.z_dim = z_dim
+        self.encoder = Encoder(channels, image_size, s_dim, z_dim, base_channels)
+        self.decoder = Decoder(channels, image_size, s_dim, z_dim, base_channels)
+
+    def encode(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        return self.encoder(x)
+
+    @staticmethod
+    def sample(mu: torch.Tensor, logvar: torch.Tensor) -> torch.Tensor:
+        """The reparameterisation trick: z = mu + sigma * eps."""
+        return mu + torch.randn_like(mu) * torch.exp(0.5 * logvar)
+
+    def decode(self, z: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
+        """Image logits; torch.sigmoid gives pixels in [0, 1]."""
+        return self.decoder(z, s)
+
+    def prior(self, n: int, like: torch.Tensor) -> torch.Tensor:
+        return torch.randn(n, self.z_dim, device=like.device, dtype=like.dtype)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        s, mu, logvar = self.encode(x)
+        return self.decode(self.sample(mu, logvar), s)
+
+
+def kl_to_standard_normal(mu: torch.Tensor, logvar: torch.Tensor) -> torch.Tensor:
+    """KL(N(mu, sigma) || N(0, I)) summed over z, averaged over the batch."""
+    return (-0.5 * (1 + logvar - mu.pow(2) - logvar.exp())).sum(dim=1).mean()
+
+
+def reconstruction_loss(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Per-pixel binary cross-entropy against targets in [0, 1], averaged over pixels and batch."""
+    return F.binary_cross_entropy_with_logits(logits, target)
