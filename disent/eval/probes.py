@@ -1,0 +1,110 @@
+"""Probes on frozen codes: how much of a label (class or factor) can be read out of s or z.
+
+A linear probe and a small MLP are both fitted on train-split codes and scored on the
+test split. A disentangled model reads the class from s well and from z only at chance.
+"""
+from __future__ import annotations
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+def _standardize(train: np.ndarray, test: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+    mean, std = train.mean(0, keepdims=True), train.std(0, keepdims=True) + 1e-6
+    return torch.from_numpy((train - mean) / std).float(), torch.from_numpy((test - mean) / std).float()
+
+
+def _probe_net(kind: str, in_dim: int, out_dim: int) -> nn.Module:
+    if kind == "linear":
+        return nn.Linear(in_dim, out_dim)
+    if kind == "mlp":
+        return nn.Sequential(nn.Linear(in_dim, 128), nn.ReLU(), nn.Linear(128, 128), nn.ReLU(), nn.Linear(128, out_dim))
+    raise ValueError(f"unknown probe kind {kind!r}; use 'linear' or 'mlp'")
+
+
+MIN_STEPS = 600  # small code sets still get a converged probe
+
+
+def _fit(net: nn.Module, x: torch.Tensor, loss_fn, epochs: int, seed: int) -> None:
+    generator = torch.Generator().manual_seed(seed)
+    batch = 128
+    steps = max(epochs * -(-len(x) // batch), MIN_STEPS)
+    optimizer = torch.optim.Adam(net.parameters(), lr=1e-2, weight_decay=1e-5)
+    schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, steps)
+    for _ in range(steps):
+        idx = torch.randint(len(x), (batch,), generator=generator)
+        optimizer.zero_grad(set_to_none=True)
+        loss_fn(net(x[idx]), idx).backward()
+        optimizer.step()
+        schedule.step()
+
+
+def classification_probe(
+    train_codes: np.ndarray, train_labels: np.ndarray, test_codes: np.ndarray, test_labels: np.ndarray,
+    num_classes: int, kind: str, epochs: int = 30, seed: int = 0,
+) -> float:
+    """Test accuracy of a probe predicting labels from codes."""
+    torch.manual_seed(seed)
+    x_train, x_test = _standardize(train_codes, test_codes)
+    y_train = torch.from_numpy(train_labels).long()
+    net = _probe_net(kind, x_train.shape[1], num_classes)
+    _fit(net, x_train, lambda out, idx: F.cross_entropy(out, y_train[idx]), epochs, seed)
+    with torch.no_grad():
+        predicted = net(x_test).argmax(1).numpy()
+    return float((predicted == test_labels).mean())
+
+
+def regression_probe(
+    train_codes: np.ndarray, train_targets: np.ndarray, test_codes: np.ndarray, test_targets: np.ndarray,
+    kind: str, epochs: int = 30, seed: int = 0,
+) -> np.ndarray:
+    """Per-target R^2 on the test split of a probe regressing targets [N, K] from codes."""
+    torch.manual_seed(seed)
+    x_train, x_test = _standardize(train_codes, test_codes)
+    t_mean, t_std = train_targets.mean(0), train_targets.std(0) + 1e-6
+    y_train = torch.from_numpy((train_targets - t_mean) / t_std).float()
+    net = _probe_net(kind, x_train.shape[1], y_train.shape[1])
+    _fit(net, x_train, lambda out, idx: F.mse_loss(out, y_train[idx]), epochs, seed)
+    with torch.no_grad():
+        predicted = net(x_test).numpy() * t_std + t_mean
+    residual = ((predicted - test_targets) ** 2).sum(0)
+    total = ((test_targets - test_targets.mean(0)) ** 2).sum(0) + 1e-12
+    return 1.0 - residual / total
+
+
+def chance_accuracy(test_labels: np.ndarray) -> float:
+    """Accuracy of always answering the test split's most frequent class."""
+    return float(np.bincount(test_labels).max() / len(test_labels))
+
+
+def _discretize(values: np.ndarray, bins: int) -> np.ndarray:
+    edges = np.quantile(values, np.linspace(0, 1, bins + 1)[1:-1])
+    return np.digitize(values, edges)
+
+
+def _mutual_information(a: np.ndarray, b: np.ndarray) -> float:
+    joint = np.zeros((a.max() + 1, b.max() + 1))
+    np.add.at(joint, (a, b), 1)
+    joint /= joint.sum()
+    pa, pb = joint.sum(1, keepdims=True), joint.sum(0, keepdims=True)
+    nz = joint > 0
+    return float((joint[nz] * np.log(joint[nz] / (pa @ pb)[nz])).sum())
+
+
+def mutual_information_gap(codes: np.ndarray, factors: np.ndarray, bins: int = 20) -> tuple[float, list[int]]:
+    """MIG (Chen et al., 2018): per factor, the gap between the two code dimensions that know most
+    about it, over the factor's entropy; averaged over factors. Also returns, per factor, the
+    code dimension that knows most."""
+    codes_d = np.stack([_discretize(c, bins) for c in codes.T], axis=1)
+    gaps, best = [], []
+    for k in range(factors.shape[1]):
+        factor = _discretize(factors[:, k], bins) if len(np.unique(factors[:, k])) > bins else np.unique(
+            factors[:, k], return_inverse=True)[1]
+        entropy = _mutual_information(factor, factor)
+        mi = np.array([_mutual_information(codes_d[:, j], factor) for j in range(codes_d.shape[1])])
+        top = np.argsort(mi)[::-1]
+        gaps.append((mi[top[0]] - mi[top[1]]) / max(entropy, 1e-12))
+        best.append(int(top[0]))
+    return float(np.mean(gaps)), best
