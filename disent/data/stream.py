@@ -1,0 +1,495 @@
+"""Streaming same-class pairs from prepared shards (local or S3) to training batches.
+
+Every batch is a dict of torch tensors::
+
+    x1, x1p, x2, x2p   uint8   [B, C, H, W]   x1/x1p share a class; so do x2/x2p
+    y1, y2             int64   [B]            classes of the two pairs
+    f1, f1p, f2, f2p   float32 [B, F]         factors of each image (F = 0 when unknown)
+    (with with_ids=True also id1, id1p, id2, id2p: int64 [B], each image's index in its source)
+
+How batches are made (see docs/data.md for the full account):
+
+* Epoch ``e`` has a shard order shared by every rank: a permutation seeded by (seed, e).
+* There are ``S = world_size * W`` slots, one per (rank, DataLoader worker) (``W`` = max(1,
+  num_workers)). Slot ``s`` reads shards ``order[s], order[s+S], order[s+2S], ...`` cyclically
+  (wrapping around), so a slot never runs dry, whatever the number or size of shards.
+* A slot keeps a per-class pool of samples (``data.shuffle_buffer`` groups worth, capped by the
+  slot's share of the split) refilled from its shard sequence. ``(x1, x1')`` are two distinct
+  samples drawn at random from one class's pool (class chosen in proportion to its pool size)
+  and removed from it, so pairs cross group boundaries and change from epoch to epoch;
+  ``(x2, x2')`` are drawn the same way with an independent random stream and not removed.
+* Rank ``r`` yields exactly ``batches_per_epoch = max(1, (N // 2) // (B * world_size))`` batches
+  per epoch (``N`` = samples in the split): batch ``k`` of a rank (counted from the first epoch)
+  belongs to epoch ``k // P`` and is made by the slot of worker ``k mod W``. Equal counts on every
+  rank mean DDP/DeepSpeed collectives never wait for a rank that ran out of data.
+
+Resume guarantee: ``state_dict()`` records how many batches the *consumer* took (``epoch``,
+``batch``). A loader built with the same manifest (same digest), seed, batch size, world size
+and ``num_workers`` that loads this state yields, from its next batch on, exactly the batches
+the original loader would have yielded next (bit-identical), because every batch is a pure
+function of (seed, rank, epoch, slot, position). Work that was prefetched but not consumed is
+redone, not lost. Loaded with different settings, the loader continues at the same epoch and
+batch number (the epoch still has exactly ``batches_per_epoch`` batches) but the sample order
+differs. Exactness also assumes shards read the same way: with ``on_error: skip`` a shard that
+fails in one run and not in the other changes what follows.
+"""
+from __future__ import annotations
+
+import logging
+import random
+import time
+import warnings
+from typing import Any, Iterator
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+
+from disent.config import ConfigError, DataConfig
+from disent.data.errors import DataError, ShardError
+from disent.data.manifest import Manifest, read_manifest
+from disent.data.shards import Group, read_shard
+
+log = logging.getLogger(__name__)
+
+
+# --------------------------------------------------------------------------- config checks
+
+
+def check_manifest(manifest: Manifest, data_cfg: DataConfig) -> None:
+    """The manifest must describe the images and classes the config (and so the model) expects."""
+    c, h, w = manifest.image_shape
+    problems = []
+    if h != data_cfg.image_size or w != data_cfg.image_size:
+        problems.append(f"data.image_size={data_cfg.image_size} but the images are {h}x{w}")
+    if c != data_cfg.channels:
+        problems.append(f"data.channels={data_cfg.channels} but the images have {c} channel(s)")
+    if manifest.num_classes != data_cfg.num_classes:
+        problems.append(f"data.num_classes={data_cfg.num_classes} but the data has {manifest.num_classes} classes")
+    if problems:
+        raise ConfigError(
+            f"the config does not match the prepared data in {manifest.url}: {'; '.join(problems)}. "
+            f"Set data.image_size={h} data.channels={c} data.num_classes={manifest.num_classes}, "
+            "or point data.url at data prepared for this config"
+        )
+    if manifest.num_samples < 2 or not manifest.shards:
+        raise DataError(f"{manifest.url} lists no samples; re-run `disent prepare`")
+
+
+def open_split(data_cfg: DataConfig, split: str) -> Manifest:
+    manifest = read_manifest(data_cfg.url, split)
+    check_manifest(manifest, data_cfg)
+    return manifest
+
+
+# --------------------------------------------------------------------------- shard reading with the error policy
+
+
+class _ShardSource:
+    """Reads shards, applying data.on_error; counts skipped shards."""
+
+    def __init__(self, manifest: Manifest, on_error: str, verify: bool):
+        self.manifest = manifest
+        self.on_error = on_error
+        self.verify = verify
+        self.skipped = 0
+        self.first_error: str = ""
+        self._failed_in_a_row = 0
+
+    def read(self, index: int) -> list[Group] | None:
+        info = self.manifest.shards[index]
+        try:
+            groups = read_shard(info, self.manifest, self.verify)
+        except ShardError as exc:
+            if self.on_error == "raise":
+                raise
+            self.skipped += 1
+            self.first_error = self.first_error or str(exc)
+            self._failed_in_a_row += 1
+            if self._failed_in_a_row >= max(len(self.manifest.shards), 1):
+                raise ShardError(f"every shard of {self.manifest.url} failed in a row (data.on_error=skip "
+                                 f"cannot go on); the first error: {self.first_error}", info.url) from None
+            return None
+        self._failed_in_a_row = 0
+        return groups
+
+
+# --------------------------------------------------------------------------- one slot's batches
+
+
+def _seed_int(*words: int) -> int:
+    return int(np.random.SeedSequence([int(w) & 0xFFFFFFFF for w in words]).generate_state(2, np.uint64)[0])
+
+
+def epoch_shard_order(num_shards: int, seed: int, epoch: int) -> np.ndarray:
+    """The shard order of an epoch, the same on every rank and worker."""
+    return np.random.default_rng(_seed_int(seed, epoch, 0x5A4D)).permutation(num_shards)
+
+
+class _SlotStream:
+    """Batches of one slot for one epoch: an infinite, deterministic generator of pair batches."""
+
+    def __init__(self, manifest: Manifest, source: _ShardSource, batch_size: int, shuffle_buffer: int,
+                 seed: int, epoch: int, slot: int, num_slots: int, with_ids: bool):
+        self.m = manifest
+        self.source = source
+        self.B = batch_size
+        self.with_ids = with_ids
+        n = len(manifest.shards)
+        self.order = epoch_shard_order(n, seed, epoch)
+        self.slot, self.num_slots = slot, num_slots
+        self.next_in_sequence = 0
+        self.rng1 = random.Random(_seed_int(seed, epoch, slot, 1))  # (x1, x1') draws
+        self.rng2 = random.Random(_seed_int(seed, epoch, slot, 2))  # (x2, x2') draws: independent
+        share = max(2, manifest.num_samples // (2 * num_slots))
+        self.target = max(2, min(shuffle_buffer * manifest.group_size, share))
+        self.pool: list[list[tuple[Group, int]]] = [[] for _ in range(manifest.num_classes)]
+        self.total = 0
+
+    def _next_shard(self) -> None:
+        n = len(self.order)
+        while True:
+            index = int(self.order[(self.slot + self.next_in_sequence * self.num_slots) % n])
+            self.next_in_sequence += 1
+            groups = self.source.read(index)
+            if groups is None:
+                continue
+            for g in groups:
+                self.pool[g.label].extend((g, j) for j in range(len(g.ids)))
+                self.total += len(g.ids)
+            return
+
+    def _fill(self) -> None:
+        while self.total < self.target:
+            self._next_shard()
+
+    def _pick_class(self, rnd: random.Random) -> int:
+        while True:
+            eligible = self.total - sum(len(p) for p in self.pool if len(p) < 2)
+            if eligible > 0:
+                r = rnd.randrange(eligible)
+                for c, p in enumerate(self.pool):
+                    if len(p) >= 2:
+                        if r < len(p):
+                            return c
+                        r -= len(p)
+            self._next_shard()  # only singletons left: read on
+
+    def _draw(self, rnd: random.Random, remove: bool) -> tuple[tuple[Group, int], tuple[Group, int]]:
+        c = self._pick_class(rnd)
+        p = self.pool[c]
+        i = rnd.randrange(len(p))
+        for _ in range(8):  # a shard read twice in one epoch (tiny splits) may put a sample in twice
+            j = rnd.randrange(len(p) - 1)
+            j = j + 1 if j >= i else j
+            if p[i][0].ids[p[i][1]] != p[j][0].ids[p[j][1]]:
+                break
+        a, b = p[i], p[j]
+        if remove:
+            for k in sorted((i, j), reverse=True):  # swap-remove, larger index first
+                p[k] = p[-1]
+                p.pop()
+            self.total -= 2
+        return a, b
+
+    def refs(self) -> list[tuple]:
+        """The next batch as sample references (no pixels copied): B x (a, a', b, b')."""
+        out = []
+        for _ in range(self.B):
+            self._fill()
+            a, ap = self._draw(self.rng1, remove=True)
+            b, bp = self._draw(self.rng2, remove=False)
+            out.append((a, ap, b, bp))
+        return out
+
+    def assemble(self, refs: list[tuple]) -> dict[str, np.ndarray]:
+        """Packed arrays (few large tensors cross the worker boundary cheaply); PairLoader unpacks
+        them into x1, x1p, ... views."""
+        cols = [[r[col] for r in refs] for col in range(4)]
+        out = {
+            "x": np.stack([np.stack([g.images[j] for g, j in picks]) for picks in cols]),
+            "f": np.stack([np.stack([g.factors[j] for g, j in picks]) for picks in cols]).astype(np.float32, copy=False),
+            "y": np.array([[r[0][0].label for r in refs], [r[2][0].label for r in refs]], np.int64),
+        }
+        if self.with_ids:
+            out["id"] = np.array([[g.ids[j] for g, j in picks] for picks in cols], np.int64)
+        return out
+
+
+_NAMES = (("x1", "f1", "id1"), ("x1p", "f1p", "id1p"), ("x2", "f2", "id2"), ("x2p", "f2p", "id2p"))
+
+
+def unpack(packed: dict[str, Any]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for col, (x, f, i) in enumerate(_NAMES):
+        out[x] = packed["x"][col]
+        out[f] = packed["f"][col]
+        if "id" in packed:
+            out[i] = packed["id"][col]
+    out["y1"], out["y2"] = packed["y"][0], packed["y"][1]
+    return out
+
+
+# --------------------------------------------------------------------------- the torch dataset
+
+
+def _ordinal(k: int, epoch_start: int, v: int, W: int) -> int:
+    """Position of global batch k among the batches of virtual worker v in its epoch."""
+    first = epoch_start + ((v - epoch_start) % W)
+    return (k - first) // W
+
+
+class _PairDataset:
+    """What each DataLoader worker (or the main process, with 0 workers) iterates."""
+
+    def __init__(self, manifest: Manifest, data_cfg: DataConfig, batch_size: int, rank: int, world_size: int,
+                 seed: int, workers: int, batches_per_epoch: int, start: int, with_ids: bool):
+        self.m = manifest
+        self.cfg = data_cfg
+        self.B = batch_size
+        self.rank, self.world = rank, world_size
+        self.seed = seed
+        self.W = max(1, workers)
+        self.P = batches_per_epoch
+        self.start = start
+        self.with_ids = with_ids
+
+    def batches(self, worker: int) -> Iterator[dict[str, Any]]:
+        W, P = self.W, self.P
+        v = (worker + self.start) % W  # the worker of the uninterrupted run that made these batches
+        slot = self.rank * W + v
+        source = _ShardSource(self.m, self.cfg.on_error, self.cfg.verify_checksums)
+        k = self.start + worker
+        while True:
+            epoch = k // P
+            stream = _SlotStream(self.m, source, self.B, self.cfg.shuffle_buffer, self.seed, epoch, slot,
+                                 self.world * W, self.with_ids)
+            for _ in range(_ordinal(k, epoch * P, v, W)):  # fast-forward (resume): draw, do not copy pixels
+                stream.refs()
+            while k < (epoch + 1) * P:
+                batch = stream.assemble(stream.refs())
+                batch["_k"] = k
+                batch["_worker"] = worker
+                batch["_skipped"] = source.skipped
+                batch["_first_error"] = source.first_error
+                yield batch
+                k += W
+
+
+class _PairIterable(IterableDataset):
+    """The torch face of _PairDataset (module level, so spawn/forkserver workers can pickle it)."""
+
+    def __init__(self, inner: _PairDataset):
+        self.inner = inner
+
+    def __iter__(self):
+        info = get_worker_info()
+        worker = info.id if info is not None else 0
+        for batch in self.inner.batches(worker):
+            yield {k: (torch.from_numpy(v) if isinstance(v, np.ndarray) else v) for k, v in batch.items()}
+
+
+def _worker_context() -> str | None:
+    """DataLoader workers are forked on Linux (fast start, no re-import), whatever the process's
+    own default (spawned ranks default to spawn; Python 3.14 to forkserver). DISENT_DATA_MP_CONTEXT
+    overrides it."""
+    import multiprocessing
+    import os
+    import sys
+
+    wanted = os.environ.get("DISENT_DATA_MP_CONTEXT")
+    if wanted:
+        return wanted
+    if sys.platform.startswith("linux") and "fork" in multiprocessing.get_all_start_methods():
+        return "fork"
+    return None
+
+
+class PairLoader:
+    """Batches of same-class pairs, forever (epoch after epoch), equal in number on every rank.
+
+    Args:
+        data_cfg: the ``data`` section of the config.
+        split: which split's manifest to read (``data.train_split`` for training).
+        batch_size: pairs per batch on this rank (the micro batch).
+        rank, world_size: this process's place among the data-parallel ranks.
+        seed: seeds shard order, pairing and sampling (use the run's seed).
+        with_ids: also yield id1, id1p, id2, id2p (each image's index in its source).
+
+    Iterating continues from the current position; ``state_dict()``/``load_state_dict()``
+    save and restore it (see the module docstring for the exact guarantee).
+    """
+
+    def __init__(self, data_cfg: DataConfig, split: str, batch_size: int, rank: int = 0, world_size: int = 1,
+                 seed: int = 0, with_ids: bool = False):
+        if batch_size < 1:
+            raise ConfigError(f"batch size must be >= 1, got {batch_size}")
+        if not 0 <= rank < world_size:
+            raise ConfigError(f"rank {rank} is outside 0..{world_size - 1}")
+        if data_cfg.on_error not in ("raise", "skip"):
+            raise ConfigError(f"config key 'data.on_error' must be 'raise' or 'skip', got {data_cfg.on_error!r}")
+        self.data_cfg = data_cfg
+        self.split = split
+        self.batch_size = batch_size
+        self.rank, self.world_size = rank, world_size
+        self.seed = seed
+        self.with_ids = with_ids
+        self.manifest = open_split(data_cfg, split)
+        self.batches_per_epoch = max(1, (self.manifest.num_samples // 2) // (batch_size * world_size))
+        self.wait_seconds = 0.0
+        self._k = 0  # batches consumed so far, across epochs
+        self._iter: Iterator | None = None
+        self._loader = None
+        self._skipped_by_worker: dict[int, int] = {}
+        self._warned = False
+
+    # -- counters the trainer logs
+    @property
+    def skipped_shards(self) -> int:
+        """Shards skipped (data.on_error=skip) so far, summed over this rank's workers."""
+        return sum(self._skipped_by_worker.values())
+
+    @property
+    def epoch(self) -> int:
+        return self._k // self.batches_per_epoch
+
+    @property
+    def digest(self) -> str:
+        return self.manifest.digest
+
+    # -- state
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "epoch": self._k // self.batches_per_epoch,
+            "batch": self._k % self.batches_per_epoch,
+            "seed": self.seed,
+            "batches_per_epoch": self.batches_per_epoch,
+            "batch_size": self.batch_size,
+            "world_size": self.world_size,
+            "num_workers": self.data_cfg.num_workers,
+            "manifest_digest": self.manifest.digest,
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        epoch, batch = int(state["epoch"]), int(state["batch"])
+        same = (state.get("seed", self.seed) == self.seed
+                and state.get("batches_per_epoch", self.batches_per_epoch) == self.batches_per_epoch
+                and state.get("world_size", self.world_size) == self.world_size
+                and state.get("num_workers", self.data_cfg.num_workers) == self.data_cfg.num_workers
+                and state.get("manifest_digest", self.manifest.digest) == self.manifest.digest)
+        if not same:
+            log.warning("data loader state was saved with other settings (seed, batch size, world size, workers "
+                        "or data); resuming at epoch %d batch %d, but the sample order will differ", epoch, batch)
+        batch = min(batch, self.batches_per_epoch)
+        self._k = epoch * self.batches_per_epoch + batch
+        self.close()
+
+    # -- iteration
+    def _start(self) -> None:
+        workers = self.data_cfg.num_workers
+        ds = _PairDataset(self.manifest, self.data_cfg, self.batch_size, self.rank, self.world_size, self.seed,
+                          workers, self.batches_per_epoch, self._k, self.with_ids)
+        kwargs: dict[str, Any] = {}
+        if workers > 0:
+            kwargs.update(prefetch_factor=self.data_cfg.prefetch_factor, persistent_workers=True,
+                          multiprocessing_context=_worker_context())
+        self._loader = DataLoader(_PairIterable(ds), batch_size=None, num_workers=workers,
+                                  pin_memory=torch.cuda.is_available(), **kwargs)
+        self._iter = iter(self._loader)
+
+    def close(self) -> None:
+        """Stop the worker processes (iteration restarts them where it left off)."""
+        it, self._iter, self._loader = self._iter, None, None
+        if it is not None and hasattr(it, "_shutdown_workers"):
+            it._shutdown_workers()
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        while True:
+            yield self.next()
+
+    def __next__(self) -> dict[str, Any]:
+        return self.next()
+
+    def next(self) -> dict[str, Any]:
+        if self._iter is None:
+            self._start()
+        t0 = time.perf_counter()
+        batch = next(self._iter)  # type: ignore[arg-type]
+        self.wait_seconds += time.perf_counter() - t0
+        k = batch.pop("_k")
+        k = int(k)
+        if k != self._k:  # cannot happen with in-order DataLoader; guards the resume arithmetic
+            raise RuntimeError(f"data loader produced batch {k} where {self._k} was expected")
+        worker = int(batch.pop("_worker"))
+        skipped = int(batch.pop("_skipped"))
+        first_error = batch.pop("_first_error")
+        batch = unpack(batch)
+        self._skipped_by_worker[worker] = max(skipped, self._skipped_by_worker.get(worker, 0))
+        if skipped and not self._warned:
+            self._warned = True
+            warnings.warn(f"data.on_error=skip: skipped a bad shard: {first_error}. Further skipped shards are "
+                          "only counted (PairLoader.skipped_shards).", RuntimeWarning, stacklevel=2)
+        self._k += 1
+        return batch
+
+    def __del__(self):
+        try:
+            self.close()
+        except Exception:  # noqa: BLE001
+            pass
+
+
+# --------------------------------------------------------------------------- sequential reading for evaluation
+
+
+def iter_groups(data_cfg: DataConfig, split: str, manifest: Manifest | None = None) -> Iterator[Group]:
+    """Every group of a split, shards in manifest order (no pairing, no shuffling)."""
+    manifest = manifest or open_split(data_cfg, split)
+    source = _ShardSource(manifest, data_cfg.on_error, data_cfg.verify_checksums)
+    for index in range(len(manifest.shards)):
+        groups = source.read(index)
+        if groups is None:
+            if source.skipped == 1:
+                warnings.warn(f"data.on_error=skip: skipped a bad shard: {source.first_error}", RuntimeWarning,
+                              stacklevel=2)
+            continue
+        yield from groups
+
+
+def iter_samples(data_cfg: DataConfig, split: str, limit: int | None = None) -> Iterator[dict[str, Any]]:
+    """Samples one by one: dicts with image (uint8 [C,H,W]), label, factors (float32 [F]) and id."""
+    n = 0
+    for g in iter_groups(data_cfg, split):
+        for j in range(len(g.ids)):
+            if limit is not None and n >= limit:
+                return
+            yield {"image": g.images[j], "label": g.label, "factors": g.factors[j], "id": int(g.ids[j])}
+            n += 1
+
+
+def load_split_arrays(data_cfg: DataConfig, split: str, limit: int | None = None
+                      ) -> tuple[np.ndarray, np.ndarray, np.ndarray, list[str]]:
+    """(images uint8 [N,C,H,W], labels int64 [N], factors float32 [N,F], factor_names), N <= limit.
+
+    Groups of all classes are shuffled across shards at prepare time, so the first ``limit``
+    samples are a class-mixed subset, the same on every call.
+    """
+    manifest = open_split(data_cfg, split)
+    images, labels, factors = [], [], []
+    n = 0
+    for g in iter_groups(data_cfg, split, manifest):
+        take = len(g.ids) if limit is None else min(len(g.ids), limit - n)
+        if take <= 0:
+            break
+        images.append(g.images[:take])
+        labels.append(np.full(take, g.label, np.int64))
+        factors.append(g.factors[:take])
+        n += take
+        if limit is not None and n >= limit:
+            break
+    C, H, W = manifest.image_shape
+    F = len(manifest.factor_names)
+    if not images:
+        return (np.zeros((0, C, H, W), np.uint8), np.zeros(0, np.int64), np.zeros((0, F), np.float32),
+                list(manifest.factor_names))
+    return np.concatenate(images), np.concatenate(labels), np.concatenate(factors), list(manifest.factor_names)

@@ -1,0 +1,29 @@
+"""Shared fixtures. S3: a real SeaweedFS server on 127.0.0.1 for the whole session (tests/s3server.py)."""
+from __future__ import annotations
+
+import pytest
+
+from s3server import WeedServer, clear_aws_env
+
+
+@pytest.fixture(scope="session")
+def s3_server(tmp_path_factory):
+    """A running `weed mini` (S3 on 127.0.0.1). Yields an object with .endpoint_url, .access_key,
+    .secret_key, .region, .create_bucket(name) -> 's3://name', .client() and .env(); sets nothing
+    globally. A server that fails to start fails the test with its log."""
+    server = WeedServer(tmp_path_factory.mktemp("weed"))
+    try:
+        server.start()
+    except RuntimeError as exc:
+        pytest.fail(str(exc), pytrace=False)
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def s3_env(s3_server, monkeypatch):
+    """Point this test's process (and the processes it starts) at the session's S3 server."""
+    clear_aws_env(monkeypatch)
+    for key, value in s3_server.env().items():
+        monkeypatch.setenv(key, value)
+    return s3_server

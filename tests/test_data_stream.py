@@ -1,0 +1,301 @@
+"""Streaming pairs: same class, class mixing, re-pairing, equal batches per rank, resume, errors."""
+from __future__ import annotations
+
+import json
+import multiprocessing as mp
+import shutil
+import socket
+import warnings
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from disent.config import ConfigError, DataConfig
+from disent.data.errors import ShardError
+from disent.data.manifest import read_manifest
+from disent.data.prepare import PrepareOptions, prepare
+from disent.data.stream import PairLoader, iter_groups, load_split_arrays
+from test_data_prepare import make_npz
+
+N_CLASSES = 4
+
+
+def _prepare(tmp, n, groups_per_shard, seed=0):
+    src = make_npz(tmp / "src.npz", n=n, classes=N_CLASSES, size=8, factors=2, seed=seed)
+    out = tmp / "data"
+    prepare(f"npz:{src}", str(out), PrepareOptions(group_size=4, groups_per_shard=groups_per_shard,
+                                                   val_fraction=0.0, test_fraction=0.1, progress=False),
+            echo=lambda s: None)
+    return out
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory):
+    """~430 train samples in 11 shards of <= 10 groups (shard count not a multiple of 2 or 4)."""
+    return _prepare(tmp_path_factory.mktemp("stream"), 480, 10)
+
+
+def cfg_for(url, **kw) -> DataConfig:
+    base = dict(url=str(url), image_size=8, channels=1, num_classes=N_CLASSES, shuffle_buffer=16, num_workers=0,
+                prefetch_factor=2)
+    base.update(kw)
+    return DataConfig(**base)
+
+
+def truth(url):
+    """id -> (label, factors, group key) from a sequential read of the train split."""
+    out = {}
+    for g in iter_groups(cfg_for(url), "train"):
+        for j, i in enumerate(g.ids):
+            out[int(i)] = (g.label, g.factors[j], g.key, g.images[j])
+    return out
+
+
+def take(loader, n):
+    it = iter(loader)
+    return [next(it) for _ in range(n)]
+
+
+def ids_of(batch):
+    return tuple(batch[k].tolist() and tuple(batch[k].tolist()) for k in ("id1", "id1p", "id2", "id2p"))
+
+
+# --------------------------------------------------------------------------- batch contents
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_batches_hold_same_class_pairs_with_their_factors(dataset, workers):
+    ref = truth(dataset)
+    loader = PairLoader(cfg_for(dataset, num_workers=workers), "train", batch_size=8, rank=0, world_size=1, seed=1,
+                        with_ids=True)
+    batches = take(loader, 12)
+    loader.close()
+    for b in batches:
+        for key in ("x1", "x1p", "x2", "x2p"):
+            assert b[key].dtype == torch.uint8 and tuple(b[key].shape) == (8, 1, 8, 8)
+        for key in ("y1", "y2"):
+            assert b[key].dtype == torch.int64 and tuple(b[key].shape) == (8,)
+        for key in ("f1", "f2"):
+            assert b[key].dtype == torch.float32 and tuple(b[key].shape) == (8, 2)
+        for pair, (a, ap, y, fa) in {"1": ("id1", "id1p", "y1", "f1"), "2": ("id2", "id2p", "y2", "f2")}.items():
+            for row in range(8):
+                i, ip = int(b[a][row]), int(b[ap][row])
+                assert i != ip
+                assert ref[i][0] == ref[ip][0] == int(b[y][row])  # same class, labelled right
+                np.testing.assert_array_equal(ref[i][1], b[fa][row].numpy())
+                np.testing.assert_array_equal(ref[i][3], b["x" + pair][row].numpy())
+    # Batches mix classes.
+    assert all(len(set(b["y1"].tolist())) > 1 for b in batches)
+    # (x2, x2') is drawn independently of (x1, x1'): its class differs from y1 about (K-1)/K of the time.
+    y1 = torch.cat([b["y1"] for b in batches])
+    y2 = torch.cat([b["y2"] for b in batches])
+    assert 0.4 < (y1 != y2).float().mean().item() < 0.95
+
+
+def test_pairs_cross_groups_and_change_between_epochs(dataset):
+    ref = truth(dataset)
+    loader = PairLoader(cfg_for(dataset), "train", batch_size=8, seed=0, with_ids=True)
+    P = loader.batches_per_epoch
+    batches = take(loader, 2 * P)
+    pairs = [set(), set()]
+    for k, b in enumerate(batches):
+        for i, ip in zip(b["id1"].tolist(), b["id1p"].tolist()):
+            pairs[k // P].add(frozenset((i, ip)))
+    cross = [sum(ref[min(p)][2] != ref[max(p)][2] for p in ps) / len(ps) for ps in pairs]
+    assert min(cross) > 0.5, cross  # most pairs join two different stored groups
+    overlap = len(pairs[0] & pairs[1]) / len(pairs[0])
+    assert overlap < 0.2, overlap  # the pairing is redrawn each epoch
+    # An epoch is about one pass: nearly every sample appears as x1/x1' (a few appear twice where
+    # the pool's leftovers make the slot read on past its share).
+    used = [i for b in batches[:P] for i in b["id1"].tolist() + b["id1p"].tolist()]
+    n = read_manifest(str(dataset), "train").num_samples
+    assert len(set(used)) >= 0.85 * n and len(used) - len(set(used)) <= 0.15 * n
+
+
+def test_seed_controls_the_stream(dataset):
+    a = take(PairLoader(cfg_for(dataset), "train", 8, seed=0, with_ids=True), 3)
+    b = take(PairLoader(cfg_for(dataset), "train", 8, seed=0, with_ids=True), 3)
+    c = take(PairLoader(cfg_for(dataset), "train", 8, seed=1, with_ids=True), 3)
+    assert [ids_of(x) for x in a] == [ids_of(x) for x in b] != [ids_of(x) for x in c]
+
+
+# --------------------------------------------------------------------------- equal batch counts across ranks
+
+
+def _rank_main(rank, world, port, url, workers, steps, queue):
+    """One simulated data-parallel rank: a PairLoader plus a gloo all_reduce per step, as DDP does."""
+    import datetime
+
+    import torch.distributed as dist
+
+    try:
+        dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
+                                timeout=datetime.timedelta(seconds=60))
+        loader = PairLoader(cfg_for(url, num_workers=workers), "train", batch_size=4, rank=rank, world_size=world,
+                            seed=3, with_ids=True)
+        per_epoch: dict[int, int] = {}
+        ids: dict[int, set] = {}
+        it = iter(loader)
+        for _ in range(steps):
+            epoch = loader.state_dict()["epoch"]
+            batch = next(it)
+            per_epoch[epoch] = per_epoch.get(epoch, 0) + 1
+            ids.setdefault(epoch, set()).update(batch["id1"].tolist())
+            dist.all_reduce(torch.ones(1))  # a rank without a batch here would hang the others
+        dist.barrier()
+        loader.close()
+        queue.put((rank, loader.batches_per_epoch, per_epoch, {e: sorted(v) for e, v in ids.items()}, None))
+    except Exception as exc:  # noqa: BLE001
+        queue.put((rank, None, None, None, repr(exc)))
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def _free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("shards_wanted, groups_per_shard", [(3, 12), (5, 8)])
+def test_every_rank_yields_the_same_number_of_batches_with_uneven_shards(tmp_path, shards_wanted, groups_per_shard):
+    # 2 ranks x 2 workers = 4 slots; 3 shards (fewer than slots) or 5 (not a multiple), of unequal sizes.
+    url = _prepare(tmp_path, 150, groups_per_shard=groups_per_shard)
+    m = read_manifest(str(url), "train")
+    assert len(m.shards) == shards_wanted and len({s.samples for s in m.shards}) > 1
+    world, workers = 2, 2
+    P = max(1, (m.num_samples // 2) // (4 * world))
+    steps = 2 * P + 1  # two whole epochs and into the third
+    ctx = mp.get_context("spawn")
+    queue = ctx.Queue()
+    port = _free_port()
+    procs = [ctx.Process(target=_rank_main, args=(r, world, port, str(url), workers, steps, queue)) for r in range(world)]
+    for p in procs:
+        p.start()
+    results = [queue.get(timeout=120) for _ in procs]
+    for p in procs:
+        p.join(timeout=30)
+    assert all(r[4] is None for r in results), results
+    by_rank = {r[0]: r for r in results}
+    for rank in range(world):
+        _, bpe, per_epoch, _, _ = by_rank[rank]
+        assert bpe == P
+        assert per_epoch == {0: P, 1: P, 2: 1}
+    # The ranks read different data (shards are split between them).
+    assert by_rank[0][3][0] != by_rank[1][3][0]
+
+
+def test_batches_per_epoch_is_the_same_on_every_rank(dataset):
+    counts = {PairLoader(cfg_for(dataset), "train", 8, rank=r, world_size=3).batches_per_epoch for r in range(3)}
+    assert len(counts) == 1
+
+
+# --------------------------------------------------------------------------- resume
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_resume_continues_the_epoch_exactly(dataset, workers):
+    cfg = cfg_for(dataset, num_workers=workers)
+    full = PairLoader(cfg, "train", 8, seed=4, with_ids=True)
+    P = full.batches_per_epoch
+    stop = P - 1 if P > 2 else P + 1  # an odd position, just before an epoch boundary
+    reference = take(full, stop + 4)
+    full.close()
+
+    first = PairLoader(cfg, "train", 8, seed=4, with_ids=True)
+    it = iter(first)
+    for _ in range(stop):
+        next(it)
+    state = json.loads(json.dumps(first.state_dict()))  # what a checkpoint stores
+    assert state["epoch"] == stop // P and state["batch"] == stop % P and state["seed"] == 4
+    first.close()
+
+    resumed = PairLoader(cfg, "train", 8, seed=4, with_ids=True)
+    resumed.load_state_dict(state)
+    assert resumed.state_dict()["epoch"] == state["epoch"] and resumed.state_dict()["batch"] == state["batch"]
+    after = take(resumed, 4)
+    resumed.close()
+    for want, got in zip(reference[stop:], after):
+        for key in ("id1", "id1p", "id2", "id2p", "y1", "y2"):
+            assert torch.equal(want[key], got[key])
+        assert torch.equal(want["x1"], got["x1"])
+    assert resumed.state_dict()["epoch"] == (stop + 4) // P
+    assert resumed.wait_seconds > 0
+
+
+# --------------------------------------------------------------------------- bad shards and config checks
+
+
+@pytest.fixture
+def damaged(tmp_path, dataset):
+    copy = tmp_path / "copy"
+    shutil.copytree(dataset, copy)
+    return copy
+
+
+def _shard_path(url, index=0):
+    m = read_manifest(str(url), "train")
+    return Path(m.shards[index].url)
+
+
+def test_truncated_shard_raises_naming_it_or_is_skipped(damaged):
+    victim = _shard_path(damaged, 2)
+    victim.write_bytes(victim.read_bytes()[:3000])
+    loader = PairLoader(cfg_for(damaged), "train", 8, with_ids=True)
+    with pytest.raises(ShardError) as info:
+        take(loader, loader.batches_per_epoch)
+    assert str(victim) in str(info.value)
+
+    loader = PairLoader(cfg_for(damaged, on_error="skip", num_workers=2), "train", 8, with_ids=True)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        batches = take(loader, 2 * loader.batches_per_epoch)
+    loader.close()
+    assert len(batches) == 2 * loader.batches_per_epoch  # still a full count of batches
+    assert loader.skipped_shards >= 1
+    skip_warnings = [w for w in caught if "skipped a bad shard" in str(w.message)]
+    assert len(skip_warnings) == 1 and str(victim) in str(skip_warnings[0].message)
+    # Sequential reading obeys the same policy.
+    with pytest.warns(RuntimeWarning, match="skipped"):
+        images, *_ = load_split_arrays(cfg_for(damaged, on_error="skip"), "train")
+    m = read_manifest(str(damaged), "train")
+    assert len(images) == m.num_samples - m.shards[2].samples
+
+
+def test_checksum_mismatch_is_caught_when_verifying(damaged):
+    victim = _shard_path(damaged, 0)
+    data = bytearray(victim.read_bytes())
+    at = data.index(b"NUMPY", data.index(b".images.npy")) + 200  # inside the first image payload
+    data[at] ^= 0xFF
+    victim.write_bytes(bytes(data))
+    cfg = cfg_for(damaged, verify_checksums=True)
+    with pytest.raises(ShardError, match="checksum") as info:
+        load_split_arrays(cfg, "train")
+    assert str(victim) in str(info.value)
+    load_split_arrays(cfg_for(damaged), "train")  # without verification the same size passes
+    loader = PairLoader(cfg_for(damaged, verify_checksums=True, on_error="skip"), "train", 8)
+    with pytest.warns(RuntimeWarning, match="checksum"):
+        take(loader, loader.batches_per_epoch)
+    assert loader.skipped_shards >= 1
+
+
+def test_missing_shard_raises_naming_it(damaged):
+    victim = _shard_path(damaged, 1)
+    victim.unlink()
+    with pytest.raises(ShardError, match="missing") as info:
+        load_split_arrays(cfg_for(damaged), "train")
+    assert str(victim) in str(info.value)
+
+
+def test_config_must_match_the_manifest(dataset):
+    with pytest.raises(ConfigError) as info:
+        PairLoader(cfg_for(dataset, image_size=28, channels=3), "train", 8)
+    msg = str(info.value)
+    assert "data.image_size=28" in msg and "8x8" in msg and "data.channels=3" in msg
+    assert str(Path(dataset) / "train" / "manifest.json") in msg
+    with pytest.raises(ConfigError, match="data.num_classes=10"):
+        load_split_arrays(cfg_for(dataset, num_classes=10), "test")
