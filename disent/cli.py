@@ -20,7 +20,7 @@ def add_config_args(parser: argparse.ArgumentParser) -> None:
 # Subcommands live beside their implementation. Each module has
 # register(subparsers, add_config_args) and imports torch/deepspeed/mlflow only inside its
 # handlers, so `disent --help` stays fast.
-SUBCOMMAND_MODULES: tuple[str, ...] = ()
+SUBCOMMAND_MODULES: tuple[str, ...] = ("disent.data.commands", "disent.train.commands", "disent.eval.commands")
 
 
 def _cmd_config_show(args: argparse.Namespace) -> int:
@@ -51,7 +51,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args, extra = parser.parse_known_args(argv)
+    # argparse stops collecting positionals at the first option, so overrides written after
+    # options (`disent eval RUN --child-run a.b=1`) arrive here; take them, reject anything else.
+    if extra:
+        if not hasattr(args, "overrides") or any(a.startswith("-") or "=" not in a for a in extra):
+            parser.error(f"unrecognized arguments: {' '.join(extra)}")
+        args.overrides = [*args.overrides, *extra]
     try:
         return int(args.func(args) or 0)
     except ConfigError as exc:

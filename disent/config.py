@@ -209,23 +209,38 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     return key.split("."), parsed
 
 
-def load_config(path: str | os.PathLike | None, overrides: list[str] = ()) -> Config:
-    """Load a YAML file (and its parents), apply overrides, validate. Raises ConfigError."""
-    origins: dict[str, str] = {}
-    raw: dict = {}
-    if path is not None:
-        raw = _load_with_parents(Path(path), origins)
+def _apply_overrides(raw: dict, overrides: list[str], origins: dict[str, str]) -> dict:
     for text in overrides:
         keys, value = parse_override(text)
         nested: Any = value
         for key in reversed(keys):
             nested = {key: nested}
         raw = _deep_merge(raw, nested, origins, OVERRIDE_ORIGIN)
+    return raw
+
+
+def _finish(raw: dict, origins: dict[str, str], source: str | None, overrides: list[str]) -> Config:
     cfg = _build(Config, raw, "", origins)
-    cfg.source = str(path) if path is not None else None
+    cfg.source = source
     cfg.overrides = list(overrides)
     validate(cfg)
     return cfg
+
+
+def load_config(path: str | os.PathLike | None, overrides: list[str] = ()) -> Config:
+    """Load a YAML file (and its parents), apply overrides, validate. Raises ConfigError."""
+    origins: dict[str, str] = {}
+    raw = _load_with_parents(Path(path), origins) if path is not None else {}
+    raw = _apply_overrides(raw, overrides, origins)
+    return _finish(raw, origins, str(path) if path is not None else None, overrides)
+
+
+def from_dict(raw: dict, overrides: list[str] = (), origin: str = "a stored config") -> Config:
+    """Rebuild a Config stored in a checkpoint, with optional overrides, validated like a file."""
+    origins: dict[str, str] = {}
+    raw = _deep_merge({}, raw, origins, origin)
+    raw = _apply_overrides(raw, overrides, origins)
+    return _finish(raw, origins, origin, overrides)
 
 
 # --------------------------------------------------------------------------- typed building
@@ -415,13 +430,6 @@ def to_dict(cfg: Config) -> dict:
 
 def to_yaml(cfg: Config) -> str:
     return yaml.safe_dump(to_dict(cfg), sort_keys=False, default_flow_style=False)
-
-
-def from_dict(raw: dict) -> Config:
-    """Rebuild a Config stored in a checkpoint (validated as strictly as a file)."""
-    cfg = _build(Config, raw, "", {})
-    validate(cfg)
-    return cfg
 
 
 def flatten(data: dict, prefix: str = "") -> dict[str, Any]:

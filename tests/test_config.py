@@ -167,7 +167,10 @@ def test_deepspeed_configs_derive_from_one_config():
 
 def test_round_trip_flatten_and_run_name():
     cfg = load_config(ROOT / "configs/sprites.yaml", ["model.z_dim=4", "tracking.uri=http://x"])
-    assert from_dict(to_dict(cfg)) == cfg.__class__(**{**cfg.__dict__, "source": None, "overrides": []})
+    assert to_dict(from_dict(to_dict(cfg))) == to_dict(cfg)
+    assert from_dict(to_dict(cfg), ["model.z_dim=6"]).model.z_dim == 6
+    with pytest.raises(ConfigError, match="'model.zdim' \\(from the command line\\)"):
+        from_dict(to_dict(cfg), ["model.zdim=6"])
     flat = flatten(to_dict(cfg))
     assert flat["model.z_dim"] == 4 and flat["optim.vae.lr"] == cfg.optim.vae.lr
     assert run_name(cfg) == "sprites model.z_dim=4"

@@ -18,8 +18,25 @@ def _merge(base: dict, extra: dict) -> dict:
     return out
 
 
-def deepspeed_config(cfg: Config, engine: str, world_size: int, device_type: str = "cpu") -> dict:
-    """The DeepSpeed config for engine 'vae' or 'disc'; `deepspeed.<engine>` keys are merged last."""
+# ZeRO's bucket sizes default to 5e8 elements (sized for large GPU models). For models of a few
+# million parameters those buffers cost far more than the model: a 2-rank ZeRO-2 run on CPU spent
+# ~95% of its time allocating them (1.5 vs 150 samples/s). Buckets are sized to the model instead.
+MIN_BUCKET = 1_000_000
+MAX_BUCKET = 500_000_000
+
+
+def bucket_size(num_params: int) -> int:
+    return int(min(MAX_BUCKET, max(MIN_BUCKET, num_params)))
+
+
+def deepspeed_config(
+    cfg: Config, engine: str, world_size: int, device_type: str = "cpu", num_params: int | None = None
+) -> dict:
+    """The DeepSpeed config for engine 'vae' or 'disc'; `deepspeed.<engine>` keys are merged last.
+
+    num_params (the engine's model size; the trainer always passes it) sizes ZeRO's communication
+    buckets; without it DeepSpeed's defaults apply.
+    """
     if engine not in ENGINES:
         raise ValueError(f"engine must be one of {ENGINES}, got {engine!r}")
     if cfg.train.precision != "fp32" and device_type == "cpu":
@@ -50,7 +67,10 @@ def deepspeed_config(cfg: Config, engine: str, world_size: int, device_type: str
         "scheduler": {
             "type": "WarmupLR",
             "params": {
-                "warmup_min_lr": 0.0,
+                # WarmupLR starts at warmup_min_lr and needs >= 2 warm-up steps; with a minimum of 0
+                # and no warm-up asked for, the first two steps would run at lr 0 and the third at lr/2.
+                # No warm-up therefore means a constant schedule: min = max.
+                "warmup_min_lr": 0.0 if opt.warmup_steps > 0 else opt.lr,
                 "warmup_max_lr": opt.lr,
                 "warmup_num_steps": max(opt.warmup_steps, 1),
                 "warmup_type": "linear",
@@ -59,4 +79,7 @@ def deepspeed_config(cfg: Config, engine: str, world_size: int, device_type: str
         "bf16": {"enabled": cfg.train.precision == "bf16"},
         "fp16": {"enabled": cfg.train.precision == "fp16", "loss_scale": 0, "initial_scale_power": 16},
     }
+    if cfg.train.zero_stage > 0 and num_params is not None:
+        size = bucket_size(num_params)
+        ds["zero_optimization"].update({"reduce_bucket_size": size, "allgather_bucket_size": size})
     return _merge(ds, getattr(cfg.deepspeed, engine))

@@ -1,0 +1,285 @@
+"""Atomic, multi-rank checkpoints with auto-resume, pruning and an optional copy to s3://.
+
+Layout::
+
+    run_dir/checkpoints/step-00000123/
+        vae/                    DeepSpeed checkpoint of the VAE engine (every rank writes its part)
+        disc/                   DeepSpeed checkpoint of the discriminator engine
+        trainer-rank{r}.pt      per rank: step, RNG states, data loader state
+        meta.json               rank 0: step, MLflow run id, resolved config, world size
+        vae_weights.pt          rank 0: the bare VAE's state_dict, for eval/swap (weights_only loading)
+        COMPLETE                written last, by rank 0, after every rank has finished
+
+A checkpoint counts only once COMPLETE exists, so a crash during a save leaves the previous one
+in force. Our own files are written to a temporary name, fsynced and renamed.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+import shutil
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+log = logging.getLogger(__name__)
+
+COMPLETE = "COMPLETE"
+META = "meta.json"
+VAE_WEIGHTS = "vae_weights.pt"
+STEP_DIR = re.compile(r"^step-(\d{8,})$")
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint that cannot be used (incomplete, missing, written by another world size)."""
+
+
+def step_dir_name(step: int) -> str:
+    return f"step-{step:08d}"
+
+
+def trainer_file(rank: int) -> str:
+    return f"trainer-rank{rank}.pt"
+
+
+def _fsync_dir(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    with open(tmp, "wb") as fh:
+        fh.write(data)
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
+    _fsync_dir(path.parent)
+
+
+def atomic_torch_save(obj: Any, path: Path) -> None:
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    with open(tmp, "wb") as fh:
+        torch.save(obj, fh)
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
+    _fsync_dir(path.parent)
+
+
+def _fsync_tree(root: Path) -> None:
+    for dirpath, _, filenames in os.walk(root):
+        for name in filenames:
+            try:
+                fd = os.open(os.path.join(dirpath, name), os.O_RDONLY)
+            except OSError:
+                continue
+            try:
+                os.fsync(fd)
+            except OSError:
+                pass
+            finally:
+                os.close(fd)
+        _fsync_dir(Path(dirpath))
+
+
+@dataclass(frozen=True)
+class CheckpointInfo:
+    path: Path
+    step: int
+
+    @property
+    def complete(self) -> bool:
+        return (self.path / COMPLETE).is_file()
+
+    def meta(self) -> dict:
+        return json.loads((self.path / META).read_text())
+
+
+def is_complete(path: str | os.PathLike) -> bool:
+    return (Path(path) / COMPLETE).is_file()
+
+
+def list_checkpoints(checkpoint_root: Path) -> list[CheckpointInfo]:
+    """Every step-* directory (complete or not), oldest first."""
+    if not checkpoint_root.is_dir():
+        return []
+    found = []
+    for child in checkpoint_root.iterdir():
+        match = STEP_DIR.match(child.name)
+        if match and child.is_dir():
+            found.append(CheckpointInfo(child, int(match.group(1))))
+    return sorted(found, key=lambda c: c.step)
+
+
+def _barrier() -> None:
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+
+
+def _rank_and_world() -> tuple[int, int]:
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+class CheckpointManager:
+    """Saves, finds, loads and prunes checkpoints under run_dir/checkpoints."""
+
+    def __init__(
+        self,
+        run_dir: str | os.PathLike,
+        keep: int = 3,
+        upload_url: str | None = None,
+        uploader: Callable[[Path, str], None] | None = None,
+    ):
+        self.run_dir = Path(run_dir)
+        self.root = self.run_dir / "checkpoints"
+        self.keep = max(1, keep)
+        self.upload_url = upload_url.rstrip("/") if upload_url else None
+        self._uploader = uploader
+        self._upload_threads: list[threading.Thread] = []
+        self.upload_errors: list[str] = []
+
+    # ------------------------------------------------------------------ finding
+
+    def checkpoints(self) -> list[CheckpointInfo]:
+        return list_checkpoints(self.root)
+
+    def latest_complete(self) -> CheckpointInfo | None:
+        complete = [c for c in self.checkpoints() if c.complete]
+        return complete[-1] if complete else None
+
+    @staticmethod
+    def resolve(path: str | os.PathLike) -> CheckpointInfo:
+        """A checkpoint named by --resume: a step-* directory, or a run/checkpoints dir (its latest)."""
+        path = Path(path)
+        match = STEP_DIR.match(path.name)
+        if match:
+            if not path.is_dir():
+                raise CheckpointError(f"checkpoint {path} does not exist")
+            info = CheckpointInfo(path, int(match.group(1)))
+            if not info.complete:
+                raise CheckpointError(
+                    f"checkpoint {path} is incomplete (no {COMPLETE} marker): it was interrupted while being "
+                    "written; pick an earlier one"
+                )
+            return info
+        for root in (path / "checkpoints", path):
+            complete = [c for c in list_checkpoints(root) if c.complete]
+            if complete:
+                return complete[-1]
+        raise CheckpointError(f"no complete checkpoint under {path}")
+
+    # ------------------------------------------------------------------ saving
+
+    def save(self, step: int, engines, trainer_state: dict, meta: dict) -> Path:
+        """Every rank calls this. Returns the checkpoint directory once it is COMPLETE."""
+        rank, world = _rank_and_world()
+        path = self.root / step_dir_name(step)
+        if rank == 0:
+            if path.exists():  # leftovers of an interrupted save of this step, or an older run's
+                shutil.rmtree(path)
+            path.mkdir(parents=True)
+        _barrier()
+        engines.vae.save_checkpoint(str(path), tag="vae", client_state={}, save_latest=False)
+        engines.disc.save_checkpoint(str(path), tag="disc", client_state={}, save_latest=False)
+        atomic_torch_save(trainer_state, path / trainer_file(rank))
+        if rank == 0:
+            weights = {k: v.detach().cpu() for k, v in engines.vae_model.state_dict().items()}
+            atomic_torch_save(weights, path / VAE_WEIGHTS)
+            meta = {**meta, "step": step, "world_size": world}
+            atomic_write_bytes(path / META, json.dumps(meta, indent=2, sort_keys=True).encode())
+        _barrier()  # every rank has written (and closed) its files
+        if rank == 0:
+            _fsync_tree(path)
+            atomic_write_bytes(path / COMPLETE, f"{step}\n".encode())
+            self.prune()
+            if self.upload_url:
+                self._start_upload(path)
+        _barrier()  # nobody moves on (or exits) before the marker exists
+        log.info("checkpoint %s complete", path)
+        return path
+
+    def prune(self) -> list[Path]:
+        """Keep the newest `keep` complete checkpoints; drop incomplete ones older than the newest."""
+        all_ckpts = self.checkpoints()
+        complete = [c for c in all_ckpts if c.complete]
+        if not complete:
+            return []
+        newest = complete[-1].step
+        doomed = [c.path for c in complete[: -self.keep]]
+        doomed += [c.path for c in all_ckpts if not c.complete and c.step < newest]
+        for path in doomed:
+            shutil.rmtree(path, ignore_errors=True)
+            log.info("removed old checkpoint %s", path)
+        return doomed
+
+    # ------------------------------------------------------------------ loading
+
+    def load(self, info: CheckpointInfo, engines) -> tuple[dict, dict]:
+        """Load both engines in place; returns (this rank's trainer state, meta)."""
+        rank, world = _rank_and_world()
+        if not info.complete:
+            raise CheckpointError(f"checkpoint {info.path} is incomplete")
+        meta = info.meta()
+        if meta.get("world_size") != world:
+            raise CheckpointError(
+                f"checkpoint {info.path} was written by {meta.get('world_size')} ranks; this run has {world}. "
+                "Resume with the same number of processes."
+            )
+        for name, engine in (("vae", engines.vae), ("disc", engines.disc)):
+            loaded, _ = engine.load_checkpoint(str(info.path), tag=name)
+            if loaded is None:
+                raise CheckpointError(f"DeepSpeed could not load the {name} engine from {info.path}")
+        state = torch.load(info.path / trainer_file(rank), map_location="cpu", weights_only=True)
+        return state, meta
+
+    # ------------------------------------------------------------------ s3
+
+    def _start_upload(self, path: Path) -> None:
+        url = f"{self.upload_url}/{self.run_dir.name}/checkpoints/{path.name}"
+        thread = threading.Thread(target=self._upload, args=(path, url), name="ckpt-upload", daemon=True)
+        thread.start()
+        self._upload_threads.append(thread)
+
+    def _upload(self, path: Path, url: str) -> None:
+        upload = self._uploader or _upload_file
+        try:
+            files = sorted(p for p in path.rglob("*") if p.is_file() and p.name != COMPLETE)
+            for file in files:
+                upload(file, f"{url}/{file.relative_to(path).as_posix()}")
+            upload(path / COMPLETE, f"{url}/{COMPLETE}")  # last, as on disk
+            log.info("uploaded checkpoint %s to %s", path.name, url)
+        except Exception as exc:  # an upload failure must not stop training
+            msg = f"upload of checkpoint {path} to {url} failed: {exc}"
+            self.upload_errors.append(msg)
+            log.warning(msg)
+
+    def wait_for_uploads(self, timeout: float | None = None) -> None:
+        for thread in self._upload_threads:
+            thread.join(timeout)
+        self._upload_threads = [t for t in self._upload_threads if t.is_alive()]
+
+
+def _upload_file(local: Path, url: str) -> None:
+    from disent.data.s3 import upload_file
+
+    upload_file(str(local), url)

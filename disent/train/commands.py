@@ -1,0 +1,143 @@
+"""`disent train CONFIG [overrides...] [--resume PATH]`.
+
+Everything a user can get wrong (config, batch split over the world size, precision on CPU, the
+data manifest, the checkpoint to resume) is checked before the process group starts. Ranks come
+from torchrun's environment (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR, MASTER_PORT); without
+it the command trains as a single process. Exit codes: 0 done, 2 config error, 75 preempted
+(SIGTERM/SIGUSR1: a checkpoint was written; requeue the job and it resumes).
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+
+from disent.config import Config, ConfigError, load_config, micro_batch_size
+
+EXIT_PREEMPTED = 75
+
+
+def register(subparsers, add_config_args) -> None:
+    parser = subparsers.add_parser(
+        "train",
+        help="train on the two DeepSpeed engines (run under torchrun for several ranks)",
+        description="Train the VAE and the discriminator. Resumes from the latest complete checkpoint in "
+        "run_dir unless --resume names one. Exits 75 when preempted (SIGTERM/SIGUSR1) after checkpointing.",
+    )
+    add_config_args(parser)
+    parser.add_argument("--resume", metavar="PATH", help="a checkpoint directory (…/checkpoints/step-N) or a run dir")
+    parser.add_argument("--no-auto-resume", action="store_true", help="start from scratch even if run_dir has checkpoints")
+    parser.set_defaults(func=_cmd_train)
+
+
+def setup_logging(rank: int) -> None:
+    level = logging.INFO if rank == 0 else logging.WARNING
+    fmt = f"%(asctime)s [rank {rank}] %(levelname)s %(name)s: %(message)s"
+    root = logging.getLogger()
+    if not any(getattr(h, "_disent", False) for h in root.handlers):
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter(fmt, datefmt="%H:%M:%S"))
+        handler._disent = True  # type: ignore[attr-defined]
+        root.addHandler(handler)
+    root.setLevel(level)
+    for noisy in ("deepspeed", "DeepSpeed", "torch.distributed", "alembic", "mlflow.store", "urllib3"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+def _env_world_size() -> int:
+    try:
+        return int(os.environ.get("WORLD_SIZE", "1") or 1)
+    except ValueError:
+        raise ConfigError(f"environment variable WORLD_SIZE={os.environ['WORLD_SIZE']!r} must be an integer") from None
+
+
+def check_manifest(cfg: Config):
+    """Read the training split's manifest and check it against the config; returns it.
+
+    Uses the data package's own check (image shape, channels, classes). Raises ConfigError.
+    """
+    from disent.data.stream import open_split
+
+    try:
+        return open_split(cfg.data, cfg.data.train_split)
+    except ConfigError:
+        raise
+    except Exception as exc:
+        raise ConfigError(
+            f"cannot use the training data at data.url={cfg.data.url!r} (split '{cfg.data.train_split}'): {exc}. "
+            "Prepare it first (disent prepare SOURCE OUT) or fix data.url"
+        ) from None
+
+
+def preflight(cfg: Config, world_size: int, device_type: str, resume: str | None):
+    """All checks that need no process group. Raises ConfigError."""
+    from disent.train.checkpoint import CheckpointError, CheckpointManager
+    from disent.train.ds_config import deepspeed_config
+
+    micro_batch_size(cfg, world_size)
+    for engine in ("vae", "disc"):
+        deepspeed_config(cfg, engine, world_size, device_type)
+    if resume is not None:
+        try:
+            CheckpointManager.resolve(resume)
+        except CheckpointError as exc:
+            raise ConfigError(f"--resume {resume}: {exc}") from None
+
+
+def run_training(
+    cfg: Config,
+    resume: str | None = None,
+    auto_resume: bool = True,
+    loader_factory=None,
+    manifest_digest: str | None = None,
+    eval_hooks=None,
+) -> int:
+    """Join the process group, train, leave it. Returns the exit code (0, or 75 when preempted)."""
+    from disent.train.engines import detect_env, init_distributed, shutdown_distributed
+
+    env = detect_env()
+    setup_logging(env.rank)
+    init_distributed(env)
+    try:
+        return train_in_group(cfg, env, resume, auto_resume, loader_factory, manifest_digest, eval_hooks)
+    finally:
+        shutdown_distributed()
+
+
+def train_in_group(cfg: Config, env, resume=None, auto_resume=True, loader_factory=None, manifest_digest=None,
+                   eval_hooks=None) -> int:
+    """One training run inside an initialized process group. Returns the exit code."""
+    from disent.train.trainer import Trainer
+
+    trainer = Trainer(cfg, env, loader_factory=loader_factory, manifest_digest=manifest_digest, eval_hooks=eval_hooks)
+    result = trainer.train(resume=resume, auto_resume=auto_resume)
+    if env.is_main:
+        if result.preempted:
+            print(f"disent: preempted at step {result.step}; checkpoint {result.checkpoint}; "
+                  f"exit {EXIT_PREEMPTED} (requeue to resume)", file=sys.stderr)
+        else:
+            from disent.tracking import tracking_uri
+
+            uri = tracking_uri(cfg)
+            print(f"disent: trained {result.step} steps; MLflow run {result.run_id}")
+            hint = f"mlflow ui --backend-store-uri {uri}" if not uri.startswith("http") else f"open {uri}"
+            print(f"disent: view it with: {hint}")
+    return result.exit_code
+
+
+def _cmd_train(args: argparse.Namespace) -> int:
+    cfg = load_config(args.config, args.overrides)
+    device_type = "cuda" if _cuda_available() else "cpu"
+    if device_type == "cpu":
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    world_size = _env_world_size()
+    preflight(cfg, world_size, device_type, args.resume)
+    manifest = check_manifest(cfg)
+    return run_training(cfg, resume=args.resume, auto_resume=not args.no_auto_resume, manifest_digest=manifest.digest)
+
+
+def _cuda_available() -> bool:
+    import torch
+
+    return torch.cuda.is_available()

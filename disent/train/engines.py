@@ -1,0 +1,201 @@
+"""The two DeepSpeed engines (VAE and discriminator), the process group, the device.
+
+Each engine gets its own optimizer, LR schedule and DeepSpeed config, all derived from the one
+YAML config by `disent.train.ds_config.deepspeed_config`.
+
+The VAE engine wraps `VAEObjective`, whose forward computes the whole VAE loss: DeepSpeed hooks
+its backward prologue (ZeRO's gradient-reduction bookkeeping, accumulation scaling) onto the
+outputs of `engine(...)`, so the loss must come out of the engine's forward, not out of calls to
+`engine.module.encode`. The discriminator is passed into that forward as its bare module
+(`disc_engine.module`) with frozen parameters: calling the discriminator *engine* there would
+register its backward hooks on the VAE's graph and DeepSpeed 0.19.8 then refuses the VAE's
+backward ("Direct calls to tensor.backward() are not supported ...").
+"""
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import socket
+from dataclasses import dataclass, field
+from typing import Any, Iterator
+
+import torch
+import torch.nn as nn
+
+from disent.config import Config
+from disent.models import DisentVAE, build_discriminator
+from disent.models.objective import Fakes, vae_losses
+
+log = logging.getLogger(__name__)
+
+
+# --------------------------------------------------------------------------- process environment
+
+
+@dataclass(frozen=True)
+class DistEnv:
+    """Where this process sits: read from torchrun's environment, single process by default."""
+
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+    device_type: str = "cpu"
+
+    @property
+    def backend(self) -> str:
+        return "nccl" if self.device_type == "cuda" else "gloo"
+
+    @property
+    def device(self) -> torch.device:
+        if self.device_type == "cuda":
+            return torch.device("cuda", self.local_rank)
+        return torch.device(self.device_type)
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def _env_int(name: str, default: int) -> int:
+    value = os.environ.get(name)
+    if value in (None, ""):
+        return default
+    try:
+        return int(value)
+    except ValueError:
+        raise ValueError(f"environment variable {name}={value!r} must be an integer") from None
+
+
+def detect_env() -> DistEnv:
+    """RANK / WORLD_SIZE / LOCAL_RANK from the environment; cuda when available, else cpu."""
+    world_size = _env_int("WORLD_SIZE", 1)
+    rank = _env_int("RANK", 0)
+    local_rank = _env_int("LOCAL_RANK", rank)
+    if not 0 <= rank < world_size:
+        raise ValueError(f"RANK={rank} is outside WORLD_SIZE={world_size}")
+    device_type = "cuda" if torch.cuda.is_available() else "cpu"
+    return DistEnv(rank=rank, world_size=world_size, local_rank=local_rank, device_type=device_type)
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def init_distributed(env: DistEnv) -> None:
+    """Join the process group (gloo on CPU, nccl on GPU); a lone process gets a local one."""
+    if env.device_type == "cpu":
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    import deepspeed
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        return
+    if env.world_size == 1:
+        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+        os.environ.setdefault("MASTER_PORT", str(_free_port()))
+        os.environ.setdefault("RANK", "0")
+        os.environ.setdefault("WORLD_SIZE", "1")
+        os.environ.setdefault("LOCAL_RANK", "0")
+    if env.device_type == "cuda":
+        torch.cuda.set_device(env.local_rank)
+    deepspeed.init_distributed(dist_backend=env.backend, auto_mpi_discovery=False)
+
+
+def shutdown_distributed() -> None:
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        with contextlib.suppress(Exception):
+            dist.destroy_process_group()
+
+
+# --------------------------------------------------------------------------- modules
+
+
+class VAEObjective(nn.Module):
+    """The VAE plus its training objective; the VAE engine's module (`.vae` is the bare model)."""
+
+    def __init__(self, vae: DisentVAE):
+        super().__init__()
+        self.vae = vae
+
+    def forward(
+        self,
+        x1: torch.Tensor,
+        x1p: torch.Tensor,
+        x2: torch.Tensor,
+        x2p: torch.Tensor,
+        y2: torch.Tensor,
+        *,
+        discriminator: nn.Module,
+        loss_cfg: Any,
+        step: int,
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor], Fakes]:
+        return vae_losses(self.vae, discriminator, x1, x1p, x2, x2p, y2, loss_cfg, step)
+
+
+def build_modules(cfg: Config) -> tuple[VAEObjective, nn.Module]:
+    vae = DisentVAE(cfg.data.channels, cfg.data.image_size, cfg.model.s_dim, cfg.model.z_dim, cfg.model.base_channels)
+    disc = build_discriminator(
+        cfg.model.discriminator, cfg.data.channels, cfg.data.image_size, cfg.data.num_classes, cfg.model.disc_channels
+    )
+    if cfg.train.channels_last:
+        vae = vae.to(memory_format=torch.channels_last)
+        disc = disc.to(memory_format=torch.channels_last)
+    return VAEObjective(vae), disc
+
+
+@contextlib.contextmanager
+def frozen(module: nn.Module) -> Iterator[nn.Module]:
+    """Parameters that do not collect gradients inside the block (restored afterwards)."""
+    flags = [p.requires_grad for p in module.parameters()]
+    module.requires_grad_(False)
+    try:
+        yield module
+    finally:
+        for p, flag in zip(module.parameters(), flags):
+            p.requires_grad_(flag)
+
+
+# --------------------------------------------------------------------------- engines
+
+
+@dataclass
+class Engines:
+    vae: Any  # deepspeed.DeepSpeedEngine around VAEObjective
+    disc: Any  # deepspeed.DeepSpeedEngine around the discriminator
+    configs: dict[str, dict] = field(default_factory=dict)  # engine name -> DeepSpeed config used
+
+    @property
+    def vae_model(self) -> DisentVAE:
+        return self.vae.module.vae
+
+    @property
+    def disc_model(self) -> nn.Module:
+        return self.disc.module
+
+    def lrs(self) -> dict[str, float]:
+        return {"lr/vae": float(self.vae.get_lr()[0]), "lr/disc": float(self.disc.get_lr()[0])}
+
+
+def _count(module: nn.Module) -> int:
+    return sum(p.numel() for p in module.parameters())
+
+
+def build_engines(cfg: Config, env: DistEnv) -> Engines:
+    """Build both modules and call deepspeed.initialize once per engine."""
+    import deepspeed
+
+    from disent.train.ds_config import deepspeed_config
+
+    vae_objective, disc = build_modules(cfg)
+    sizes = {"vae": _count(vae_objective), "disc": _count(disc)}
+    configs = {name: deepspeed_config(cfg, name, env.world_size, env.device_type, sizes[name]) for name in sizes}
+    vae_engine, _, _, _ = deepspeed.initialize(
+        model=vae_objective, model_parameters=vae_objective.parameters(), config=configs["vae"]
+    )
+    disc_engine, _, _, _ = deepspeed.initialize(model=disc, model_parameters=disc.parameters(), config=configs["disc"])
+    return Engines(vae=vae_engine, disc=disc_engine, configs=configs)

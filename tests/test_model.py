@@ -1,0 +1,64 @@
+"""The model and the objective in plain torch: shapes, finite losses, which weights get gradients."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from disent.config import LossConfig
+from disent.models import DisentVAE, build_discriminator
+from disent.models.objective import discriminator_losses, vae_losses
+from disent.train.engines import VAEObjective, frozen
+
+
+def batch(b=4, c=1, size=28, classes=4, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x = lambda: torch.rand(b, c, size, size, generator=g)  # noqa: E731
+    return x(), x(), x(), x(), torch.randint(0, classes, (b,), generator=g)
+
+
+@pytest.mark.parametrize("size,channels", [(28, 1), (32, 3), (64, 3)])
+def test_shapes(size, channels):
+    vae = DisentVAE(channels, size, s_dim=4, z_dim=3, base_channels=8)
+    x = torch.rand(2, channels, size, size)
+    s, mu, logvar = vae.encode(x)
+    assert s.shape == (2, 4) and mu.shape == logvar.shape == (2, 3)
+    assert vae.decode(mu, s).shape == x.shape
+    for mode in ("pair", "label"):
+        disc = build_discriminator(mode, channels, size, 5, 8)
+        assert disc(x, x, torch.tensor([0, 4])).shape == (2,)
+
+
+@pytest.mark.parametrize("mode", ["pair", "label"])
+def test_vae_step_never_updates_the_frozen_discriminator(mode):
+    torch.manual_seed(0)
+    vae = DisentVAE(1, 28, 4, 4, 8)
+    disc = build_discriminator(mode, 1, 28, 4, 8)
+    cfg = LossConfig(reconstruct_x1_prime=True, reconstruct_x2=True)
+    x1, x1p, x2, x2p, y2 = batch()
+    with frozen(disc):
+        total, terms, fakes = VAEObjective(vae)(x1, x1p, x2, x2p, y2, discriminator=disc, loss_cfg=cfg, step=0)
+        total.backward()
+    assert all(p.requires_grad for p in disc.parameters())  # unfrozen again
+    assert all(p.grad is None for p in disc.parameters())
+    assert all(p.grad is not None for p in vae.parameters())
+    assert set(terms) == {"reconstruction", "kl", "swap", "adversarial"}
+    assert all(torch.isfinite(v) for v in terms.values()) and not any(v.requires_grad for v in terms.values())
+    assert not fakes.from_z1.requires_grad and fakes.from_z1.shape == x1.shape
+
+    d_loss, d_terms = discriminator_losses(disc, x2, x2p, y2, fakes, cfg)
+    d_loss.backward()
+    assert all(p.grad is not None for p in disc.parameters())
+    assert 0.0 <= d_terms["disc_acc_real"] <= 1.0 and 0.0 <= d_terms["disc_acc_fake"] <= 1.0
+    assert torch.isclose(d_loss, d_terms["disc_real"] + d_terms["disc_fake"])
+
+
+def test_adversarial_warmup_scales_only_the_adversarial_term():
+    torch.manual_seed(0)
+    vae, disc = DisentVAE(1, 28, 4, 4, 8), build_discriminator("pair", 1, 28, 4, 8)
+    cfg = LossConfig(adversarial=1.0, adversarial_warmup_steps=10)
+    args = batch()
+    torch.manual_seed(1)
+    at0, terms0, _ = vae_losses(vae, disc, *args, cfg, step=0)
+    torch.manual_seed(1)
+    at10, terms10, _ = vae_losses(vae, disc, *args, cfg, step=10)
+    assert torch.isclose(at10 - at0, terms10["adversarial"])

@@ -1,0 +1,300 @@
+"""Training on two DeepSpeed engines, 2 CPU ranks under torchrun with gloo, on tiny real shards.
+
+Each torchrun launch costs ~15 s of start-up on 2 cores, so checks are grouped per launch.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from train_helpers import ROOT, free_port, make_tiny_data, tiny_overrides, torchrun
+
+pytestmark = pytest.mark.slow
+
+BASE = "configs/base.yaml"
+LOSS_KEYS = ("vae_loss", "reconstruction", "kl", "swap", "adversarial", "disc_loss", "disc_real", "disc_fake")
+METRIC_KEYS = LOSS_KEYS + (
+    "disc_acc_real", "disc_acc_fake", "grad_norm/vae", "grad_norm/disc", "lr/vae", "lr/disc",
+    "samples_per_s", "data_wait_s",
+)
+
+
+@pytest.fixture(scope="session")
+def tiny_data(tmp_path_factory):
+    return make_tiny_data(tmp_path_factory.mktemp("tiny-data"))
+
+
+def metrics(run_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def losses(run_dir: Path) -> dict[int, dict[str, float]]:
+    return {m["step"]: {k: m[k] for k in LOSS_KEYS} for m in metrics(run_dir)}
+
+
+def assert_ok(result):
+    assert result.returncode == 0, f"rc={result.returncode}\n{result.stdout[-3000:]}\n{result.stderr[-6000:]}"
+
+
+def complete_checkpoints(run_dir: Path) -> list[Path]:
+    return sorted(p for p in (run_dir / "checkpoints").glob("step-*") if (p / "COMPLETE").is_file())
+
+
+def assert_state_dicts_equal(a: dict, b: dict):
+    assert a.keys() == b.keys()
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
+
+
+# --------------------------------------------------------------------------- ZeRO x discriminator matrix
+
+
+CASES = [
+    "train.zero_stage=0 model.discriminator=pair",
+    "train.zero_stage=0 model.discriminator=label",
+    "train.zero_stage=1 model.discriminator=pair train.grad_accum=2 train.global_batch_size=16",
+    "train.zero_stage=1 model.discriminator=label",
+    "train.zero_stage=2 model.discriminator=pair",
+    "train.zero_stage=2 model.discriminator=label train.grad_accum=2 train.global_batch_size=16",
+]
+
+
+def test_two_ranks_zero_0_1_2_both_discriminators(tmp_path, tiny_data):
+    """Every ZeRO stage x discriminator mode trains on 2 ranks; ranks agree on every weight."""
+    run = tmp_path / "run"
+    args = ["--dump-params", *tiny_overrides(run, tiny_data, **{"train.steps": 4, "train.checkpoint_every": 2})]
+    for case in CASES:
+        args += ["--case", case]
+    result = torchrun(args, timeout=400)
+    assert_ok(result)
+    for i, case in enumerate(CASES):
+        case_dir = run / f"case{i}"
+        logged = metrics(case_dir)
+        assert [m["step"] for m in logged] == [2, 4], case
+        for m in logged:
+            missing = [k for k in METRIC_KEYS if k not in m]
+            assert not missing, (case, missing)
+            assert all(math.isfinite(m[k]) for k in METRIC_KEYS), (case, m)
+            assert 0.0 <= m["disc_acc_real"] <= 1.0 and 0.0 <= m["disc_acc_fake"] <= 1.0
+            assert m["grad_norm/vae"] > 0 and m["grad_norm/disc"] > 0
+        # gradients were reduced across ranks: both ranks hold the same weights
+        rank0 = torch.load(case_dir / "params-rank0-step4.pt", weights_only=True)
+        rank1 = torch.load(case_dir / "params-rank1-step4.pt", weights_only=True)
+        assert_state_dicts_equal(rank0, rank1)
+        # training moved the weights away from the initial ones
+        final = torch.load(case_dir / "final" / "vae.pt", weights_only=True)
+        assert final.keys() == {k[len("vae."):] for k in rank0 if k.startswith("vae.")}
+        ckpts = complete_checkpoints(case_dir)
+        assert [p.name for p in ckpts] == ["step-00000002", "step-00000004"], case
+        for ckpt in ckpts:
+            assert (ckpt / "vae").is_dir() and (ckpt / "disc").is_dir()
+            assert (ckpt / "trainer-rank0.pt").is_file() and (ckpt / "trainer-rank1.pt").is_file()
+            meta = json.loads((ckpt / "meta.json").read_text())
+            assert meta["world_size"] == 2 and meta["mlflow_run_id"] and meta["config"]["name"] == "tiny"
+        ds_cfg = json.loads((case_dir / "deepspeed" / "vae.json").read_text())
+        assert ds_cfg["zero_optimization"]["stage"] == int(case.split()[0].split("=")[1])
+
+
+# --------------------------------------------------------------------------- determinism and resume
+
+
+def test_same_seed_same_losses_and_resume_is_exact(tmp_path, tiny_data):
+    """20 straight steps == 10 steps + resume for 10 (bit-identical weights); same seed == same losses;
+    the resumed run continues the same MLflow run without duplicate metric steps."""
+    common = {"train.zero_stage": 1, "train.grad_accum": 2, "train.global_batch_size": 16,
+              "train.log_every": 1, "train.checkpoint_every": 10, "train.eval_every": 7}
+    straight = tmp_path / "straight"
+    split = tmp_path / "split"
+    assert_ok(torchrun(["train", BASE, *tiny_overrides(straight, tiny_data, **common, **{"train.steps": 20})], script=None))
+    assert_ok(torchrun(["train", BASE, *tiny_overrides(split, tiny_data, **common, **{"train.steps": 10})], script=None))
+    first, second = losses(straight), losses(split)
+    assert sorted(second) == list(range(1, 11))
+    for step in range(1, 11):
+        assert first[step] == second[step], step  # same seed: identical losses, exactly
+
+    result = torchrun(["train", BASE, *tiny_overrides(split, tiny_data, **common, **{"train.steps": 20}),
+                       "--resume", split / "checkpoints" / "step-00000010"], script=None)
+    assert_ok(result)
+    assert "resumed from" in result.stderr
+    resumed = losses(split)
+    for step in range(11, 21):
+        assert first[step] == resumed[step], step
+    for name in ("vae.pt", "disc.pt"):
+        assert_state_dicts_equal(torch.load(straight / "final" / name, weights_only=True),
+                                 torch.load(split / "final" / name, weights_only=True))
+
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(f"sqlite:///{split}/mlflow.db")
+    runs = client.search_runs([client.get_experiment_by_name("disent").experiment_id])
+    assert len(runs) == 1 and runs[0].info.status == "FINISHED"
+    history = client.get_metric_history(runs[0].info.run_id, "vae_loss")
+    assert sorted(m.step for m in history) == list(range(1, 21))
+    assert [p.name for p in complete_checkpoints(split)][-1] == "step-00000020"
+
+
+# --------------------------------------------------------------------------- preemption
+
+
+def _wait_for_steps(run_dir: Path, proc, lines: int, timeout: float = 120) -> None:
+    deadline = time.monotonic() + timeout
+    path = run_dir / "metrics.jsonl"
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise AssertionError(f"training ended early: {proc.stdout.read()[-4000:]}")
+        if path.exists() and len(path.read_text().splitlines()) >= lines:
+            return
+        time.sleep(0.2)
+    raise AssertionError("training did not log in time")
+
+
+def test_sigterm_two_ranks_checkpoint_then_auto_resume(tmp_path, tiny_data):
+    """SIGTERM to torchrun (as Kubernetes does): every rank finishes its step, a complete checkpoint is
+    written, workers exit 75; a restart resumes from it automatically, in the same MLflow run."""
+    run = tmp_path / "run"
+    long = {"train.steps": 100000, "train.checkpoint_every": 100000, "train.log_every": 2, "train.zero_stage": 2}
+    proc = torchrun(["train", BASE, *tiny_overrides(run, tiny_data, **long)], script=None, wait=False)
+    try:
+        _wait_for_steps(run, proc, lines=2)
+        proc.send_signal(signal.SIGTERM)
+        out, _ = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert out.count("exiting with 75") == 2, out[-4000:]  # both ranks
+    ckpts = complete_checkpoints(run)
+    assert len(ckpts) == 1, out[-4000:]
+    step = int(ckpts[0].name.split("-")[1])
+    assert 4 <= step < 100000
+    leftovers = [p for p in (run / "checkpoints").iterdir() if p not in ckpts]
+    assert not leftovers and not list(ckpts[0].rglob(".*.tmp*"))
+    assert torch.load(ckpts[0] / "trainer-rank1.pt", weights_only=True)["step"] == step
+
+    result = torchrun(["train", BASE, *tiny_overrides(run, tiny_data, **{**long, "train.steps": step + 2})], script=None)
+    assert_ok(result)
+    assert f"resumed from {ckpts[0]} at step {step}" in result.stderr
+    logged = metrics(run)
+    assert logged[-1]["step"] == step + 2
+
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(f"sqlite:///{run}/mlflow.db")
+    runs = client.search_runs([client.get_experiment_by_name("disent").experiment_id])
+    assert len(runs) == 1 and runs[0].info.status == "FINISHED"
+    steps = [m.step for m in client.get_metric_history(runs[0].info.run_id, "vae_loss")]
+    assert len(steps) == len(set(steps))
+
+
+def test_sigusr1_single_process_exits_75(tmp_path, tiny_data):
+    """`disent train` without torchrun: SIGUSR1 -> checkpoint, exit code 75 (EX_TEMPFAIL)."""
+    run = tmp_path / "run"
+    env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1"}
+    for var in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(var, None)
+    overrides = tiny_overrides(run, tiny_data, **{"train.steps": 100000, "train.checkpoint_every": 100000,
+                                                  "train.log_every": 2, "train.progress": True})
+    proc = subprocess.Popen([sys.executable, "-m", "disent.cli", "train", BASE, *overrides], cwd=ROOT, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        _wait_for_steps(run, proc, lines=1)
+        proc.send_signal(signal.SIGUSR1)
+        out, _ = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 75, out[-4000:]
+    assert "[rank 0]" in out and "preempted at step" in out
+    assert len(complete_checkpoints(run)) == 1
+
+
+# --------------------------------------------------------------------------- a real MLflow server
+
+
+@pytest.fixture(scope="session")
+def mlflow_server(tmp_path_factory):
+    """`mlflow server` on 127.0.0.1 with its own sqlite store and artifact directory."""
+    root = tmp_path_factory.mktemp("mlflow-server")
+    port = free_port()
+    cmd = [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port),
+           "--backend-store-uri", f"sqlite:///{root}/mlflow.db", "--artifacts-destination", str(root / "artifacts"),
+           "--workers", "1"]
+    log = open(root / "server.log", "w")
+    proc = subprocess.Popen(cmd, cwd=root, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    uri = f"http://127.0.0.1:{port}"
+    import urllib.request
+
+    deadline = time.monotonic() + 90
+    while True:
+        try:
+            with urllib.request.urlopen(f"{uri}/health", timeout=2) as resp:
+                if resp.status == 200:
+                    break
+        except OSError:
+            pass
+        if proc.poll() is not None or time.monotonic() > deadline:
+            proc.kill()
+            raise RuntimeError(f"mlflow server did not start: {(root / 'server.log').read_text()[-3000:]}")
+        time.sleep(0.5)
+    yield uri
+    os.killpg(proc.pid, signal.SIGTERM)
+    try:
+        proc.wait(timeout=20)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+    log.close()
+
+
+def test_mlflow_server_receives_params_metrics_tags_artifacts(tmp_path, tiny_data, mlflow_server):
+    run = tmp_path / "run"
+    overrides = tiny_overrides(run, tiny_data, **{
+        "train.steps": 6, "train.eval_every": 3, "tracking.uri": mlflow_server, "tracking.system_metrics": True,
+        "tracking.experiment": "server-test", "tracking.run_name": "null", "model.z_dim": 6,
+    })
+    env = {"MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL": "0.2"}  # MLflow drops a sample cut short by the end
+    result = torchrun(["train", BASE, *overrides], script=None, env=env)
+    assert_ok(result)
+
+    from mlflow.tracking import MlflowClient
+
+    from disent.data.manifest import read_manifest
+
+    client = MlflowClient(mlflow_server)
+    runs = client.search_runs([client.get_experiment_by_name("server-test").experiment_id])
+    assert len(runs) == 1
+    r = runs[0]
+    assert r.info.status == "FINISHED"
+    assert r.info.run_name.startswith("tiny ") and "model.z_dim=6" in r.info.run_name  # config name + overrides
+    assert r.data.params["model.z_dim"] == "6" and r.data.params["train.zero_stage"] == "0"
+    assert r.data.params["data.url"] == str(tiny_data)
+    tags = r.data.tags
+    assert tags["world_size"] == "2" and tags["device_type"] == "cpu"
+    assert tags["data_manifest_sha256"] == read_manifest(str(tiny_data), "train").digest
+    assert tags["deepspeed_version"] and tags["torch_version"] == torch.__version__
+    assert "git_commit" in tags
+    for key in METRIC_KEYS:
+        history = client.get_metric_history(r.info.run_id, key)
+        assert [m.step for m in history] == [2, 4, 6], key
+    assert any(k.startswith("system/") for k in r.data.metrics), sorted(r.data.metrics)
+
+    def listing(path=None):
+        return {f.path for f in client.list_artifacts(r.info.run_id, path)}
+
+    assert {"config", "eval", "final"} <= listing()
+    assert "config/config.yaml" in listing("config")
+    assert {"config/deepspeed/vae.json", "config/deepspeed/disc.json"} <= listing("config/deepspeed")
+    assert {f"eval/step-00000003/{name}" for name in ("reconstructions.png", "swap_grid.png", "prior_samples.png",
+            "interpolation.png", "eval.json")} <= listing("eval/step-00000003")
+    assert [m.step for m in client.get_metric_history(r.info.run_id, "eval/class_from_s_linear")] == [3, 6]
+    assert {"final/vae.pt", "final/disc.pt"} <= listing("final")
+    local = client.download_artifacts(r.info.run_id, "final/vae.pt", str(tmp_path))
+    assert_state_dicts_equal(torch.load(local, weights_only=True), torch.load(run / "final" / "vae.pt", weights_only=True))
+    assert "disent: trained 6 steps; MLflow run " + r.info.run_id in result.stdout

@@ -1,0 +1,83 @@
+"""Entry point for training tests under torchrun: `disent train` plus test-only hooks.
+
+    python -m torch.distributed.run --nproc_per_node 2 tests/train_worker.py [--resume P] [--no-hooks]
+        [--dump-params] [--fake-data] [--case "k=v k=v" ...] overrides...
+
+--dump-params: every rank saves its copy of both models at each eval (ranks must agree).
+--fake-data: the in-memory FakePairLoader instead of shards.
+--case: run several trainings one after another in one process group (saves start-up time);
+        each case adds its overrides and trains in run_dir/case<i>.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import shlex
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from train_helpers import FakePairLoader  # noqa: E402
+
+from disent.config import ConfigError, load_config  # noqa: E402
+from disent.train.commands import check_manifest, preflight, setup_logging, train_in_group  # noqa: E402
+
+
+def dump_params(trainer, step):
+    """Every rank's view of both models: ranks must agree (gradients were reduced)."""
+    import torch
+
+    state = {f"vae.{k}": v.detach().clone() for k, v in trainer.engines.vae_model.state_dict().items()}
+    state.update({f"disc.{k}": v.detach().clone() for k, v in trainer.engines.disc_model.state_dict().items()})
+    torch.save(state, trainer.run_dir / f"params-rank{trainer.env.rank}-step{step}.pt")
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--resume")
+    parser.add_argument("--no-hooks", action="store_true")
+    parser.add_argument("--dump-params", action="store_true")
+    parser.add_argument("--fake-data", action="store_true")
+    parser.add_argument("--config", default=None)
+    parser.add_argument("--case", action="append", default=[])
+    parser.add_argument("overrides", nargs="*")
+    args = parser.parse_args()
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    cases = args.case or [""]
+    configs = []
+    try:
+        for i, case in enumerate(cases):
+            extra = shlex.split(case)
+            cfg = load_config(args.config, [*args.overrides, *extra])
+            if args.case:
+                cfg.run_dir = str(Path(cfg.run_dir) / f"case{i}")
+            preflight(cfg, world_size, "cpu", args.resume)
+            digest = "fake" if args.fake_data else check_manifest(cfg).digest
+            configs.append((cfg, digest))
+    except ConfigError as exc:
+        print(f"config error: {exc}", file=sys.stderr)
+        return 2
+    hooks = None
+    if args.no_hooks or args.dump_params:
+        hooks = [dump_params] if args.dump_params else []
+
+    from disent.train.engines import detect_env, init_distributed, shutdown_distributed
+
+    env = detect_env()
+    setup_logging(env.rank)
+    init_distributed(env)
+    try:
+        codes = [
+            train_in_group(cfg, env, resume=args.resume, loader_factory=FakePairLoader if args.fake_data else None,
+                           manifest_digest=digest, eval_hooks=hooks)
+            for cfg, digest in configs
+        ]
+    finally:
+        shutdown_distributed()
+    return max(codes)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
