@@ -65,6 +65,8 @@ class LossConfig:
     reconstruct_x1_prime: bool = False
     reconstruct_x2: bool = False
     adversarial_warmup_steps: int = 0
+    # Extension beyond the paper: weight of the latent critic's term (0 = off, as in the paper).
+    latent_adversarial: float = 0.0
 
 
 @dataclass

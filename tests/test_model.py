@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from disent.config import LossConfig
-from disent.models import DisentVAE, build_discriminator
+from disent.models import DisentVAE, build_critics, build_discriminator
 from disent.models.objective import discriminator_losses, vae_losses
 from disent.train.engines import VAEObjective, frozen
 
@@ -29,11 +29,12 @@ def test_shapes(size, channels):
 
 
 @pytest.mark.parametrize("mode", ["pair", "label"])
-def test_vae_step_never_updates_the_frozen_discriminator(mode):
+@pytest.mark.parametrize("latent", [0.0, 1.0])
+def test_vae_step_never_updates_the_frozen_discriminator(mode, latent):
     torch.manual_seed(0)
     vae = DisentVAE(1, 28, 4, 4, 8)
-    disc = build_discriminator(mode, 1, 28, 4, 8)
-    cfg = LossConfig(reconstruct_x1_prime=True, reconstruct_x2=True)
+    disc = build_critics(mode, 1, 28, 4, 8, z_dim=4, latent_critic=latent > 0)
+    cfg = LossConfig(reconstruct_x1_prime=True, reconstruct_x2=True, latent_adversarial=latent)
     x1, x1p, x2, x2p, y2 = batch()
     with frozen(disc):
         total, terms, fakes = VAEObjective(vae)(x1, x1p, x2, x2p, y2, discriminator=disc, loss_cfg=cfg, step=0)
@@ -41,7 +42,7 @@ def test_vae_step_never_updates_the_frozen_discriminator(mode):
     assert all(p.requires_grad for p in disc.parameters())  # unfrozen again
     assert all(p.grad is None for p in disc.parameters())
     assert all(p.grad is not None for p in vae.parameters())
-    assert set(terms) == {"reconstruction", "kl", "swap", "adversarial"}
+    assert set(terms) == {"reconstruction", "kl", "swap", "adversarial"} | ({"latent_adversarial"} if latent else set())
     assert all(torch.isfinite(v) for v in terms.values()) and not any(v.requires_grad for v in terms.values())
     assert not fakes.from_z1.requires_grad and fakes.from_z1.shape == x1.shape
 
@@ -49,12 +50,15 @@ def test_vae_step_never_updates_the_frozen_discriminator(mode):
     d_loss.backward()
     assert all(p.grad is not None for p in disc.parameters())
     assert 0.0 <= d_terms["disc_acc_real"] <= 1.0 and 0.0 <= d_terms["disc_acc_fake"] <= 1.0
-    assert torch.isclose(d_loss, d_terms["disc_real"] + d_terms["disc_fake"])
+    expected = d_terms["disc_real"] + d_terms["disc_fake"] + (d_terms["latent_critic"] if latent else 0)
+    assert torch.isclose(d_loss, expected)
+    if latent:
+        assert 0.0 <= d_terms["latent_critic_acc"] <= 1.0
 
 
 def test_adversarial_warmup_scales_only_the_adversarial_term():
     torch.manual_seed(0)
-    vae, disc = DisentVAE(1, 28, 4, 4, 8), build_discriminator("pair", 1, 28, 4, 8)
+    vae, disc = DisentVAE(1, 28, 4, 4, 8), build_critics("pair", 1, 28, 4, 8, z_dim=4, latent_critic=False)
     cfg = LossConfig(adversarial=1.0, adversarial_warmup_steps=10)
     args = batch()
     torch.manual_seed(1)

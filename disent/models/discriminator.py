@@ -4,6 +4,13 @@
 class. It needs no labels, only the same-class grouping of the data.
 `label`: judges an image together with a class embedding, as in the authors' original code.
 Both take (image, reference, label) and use the part their mode needs.
+
+`LatentCritic` (optional, `loss.latent_adversarial` > 0): an extension beyond the paper that
+needs only the same-class grouping, like `pair`. It is shown two unspecified codes and guesses
+whether they come from images of one class (z1, z1') or from independent images (z1, z2);
+the encoder is trained to fool it, which pushes class information out of z.
+`Critics` bundles the image discriminator and the latent critic into the one module that the
+discriminator engine trains, so both share its optimizer and its single backward.
 """
 from __future__ import annotations
 
@@ -44,9 +51,45 @@ class LabelDiscriminator(nn.Module):
         return self.head(torch.cat([self.trunk(image), self.embed(label)], dim=1)).squeeze(1)
 
 
+class LatentCritic(nn.Module):
+    def __init__(self, z_dim: int, hidden: int = 256):
+        super().__init__()
+        self.net = nn.Sequential(
+            nn.Linear(2 * z_dim, hidden), nn.LeakyReLU(0.2), nn.Linear(hidden, hidden), nn.LeakyReLU(0.2),
+            nn.Linear(hidden, 1),
+        )
+
+    def forward(self, code_a: torch.Tensor, code_b: torch.Tensor) -> torch.Tensor:
+        """Logit that code_a and code_b come from same-class images (symmetric in a and b)."""
+        return self.net(torch.cat([(code_a - code_b).abs(), code_a * code_b], dim=1)).squeeze(1)
+
+
+class Critics(nn.Module):
+    """The discriminator engine's module: the image discriminator and, optionally, the latent critic."""
+
+    def __init__(self, image: nn.Module, latent: LatentCritic | None):
+        super().__init__()
+        self.image = image
+        self.latent = latent
+
+    def forward(
+        self, image: torch.Tensor, reference: torch.Tensor, label: torch.Tensor,
+        code_a: torch.Tensor | None = None, code_b: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        judged = self.image(image, reference, label)
+        same_class = self.latent(code_a, code_b) if self.latent is not None and code_a is not None else None
+        return judged, same_class
+
+
 def build_discriminator(mode: str, channels: int, image_size: int, num_classes: int, base_channels: int) -> nn.Module:
     if mode == "pair":
         return PairDiscriminator(channels, image_size, base_channels)
     if mode == "label":
         return LabelDiscriminator(channels, image_size, num_classes, base_channels)
     raise ValueError(f"unknown discriminator mode {mode!r}; use 'pair' or 'label' (config key model.discriminator)")
+
+
+def build_critics(mode: str, channels: int, image_size: int, num_classes: int, base_channels: int,
+                  z_dim: int, latent_critic: bool) -> Critics:
+    image = build_discriminator(mode, channels, image_size, num_classes, base_channels)
+    return Critics(image, LatentCritic(z_dim) if latent_critic else None)

@@ -6,6 +6,9 @@ With x1, x1' of one class and an independent same-class pair x2, x2':
   3. adversarial     Dec(z1, s2) and Dec(z_prior, s2) must pass as real members of x2's class,
                      so z1 cannot smuggle x1's class into the image.
 The discriminator is trained to tell the real (x2, x2') from those fakes.
+Optionally (loss.latent_adversarial > 0, an extension): a latent critic guesses whether two
+unspecified codes come from one class (mu1, mu1') or from independent images (mu1, mu2), and
+the encoder is trained to make same-class pairs look independent, so z carries no class.
 """
 from __future__ import annotations
 
@@ -24,6 +27,9 @@ class Fakes:
 
     from_z1: torch.Tensor  # Dec(z1, s2)
     from_prior: torch.Tensor  # Dec(z_prior, s2)
+    mu1: torch.Tensor  # unspecified codes for the latent critic: (mu1, mu1') same class,
+    mu1p: torch.Tensor  # (mu1, mu2) independent
+    mu2: torch.Tensor
 
 
 def kl_weight(cfg: LossConfig, z_dim: int, pixels: int) -> float:
@@ -51,8 +57,8 @@ def vae_losses(
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor], Fakes]:
     """The VAE's total loss, its terms (detached), and the fakes for the discriminator.
 
-    `discriminator` is the bare module with frozen parameters: gradients flow through it into
-    the decoder but never into its own weights.
+    `discriminator` is the bare `Critics` module with frozen parameters: gradients flow through
+    it into the VAE but never into its own weights.
     """
     b = x1.shape[0]
     # One encoder pass over x1, x1', x2 and (where asked) x2'.
@@ -79,8 +85,11 @@ def vae_losses(
     terms["swap"] = reconstruction_loss(swap1, x1)
 
     images = torch.sigmoid(torch.cat([fake_z1, fake_prior]))
-    judged = discriminator(images, torch.cat([x2, x2]), torch.cat([y2, y2]))
+    mu1p, mu2 = mu[b : 2 * b], mu[2 * b : 3 * b]
+    judged, same_class = discriminator(images, torch.cat([x2, x2]), torch.cat([y2, y2]), mu1, mu1p)
     terms["adversarial"] = F.binary_cross_entropy_with_logits(judged, torch.ones_like(judged))
+    if same_class is not None:  # make same-class codes look like codes of independent images
+        terms["latent_adversarial"] = F.binary_cross_entropy_with_logits(same_class, torch.zeros_like(same_class))
 
     pixels = x1[0].numel()
     total = (
@@ -89,7 +98,10 @@ def vae_losses(
         + cfg.swap * terms["swap"]
         + cfg.adversarial * adversarial_ramp(cfg, step) * terms["adversarial"]
     )
-    fakes = Fakes(from_z1=images[:b].detach(), from_prior=images[b:].detach())
+    if "latent_adversarial" in terms:
+        total = total + cfg.latent_adversarial * adversarial_ramp(cfg, step) * terms["latent_adversarial"]
+    fakes = Fakes(from_z1=images[:b].detach(), from_prior=images[b:].detach(),
+                  mu1=mu1.detach(), mu1p=mu1p.detach(), mu2=mu2.detach())
     return total, {k: v.detach() for k, v in terms.items()}, fakes
 
 
@@ -101,10 +113,12 @@ def discriminator_losses(
     fakes: Fakes,
     cfg: LossConfig,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """Real (x2, x2') against (x2, Dec(z1, s2)) and (x2, Dec(z_prior, s2)); one backward for the sum."""
+    """Real (x2, x2') against (x2, Dec(z1, s2)) and (x2, Dec(z_prior, s2)), plus the latent
+    critic's same-class guesses when it exists; one backward for the sum."""
     b = x2.shape[0]
     images = torch.cat([x2p, fakes.from_z1, fakes.from_prior])
-    logits = discriminator(images, torch.cat([x2, x2, x2]), torch.cat([y2, y2, y2]))
+    code_a, code_b = torch.cat([fakes.mu1, fakes.mu1]), torch.cat([fakes.mu1p, fakes.mu2])
+    logits, same_class = discriminator(images, torch.cat([x2, x2, x2]), torch.cat([y2, y2, y2]), code_a, code_b)
     real, fake = logits[:b], logits[b:]
     # One-sided label smoothing: real targets are cfg.real_label (0.95), fakes 0.
     loss_real = F.binary_cross_entropy_with_logits(real, torch.full_like(real, cfg.real_label))
@@ -115,4 +129,11 @@ def discriminator_losses(
         "disc_acc_real": (real > 0).float().mean().detach(),
         "disc_acc_fake": (fake < 0).float().mean().detach(),
     }
-    return loss_real + loss_fake, terms
+    total = loss_real + loss_fake
+    if same_class is not None:
+        target = torch.cat([torch.ones(b), torch.zeros(b)]).to(same_class)
+        loss_latent = F.binary_cross_entropy_with_logits(same_class, target)
+        terms["latent_critic"] = loss_latent.detach()
+        terms["latent_critic_acc"] = ((same_class > 0) == (target > 0.5)).float().mean().detach()
+        total = total + loss_latent
+    return total, terms

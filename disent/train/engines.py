@@ -24,7 +24,7 @@ import torch
 import torch.nn as nn
 
 from disent.config import Config
-from disent.models import DisentVAE, build_discriminator
+from disent.models import DisentVAE, build_critics
 from disent.models.objective import Fakes, vae_losses
 
 log = logging.getLogger(__name__)
@@ -139,8 +139,9 @@ class VAEObjective(nn.Module):
 
 def build_modules(cfg: Config) -> tuple[VAEObjective, nn.Module]:
     vae = DisentVAE(cfg.data.channels, cfg.data.image_size, cfg.model.s_dim, cfg.model.z_dim, cfg.model.base_channels)
-    disc = build_discriminator(
-        cfg.model.discriminator, cfg.data.channels, cfg.data.image_size, cfg.data.num_classes, cfg.model.disc_channels
+    disc = build_critics(
+        cfg.model.discriminator, cfg.data.channels, cfg.data.image_size, cfg.data.num_classes, cfg.model.disc_channels,
+        cfg.model.z_dim, latent_critic=cfg.loss.latent_adversarial > 0,
     )
     if cfg.train.channels_last:
         vae = vae.to(memory_format=torch.channels_last)
