@@ -15,7 +15,7 @@ STAMP := $(VENV)/.disent-installed
 # build for the platform. A torch that is already installed is kept.
 TORCH_SPEC ?= torch==2.13.0
 # Debian packages: the demo's real data, and the single-node Slurm cluster the tests start.
-APT_PACKAGES ?= dataset-fashion-mnist
+APT_PACKAGES ?= dataset-fashion-mnist munge slurmctld slurmd slurm-client
 PYTEST_ARGS ?=
 
 export DS_ACCELERATOR ?= cpu

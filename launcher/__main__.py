@@ -1,0 +1,141 @@
+"""`python -m launcher [--nproc N] [--max-restarts R] [--dry-run] -- COMMAND [ARGS...]`
+
+Every launch path (laptop, torchrun, Slurm, Kubernetes) goes through here. It works out the
+rank layout from the environment, sets RANK, WORLD_SIZE, LOCAL_RANK, LOCAL_WORLD_SIZE,
+NODE_RANK, MASTER_ADDR and MASTER_PORT, and then either becomes the command (one process per
+Slurm task / torchrun worker / single-GPU pod) or starts and supervises this node's ranks
+(`--nproc N`, multi-GPU pods). See docs/launch.md.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import socket
+import sys
+import time
+
+from launcher.supervise import log, run_group
+from launcher.topology import LaunchError, Topology, available_cpus, gpu_count, resolve
+
+THREAD_VARS = ("OMP_NUM_THREADS", "MKL_NUM_THREADS")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m launcher",
+        description="Detect Slurm / Kubernetes Indexed Job / torchrun / local, set the torch.distributed "
+        "variables and run COMMAND as every rank (e.g. `python -m launcher --nproc 2 -- disent train CONFIG`).",
+    )
+    parser.add_argument("--nproc", type=int, default=None,
+                        help="ranks to start on this machine (local runs, multi-GPU pods); under Slurm or "
+                        "torchrun the scheduler starts them, and a different value is refused")
+    parser.add_argument("--max-restarts", type=int, default=0,
+                        help="local runs: restart the whole group up to R times when a rank fails "
+                        "(the trainer resumes from its latest checkpoint)")
+    parser.add_argument("--grace", type=float, default=60.0,
+                        help="seconds ranks get to stop after SIGTERM before SIGKILL (default 60)")
+    parser.add_argument("--dry-run", action="store_true",
+                        help="print the resolved topology and each rank's variables as JSON; run nothing")
+    parser.add_argument("command", nargs=argparse.REMAINDER, help="-- COMMAND [ARGS...]")
+    return parser
+
+
+def threads_per_rank(topology: Topology) -> int:
+    """Each rank's share of this machine's cores (Slurm: --cpus-per-task)."""
+    return topology.threads_per_rank or max(1, available_cpus() // topology.nproc_per_node)
+
+
+def rank_environment(topology: Topology, base: dict[str, str], local_rank: int | None, port: int | None,
+                     gpus: int) -> dict[str, str]:
+    env = dict(base)
+    env.update(topology.rank_env(local_rank, port))
+    for name in THREAD_VARS:
+        env.setdefault(name, str(threads_per_rank(topology)))
+    if not gpus:
+        env.setdefault("DS_ACCELERATOR", "cpu")  # DeepSpeed would otherwise probe for CUDA
+    env["DISENT_LAUNCHER_MODE"] = topology.mode
+    return env
+
+
+def wait_for_name(host: str, port: int, timeout_s: float) -> None:
+    """Kubernetes: pod 0's DNS record appears only once the headless Service lists it."""
+    deadline = time.monotonic() + timeout_s
+    announced = False
+    while True:
+        try:
+            socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+            return
+        except socket.gaierror as exc:
+            if time.monotonic() > deadline:
+                raise LaunchError(
+                    f"MASTER_ADDR {host} did not resolve within {timeout_s:.0f}s ({exc}); does the headless "
+                    f"Service exist, select the Job's pods and set publishNotReadyAddresses: true?"
+                ) from None
+            if not announced:
+                log(f"waiting for {host} to resolve (pod 0 of the Job, through the headless Service)")
+                announced = True
+            time.sleep(1.0)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    command = list(args.command)
+    if command and command[0] == "--":
+        command = command[1:]
+    if not command:
+        print("launcher: error: no command given; usage: python -m launcher [options] -- COMMAND [ARGS...]",
+              file=sys.stderr)
+        return 2
+    env = dict(os.environ)
+    try:
+        topology = resolve(env, nproc=args.nproc, max_restarts=args.max_restarts)
+    except LaunchError as exc:
+        print(f"launcher: error: {exc}", file=sys.stderr)
+        return 2
+    gpus = gpu_count(env)
+
+    if args.dry_run:
+        port = topology.master_port or 0
+        ranks = (
+            [rank_environment(topology, {}, i, port, gpus) for i in range(topology.nproc_per_node)]
+            if topology.spawn else [rank_environment(topology, {}, None, port, gpus)]
+        )
+        print(json.dumps({"mode": topology.mode, "world_size": topology.world_size, "nnodes": topology.nnodes,
+                          "node_rank": topology.node_rank, "nproc_per_node": topology.nproc_per_node,
+                          "spawn": topology.spawn, "ranks": ranks}, indent=1))
+        return 0
+
+    if topology.mode == "kubernetes":
+        try:
+            wait_for_name(topology.master_addr, topology.master_port,
+                          float(env.get("DISENT_RENDEZVOUS_TIMEOUT", "900")))
+        except LaunchError as exc:
+            print(f"launcher: error: {exc}", file=sys.stderr)
+            return 2
+
+    single = not topology.spawn or (topology.nproc_per_node == 1 and args.max_restarts == 0)
+    if single:
+        from launcher.supervise import free_port
+
+        port = topology.master_port if topology.master_port is not None else free_port()
+        rank_env = rank_environment(topology, env, 0 if topology.spawn else None, port, gpus)
+        if topology.is_global_rank0_process:
+            log(topology.describe(command, gpus, port, threads_per_rank(topology)))
+        try:
+            os.execvpe(command[0], command, rank_env)
+        except OSError as exc:
+            print(f"launcher: error: cannot run {command[0]!r}: {exc.strerror}", file=sys.stderr)
+            return 127
+
+    if topology.is_global_rank0_process:
+        shown_port = topology.master_port if topology.master_port is not None else "<free port per attempt>"
+        log(topology.describe(command, gpus, shown_port, threads_per_rank(topology)))
+    return run_group(
+        topology, command, lambda local_rank, port: rank_environment(topology, env, local_rank, port, gpus),
+        max_restarts=args.max_restarts, grace_s=args.grace,
+    )
+
+
+if __name__ == "__main__":
+    sys.exit(main())

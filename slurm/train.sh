@@ -1,0 +1,66 @@
+#!/bin/bash
+# Train disent under Slurm: srun starts one task per GPU, each through the launcher
+# (python -m launcher), which turns SLURM_PROCID/NTASKS/LOCALID/NODEID and the node list into
+# RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR and MASTER_PORT.
+#
+#   sbatch slurm/train.sh                                   # configs/fashion_mnist.yaml, 1 node x 8 GPUs
+#   sbatch --nodes=4 slurm/train.sh configs/multinode_gpu.yaml train.steps=50000
+#   CONFIG=configs/sprites.yaml OVERRIDES="model.z_dim=32 train.zero_stage=2" \
+#     DATA_URL=s3://bucket/sprites MLFLOW_TRACKING_URI=http://mlflow:5000 sbatch slurm/train.sh
+#
+# Every #SBATCH line can be overridden by the same sbatch flag (e.g. --ntasks-per-node=4
+# --gpus-per-node=4, or --gpus-per-node=0 --cpus-per-task=1 on a CPU partition). Settings from
+# the environment (sbatch exports the submitting shell's environment):
+#   CONFIG               config file (or the first argument after the script)
+#   OVERRIDES            space-separated section.key=value overrides (or the remaining arguments)
+#   DATA_URL             overrides data.url (a directory or s3://bucket/prefix)
+#   MLFLOW_TRACKING_URI  overrides tracking.uri (and is what MLflow reads)
+#   PYTHON               the interpreter with disent installed (default: python3 on PATH)
+#   TRAIN_CMD            the training command (default: disent train)
+#
+# Preemption: Slurm sends SIGUSR1 120 s before the time limit (--signal=USR1@120), and SIGTERM when
+# the job is preempted, cancelled or requeued. The trainer finishes its step, writes a checkpoint
+# and exits 75; srun then returns 75 and this script requeues the job (--requeue). The requeued
+# job runs this script again and the trainer resumes from the latest complete checkpoint in
+# run_dir. The output file is appended to, so one file holds every restart of the job.
+#
+#SBATCH --job-name=disent
+#SBATCH --nodes=1
+#SBATCH --ntasks-per-node=8
+#SBATCH --gpus-per-node=8
+#SBATCH --cpus-per-task=8
+#SBATCH --time=24:00:00
+#SBATCH --output=slurm-%x-%j.out
+#SBATCH --open-mode=append
+#SBATCH --signal=USR1@120
+#SBATCH --requeue
+set -uo pipefail
+
+EX_TEMPFAIL=75
+if [ $# -gt 0 ]; then
+  CONFIG=$1
+  shift
+fi
+CONFIG=${CONFIG:-configs/fashion_mnist.yaml}
+read -r -a overrides <<< "${OVERRIDES:-}"
+overrides+=("$@")
+if [ -n "${DATA_URL:-}" ]; then overrides+=("data.url=${DATA_URL}"); fi
+if [ -n "${MLFLOW_TRACKING_URI:-}" ]; then overrides+=("tracking.uri=${MLFLOW_TRACKING_URI}"); fi
+read -r -a train_cmd <<< "${TRAIN_CMD:-disent train}"
+PYTHON=${PYTHON:-python3}
+
+echo "slurm/train.sh: job ${SLURM_JOB_ID} (restart ${SLURM_RESTART_COUNT:-0}) on ${SLURM_JOB_NODELIST}:" \
+  "${SLURM_NTASKS} task(s); ${train_cmd[*]} ${CONFIG} ${overrides[*]}"
+
+# --kill-on-bad-exit: a task that dies ends the step (srun terminates the others), so no rank is
+# left waiting in a collective for a peer that is gone.
+srun --kill-on-bad-exit=1 "${PYTHON}" -m launcher -- "${train_cmd[@]}" "${CONFIG}" "${overrides[@]}"
+rc=$?
+
+if [ "${rc}" -eq "${EX_TEMPFAIL}" ]; then
+  echo "slurm/train.sh: preempted; the checkpoint is written. Requeueing job ${SLURM_JOB_ID}."
+  # Fails harmlessly when the scheduler is requeueing the job already (scontrol requeue, preemption).
+  scontrol requeue "${SLURM_JOB_ID}" || echo "slurm/train.sh: requeue refused (already requeued?)"
+fi
+echo "slurm/train.sh: srun exited with ${rc}"
+exit "${rc}"

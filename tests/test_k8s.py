@@ -1,0 +1,247 @@
+"""k8s/job.yaml: strict schema validation offline, its launch contract, and its pods run for real.
+
+The pods test runs the Job's launch path on this machine: one launcher process per pod index,
+each with the environment the Job gives its container (the env list of the manifest, the
+DISENT_JOB_NAME the downward API resolves, JOB_COMPLETION_INDEX and HOSTNAME as Kubernetes sets
+them). Nothing in the launcher is told it is a test:
+
+* the "cluster network" is a private network namespace (`unshare --net`), so the manifest's
+  fixed MASTER_PORT cannot collide with anything else on the machine;
+* each pod has its own UTS and mount namespace: its own hostname (`disent-train-<i>`) and its
+  own /etc/hosts, bind-mounted, holding what kubelet writes (its own name) and what cluster DNS
+  answers for the headless Service (`disent-train-<j>.disent` -> 127.0.0.1). The launcher
+  resolves MASTER_ADDR with the ordinary resolver, so the service name really is looked up.
+
+Pod 0's record is published a moment after pod 1 starts, as the Service does once pod 0 exists:
+pod 1's launcher must wait for the name rather than fail. Needs root (namespaces); skipped otherwise.
+"""
+from __future__ import annotations
+
+import os
+import shlex
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from dist_probe import TRAIN_CMD, complete_checkpoints, read_done, read_starts, train_args
+
+ROOT = Path(__file__).resolve().parents[1]
+MANIFEST = ROOT / "k8s" / "job.yaml"
+VALIDATE = Path(sys.executable).parent / "kubernetes-validate"
+
+
+def documents() -> dict[str, dict]:
+    docs = [d for d in yaml.safe_load_all(MANIFEST.read_text()) if d]
+    return {d["kind"]: d for d in docs}
+
+
+def container(job: dict) -> dict:
+    (c,) = job["spec"]["template"]["spec"]["containers"]
+    return c
+
+
+def env_list(c: dict) -> dict[str, dict]:
+    return {e["name"]: e for e in c.get("env", [])}
+
+
+# --------------------------------------------------------------------------- schema
+
+
+def run_validate(*paths: Path, version: str | None = None) -> subprocess.CompletedProcess:
+    if not VALIDATE.exists():
+        pytest.skip("kubernetes-validate is not installed (pip install -e '.[test]')")
+    cmd = [str(VALIDATE), "--strict", *(["-k", version] if version else []), *map(str, paths)]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=60)
+
+
+@pytest.mark.parametrize("version", [None, "1.30.0"])  # the newest schemas, and an older cluster
+def test_every_manifest_validates_strictly(version):
+    manifests = sorted((ROOT / "k8s").glob("*.yaml"))
+    assert manifests
+    result = run_validate(*manifests, version=version)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "did not validate" not in result.stdout
+
+
+def test_strict_validation_catches_a_misspelt_field(tmp_path):
+    bad = tmp_path / "job.yaml"
+    bad.write_text(MANIFEST.read_text().replace("completionMode: Indexed", "completionmode: Indexed"))
+    result = run_validate(bad)
+    assert result.returncode != 0 and "completionmode" in result.stdout + result.stderr
+
+
+# --------------------------------------------------------------------------- contract
+
+
+def test_job_contract():
+    docs = documents()
+    job, service, config_map = docs["Job"], docs["Service"], docs["ConfigMap"]
+    spec, pod = job["spec"], job["spec"]["template"]["spec"]
+    c = container(job)
+    env = env_list(c)
+
+    # Indexed Job, one pod per node; the launcher learns the node count from DISENT_NNODES.
+    assert spec["completionMode"] == "Indexed"
+    assert spec["completions"] == spec["parallelism"] == int(env["DISENT_NNODES"]["value"])
+    # Headless Service selecting the Job's pods; pods live in its subdomain -> <job>-<i>.<service>.
+    assert service["spec"]["clusterIP"] == "None" and service["spec"]["publishNotReadyAddresses"] is True
+    assert service["spec"]["selector"] == {"batch.kubernetes.io/job-name": job["metadata"]["name"]}
+    assert pod["subdomain"] == service["metadata"]["name"] == env["DISENT_SERVICE"]["value"]
+    assert env["DISENT_JOB_NAME"]["valueFrom"]["fieldRef"]["fieldPath"] == \
+        "metadata.labels['batch.kubernetes.io/job-name']"
+    assert int(env["MASTER_PORT"]["value"]) in [p["port"] for p in service["spec"]["ports"]]
+    # Each pod runs the launcher, one rank per GPU requested.
+    assert c["command"][:4] == ["python", "-m", "launcher", "--"]
+    gpus = c["resources"]["limits"]["nvidia.com/gpu"]
+    assert int(gpus) == int(env["DISENT_NPROC_PER_NODE"]["value"]) >= 1
+    assert c["resources"]["requests"]["nvidia.com/gpu"] == gpus
+    # The config comes from the ConfigMap in the same file, mounted where the command reads it.
+    mounts = {m["name"]: m["mountPath"] for m in c["volumeMounts"]}
+    volumes = {v["name"]: v for v in pod["volumes"]}
+    config_path = Path(c["command"][-1])
+    assert volumes["config"]["configMap"]["name"] == config_map["metadata"]["name"]
+    assert config_path.parent == Path(mounts["config"]) and config_path.name in config_map["data"]
+    # Credentials only by Secret reference: nothing secret-looking has an inline value.
+    assert any("secretRef" in e for e in c["envFrom"])
+    for name, e in env.items():
+        if any(word in name.upper() for word in ("KEY", "SECRET", "TOKEN", "PASSWORD")):
+            assert "value" not in e, f"{name} is inline; use the Secret"
+    # /dev/shm is memory; checkpoints on a shared volume that holds run_dir.
+    assert mounts["dshm"] == "/dev/shm" and volumes["dshm"]["emptyDir"]["medium"] == "Memory"
+    claim = volumes["checkpoints"]["persistentVolumeClaim"]["claimName"]
+    assert claim == docs["PersistentVolumeClaim"]["metadata"]["name"]
+    assert "ReadWriteMany" in docs["PersistentVolumeClaim"]["spec"]["accessModes"]
+    train_yaml = yaml.safe_load(config_map["data"][config_path.name])
+    assert Path(train_yaml["run_dir"]).is_relative_to(mounts["checkpoints"])
+    # Restarts: failed pods are replaced and resume; 75 (preempted) is not a failure; 2 is final.
+    assert pod["restartPolicy"] == "Never" and spec["backoffLimit"] >= spec["completions"]
+    rules = spec["podFailurePolicy"]["rules"]
+    by_code = {code: r["action"] for r in rules if "onExitCodes" in r for code in r["onExitCodes"]["values"]}
+    assert by_code == {75: "Ignore", 2: "FailJob"}
+    assert pod["terminationGracePeriodSeconds"] >= 60
+
+
+def test_configmap_config_is_valid_against_the_image_layout(tmp_path):
+    """The ConfigMap's config loads with disent's validator once /app (the image's WORKDIR) is this repo."""
+    from disent.config import load_config
+
+    dockerfile = (ROOT / "Dockerfile").read_text()
+    assert "WORKDIR /app" in dockerfile and "COPY configs ./configs" in dockerfile
+    for needed in ("disent", "launcher", "pyproject.toml"):
+        assert needed in dockerfile
+    ignored = (ROOT / ".dockerignore").read_text().split()
+    assert not {"disent", "launcher", "configs", "pyproject.toml"} & set(ignored)
+    docs = documents()
+    image = container(docs["Job"])["image"]
+    assert image.split("/")[-1].startswith("disent:")
+    text = next(iter(docs["ConfigMap"]["data"].values()))
+    assert "/app/configs/" in text
+    local = tmp_path / "train.yaml"
+    local.write_text(text.replace("/app/configs/", f"{ROOT}/configs/"))
+    cfg = load_config(local)
+    assert cfg.run_dir.startswith("/checkpoints/")
+
+
+# --------------------------------------------------------------------------- pods on one machine
+
+
+def pod_environment(job: dict, index: int, *, nproc_per_node: int) -> dict[str, str]:
+    """What the container of pod `index` sees: the manifest's env (downward API resolved), the
+    variables Kubernetes adds, and PATH/HOME (from the image in a real pod; this venv here)."""
+    name = job["metadata"]["name"]
+    env = {
+        "PATH": f"{Path(sys.executable).parent}:/usr/local/bin:/usr/bin:/bin",
+        "HOME": os.environ.get("HOME", "/root"),
+        "HOSTNAME": f"{name}-{index}",
+        "JOB_COMPLETION_INDEX": str(index),
+        "PYTHONPATH": str(ROOT),  # the image installs disent; this checkout is importable instead
+    }
+    for entry in container(job).get("env", []):
+        if "value" in entry:
+            env[entry["name"]] = entry["value"]
+        else:
+            field = entry["valueFrom"]["fieldRef"]["fieldPath"]
+            assert field == "metadata.labels['batch.kubernetes.io/job-name']", field
+            env[entry["name"]] = name
+    # No GPUs here: the Job's 8 GPUs per pod become `nproc_per_node` CPU ranks.
+    env["DISENT_NPROC_PER_NODE"] = str(nproc_per_node)
+    return env
+
+
+def hosts_file(job: dict, service: str, index: int, publish: list[int]) -> str:
+    name = job["metadata"]["name"]
+    lines = ["127.0.0.1 localhost", f"127.0.0.1 {name}-{index}.{service}.default.svc.cluster.local {name}-{index}"]
+    lines += [f"127.0.0.1 {name}-{j}.{service} {name}-{j}.{service}.default.svc.cluster.local" for j in publish]
+    return "\n".join(lines) + "\n"
+
+
+def namespaces_available() -> bool:
+    if os.geteuid() != 0 or not shutil.which("unshare") or not shutil.which("ip"):
+        return False
+    probe = subprocess.run(["unshare", "--net", "--mount", "--uts", "--fork", "true"], capture_output=True)
+    return probe.returncode == 0
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(240)
+@pytest.mark.skipif(not namespaces_available(), reason="needs root, unshare and ip for pod namespaces")
+def test_pods_train_together_with_the_jobs_environment(tmp_path):
+    docs = documents()
+    job, service = docs["Job"], docs["Service"]["metadata"]["name"]
+    nnodes = job["spec"]["completions"]
+    nproc = 2 if nnodes <= 2 else 1  # 2 pods x 2 ranks: also the multi-GPU-pod path (launcher spawns)
+    run_dir, steps = tmp_path / "run", 12
+    c = container(job)
+    launcher_part = c["command"][: c["command"].index("--") + 1]
+    assert launcher_part[0] == "python"
+    # The launch path of the manifest; after `--` the training command of the tests.
+    command = [sys.executable, *launcher_part[1:], *TRAIN_CMD, *train_args(run_dir, steps, 4)]
+
+    name = job["metadata"]["name"]
+    script = ["ip link set lo up"]  # runs in the private network namespace: the cluster network
+    for i in range(nnodes):
+        hosts = tmp_path / f"hosts-{i}"
+        # Pod 0's DNS record appears only when the "Service" publishes it (below), except to pod 0.
+        hosts.write_text(hosts_file(job, service, i, publish=[i] if i == 0 else []))
+        env = pod_environment(job, i, nproc_per_node=nproc)
+        pod_script = tmp_path / f"pod-{i}.sh"
+        pod_script.write_text("\n".join([
+            f"hostname {shlex.quote(env['HOSTNAME'])}",
+            f"mount --bind {shlex.quote(str(hosts))} /etc/hosts",
+            f"cd {shlex.quote(str(ROOT))}",
+            "exec env -i " + " ".join(shlex.quote(f"{k}={v}") for k, v in env.items()) + " "
+            + shlex.join(command),
+        ]) + "\n")
+        script.append(f"unshare --mount --uts sh -e {pod_script} > {tmp_path}/pod-{i}.log 2>&1 &")
+        script.append(f"pid{i}=$!")
+    script.append("sleep 3")  # then the Service publishes pod 0 to the others
+    for i in range(1, nnodes):
+        script.append(f"echo '127.0.0.1 {name}-0.{service}' >> {tmp_path}/hosts-{i}")
+    script.append("rc=0")
+    for i in range(nnodes):
+        script.append(f"wait $pid{i}; code=$?; echo pod {i} exited $code; [ $code = 0 ] || rc=$code")
+    script.append("exit $rc")
+    result = subprocess.run(["unshare", "--net", "--fork", "bash", "-c", "\n".join(script)],
+                            capture_output=True, text=True, timeout=200)
+    logs = "\n".join(f"--- pod {i}\n" + (tmp_path / f"pod-{i}.log").read_text()[-4000:] for i in range(nnodes))
+    assert result.returncode == 0, result.stdout + result.stderr + logs
+
+    world = nnodes * nproc
+    done = read_done(run_dir)
+    assert done and done["world_size"] == world and done["total"] == world * steps, logs
+    assert complete_checkpoints(run_dir)[-1] == steps
+    starts = read_starts(run_dir)
+    assert sorted(s["rank"] for s in starts) == list(range(world)), starts
+    for s in starts:
+        assert s["mode"] == "kubernetes"
+        assert s["master"] == f"{name}-0.{service}:{env_list(c)['MASTER_PORT']['value']}"
+        assert s["hostname"] == f"{name}-{s['rank'] // nproc}"  # rank = index * ranks/pod + local
+        assert s["local_world_size"] == nproc and s["local_rank"] == s["rank"] % nproc
+    assert "waiting for disent-train-0.disent to resolve" in (tmp_path / "pod-1.log").read_text(), logs
+    assert "launcher: mode=kubernetes" in (tmp_path / "pod-0.log").read_text()
+
