@@ -14,8 +14,9 @@ STAMP := $(VENV)/.disent-installed
 # On CPU-only machines a CPU wheel of this version lies on local disk; elsewhere pip picks the
 # build for the platform. A torch that is already installed is kept.
 TORCH_SPEC ?= torch==2.13.0
-# Debian packages: the demo's real data, and the single-node Slurm cluster the tests start.
-APT_PACKAGES ?= dataset-fashion-mnist munge slurmctld slurmd slurm-client
+# Debian packages: the demo's real data; the tests also start a single-node Slurm cluster.
+DEMO_APT_PACKAGES ?= dataset-fashion-mnist
+TEST_APT_PACKAGES ?= $(DEMO_APT_PACKAGES) munge slurmctld slurmd slurm-client
 PYTEST_ARGS ?=
 
 export DS_ACCELERATOR ?= cpu
@@ -47,10 +48,12 @@ system-deps:
 	  else echo "warning: missing Debian packages (install as root):$$missing"; fi; \
 	fi
 
-demo: setup system-deps
+demo: setup
+	@$(MAKE) --no-print-directory system-deps APT_PACKAGES="$(DEMO_APT_PACKAGES)"
 	$(PYTHON) -m disent.demo
 
-test: setup system-deps
+test: setup
+	@$(MAKE) --no-print-directory system-deps APT_PACKAGES="$(TEST_APT_PACKAGES)"
 	$(PYTHON) -m pytest $(PYTEST_ARGS)
 
 clean:
