@@ -364,6 +364,12 @@ def _positive(cfg: Config, *dotted_keys: str) -> None:
             raise ConfigError(f"config key '{dotted}' must be > 0, got {value!r}")
 
 
+# URLs a config may hold; `scheme://user[:password]@host` in any of them is refused (a secret in a
+# config would be written to run_dir/config.yaml, every checkpoint's meta.json and MLflow).
+_URL_KEYS = ("data.url", "tracking.uri", "train.checkpoint_upload_url")
+_URL_CREDENTIALS = re.compile(r"(?P<scheme>[a-zA-Z][a-zA-Z0-9+.-]*://)[^/@\s]+@")
+
+
 def validate(cfg: Config, world_size: int | None = None) -> None:
     """Checks across keys. With world_size, also checks that the batch splits evenly over ranks."""
     _positive(
@@ -397,6 +403,17 @@ def validate(cfg: Config, world_size: int | None = None) -> None:
         raise ConfigError(
             f"config key 'train.checkpoint_upload_url' must be an s3:// URL, got {cfg.train.checkpoint_upload_url!r}"
         )
+    for dotted in _URL_KEYS:
+        value = get_dotted(cfg, dotted)
+        if isinstance(value, str) and _URL_CREDENTIALS.match(value):
+            shown = _URL_CREDENTIALS.sub(lambda m: m.group("scheme") + "***@", value)
+            raise ConfigError(
+                f"config key '{dotted}' holds credentials in its URL ({shown}); configs are written to run_dir, "
+                "checkpoints and MLflow, so secrets never go in them. Remove the user:password@ part and pass "
+                "credentials through the environment (MLFLOW_TRACKING_USERNAME / MLFLOW_TRACKING_PASSWORD or "
+                "MLFLOW_TRACKING_TOKEN for MLflow; AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY / AWS_SESSION_TOKEN "
+                "or AWS_PROFILE for S3)"
+            )
     if world_size is not None:
         per_step = world_size * cfg.train.grad_accum
         if cfg.train.global_batch_size % per_step:

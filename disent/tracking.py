@@ -29,6 +29,7 @@ MAX_BATCH_PARAMS = 100
 SECRET_KEY = re.compile(r"(key|secret|token|password|passwd|credential|auth)", re.IGNORECASE)
 URL_USERINFO = re.compile(r"(?P<scheme>[a-zA-Z][a-zA-Z0-9+.-]*://)[^/@\s]+@")
 # MLflow errors that retrying cannot fix: the item is dropped with a warning.
+CLOSING_RETRY_S = 2.0  # retry interval while close() waits for an unreachable server
 PERMANENT_ERRORS = {"INVALID_PARAMETER_VALUE", "RESOURCE_ALREADY_EXISTS", "RESOURCE_DOES_NOT_EXIST", "INVALID_STATE"}
 
 
@@ -152,7 +153,8 @@ class MLflowLogger:
                 self._client = self._make_client()
                 self.run_id = self._open_run(run_id, run_name)
             except Exception as exc:  # unreachable server: train on, create the run later
-                self._warn(f"MLflow at {self.uri} cannot be reached ({exc}); training goes on and logging is retried")
+                self._warn(f"MLflow at {redact(self.uri)} cannot be reached ({redact(str(exc))}); training goes on "
+                           "and logging is retried")
                 self._pending.append(_Op("create", (run_id, run_name)))
                 self.run_id = run_id
             self._thread = threading.Thread(target=self._worker, name="mlflow-logger", daemon=True)
@@ -177,7 +179,8 @@ class MLflowLogger:
                 if getattr(exc, "error_code", None) != "RESOURCE_DOES_NOT_EXIST":
                     raise
                 # e.g. a checkpoint copied to another tracking store: start a new run there
-                log.warning("MLflow run %s from the checkpoint does not exist at %s; starting a new run", run_id, self.uri)
+                log.warning("MLflow run %s from the checkpoint does not exist at %s; starting a new run", run_id,
+                            redact(self.uri))
                 self.resumed = False
                 return self._open_run(None, run_name)
             self._known_params = set(run.data.params)
@@ -295,16 +298,21 @@ class MLflowLogger:
                 self._send(batch)
             except Exception as exc:
                 if _permanent(exc):
-                    log.warning("MLflow refused %s (%s); dropped", batch[0].kind, exc)
+                    dropped = sum(op.size for op in batch if op.kind == "metrics")
+                    self.dropped_metrics += dropped
+                    log.warning("MLflow refused %s (%s); dropped", batch[0].kind, redact(str(exc)))
                 else:
                     self.failures += 1
                     if not self._failing:
-                        self._warn(f"MLflow at {self.uri} cannot be reached ({exc}); logging is queued and retried")
+                        self._warn(f"MLflow at {redact(self.uri)} cannot be reached ({redact(str(exc))}); logging is "
+                                   "queued and retried")
                     self._failing = True
                     with self._cv:
                         if self._closing and self._close_deadline is not None and time.monotonic() > self._close_deadline:
                             return
-                        self._cv.wait(timeout=delay)
+                        # While closing, try often: the run ends when the deadline passes, not at the
+                        # next slot of a long backoff.
+                        self._cv.wait(timeout=min(delay, CLOSING_RETRY_S) if self._closing else delay)
                     delay = min(delay * 2, self.retry_max_seconds)
                     continue
             with self._cv:
@@ -399,11 +407,17 @@ class MLflowLogger:
             self._close_deadline = time.monotonic() + timeout
             self._cv.notify_all()
         self._thread.join(timeout)
-        left = self.pending()
+        with self._cv:
+            left = len(self._pending)
+            unsent_metrics = self._queued_metrics
         if left or self.dropped_metrics:
             log.warning(
-                "MLflow logging ended with %d unsent item(s) and %d dropped metric value(s)", left, self.dropped_metrics
+                "MLflow logging ended with %d unsent item(s) (%d metric value(s)) and %d metric value(s) dropped "
+                "earlier; they did not reach the run at %s", left, unsent_metrics, self.dropped_metrics,
+                redact(self.uri),
             )
+        elif self.failures:
+            log.info("MLflow logging complete: everything queued while the server was away was sent")
         self._thread = None
 
 

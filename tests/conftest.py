@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import pytest
 
+from mlflowserver import MLflowServer
 from s3server import WeedServer, clear_aws_env
 
 
@@ -27,3 +28,15 @@ def s3_env(s3_server, monkeypatch):
     for key, value in s3_server.env().items():
         monkeypatch.setenv(key, value)
     return s3_server
+
+
+@pytest.fixture(scope="session")
+def mlflow_server(tmp_path_factory):
+    """`mlflow server` on 127.0.0.1 with its own sqlite store and artifact directory; yields its URI."""
+    server = MLflowServer(tmp_path_factory.mktemp("mlflow-server"))
+    try:
+        server.start()
+    except RuntimeError as exc:
+        pytest.fail(str(exc), pytrace=False)
+    yield server.uri
+    server.stop()

@@ -148,6 +148,7 @@ class FlakyS3:
     ``fail[key] = [503, 503]`` answers the next two requests for that key with those statuses
     (503 -> SlowDown, 500 -> InternalError, 403 -> AccessDenied, 404 -> NoSuchKey) before serving it.
     ``truncate[key] = n`` sends the full Content-Length on the next GET but only the first n bytes.
+    ``delay[key] = seconds`` holds every request for that key that long before answering (a slow server).
     ``requests`` records (method, path, Range header).
     """
 
@@ -157,6 +158,7 @@ class FlakyS3:
         self.objects: dict[str, bytes] = {}
         self.fail: dict[str, list[int]] = {}
         self.truncate: dict[str, int] = {}
+        self.delay: dict[str, float] = {}
         self.requests: list[tuple[str, str, str | None]] = []
         outer = self
 
@@ -182,6 +184,8 @@ class FlakyS3:
             def _serve(self, head: bool) -> None:
                 key = self._key()
                 outer.requests.append((self.command, key, self.headers.get("Range")))
+                if outer.delay.get(key):
+                    time.sleep(outer.delay[key])
                 queue = outer.fail.get(key)
                 if queue:
                     self._error(queue.pop(0), key)

@@ -35,6 +35,7 @@ class FakeEngines:
     def __init__(self, fail_disc=False):
         self.vae = FakeEngine(1.0)
         self.disc = FakeEngine(2.0, fail=fail_disc)
+        self.vae_model = torch.nn.Linear(2, 1)  # the bare VAE: rank 0 saves its weights (vae_weights.pt)
 
 
 def save(mgr, step, engines=None):
@@ -46,7 +47,7 @@ def test_layout_and_load_round_trip(tmp_path):
     mgr = CheckpointManager(tmp_path, keep=3)
     path = save(mgr, 7)
     assert path == tmp_path / "checkpoints" / "step-00000007"
-    assert {p.name for p in path.iterdir()} == {"vae", "disc", "trainer-rank0.pt", "meta.json", COMPLETE}
+    assert {p.name for p in path.iterdir()} == {"vae", "disc", "trainer-rank0.pt", "meta.json", "vae_weights.pt", COMPLETE}
     meta = json.loads((path / "meta.json").read_text())
     assert meta == {"step": 7, "world_size": 1, "mlflow_run_id": "abc", "config": {"name": "t"}}
     engines = FakeEngines()
@@ -107,7 +108,7 @@ def test_upload_copies_every_file_and_the_marker_last(tmp_path):
     mgr.wait_for_uploads()
     assert calls[-1] == (path / COMPLETE, "s3://bucket/prefix/myrun/checkpoints/step-00000005/COMPLETE")
     uploaded = {url.rsplit("step-00000005/", 1)[1] for _, url in calls}
-    assert uploaded == {"vae/model.pt", "disc/model.pt", "trainer-rank0.pt", "meta.json", COMPLETE}
+    assert uploaded == {"vae/model.pt", "disc/model.pt", "trainer-rank0.pt", "meta.json", "vae_weights.pt", COMPLETE}
 
 
 def test_upload_failure_does_not_stop_training(tmp_path):

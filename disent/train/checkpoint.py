@@ -12,14 +12,24 @@ Layout::
 
 A checkpoint counts only once COMPLETE exists, so a crash during a save leaves the previous one
 in force. Our own files are written to a temporary name, fsynced and renamed.
+
+Every file of a checkpoint, DeepSpeed's included, is unpickled with ``torch.load(weights_only=True)``
+(DeepSpeed 0.19.8 itself unpickles without that restriction; its engines' loads are routed through
+:func:`safe_torch_load` while we resume), so a tampered checkpoint cannot run code.
+
+Test-only fault injection: ``DISENT_FAULT_CHECKPOINT_KILL=RANK:STEP`` makes that rank SIGKILL itself
+while checkpoint STEP is being written (after its DeepSpeed files, before its trainer file and the
+COMPLETE barrier), once per run_dir. It exists for tests/faults/ and does nothing when unset.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
 import re
 import shutil
+import signal
 import threading
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,6 +43,7 @@ COMPLETE = "COMPLETE"
 META = "meta.json"
 VAE_WEIGHTS = "vae_weights.pt"
 STEP_DIR = re.compile(r"^step-(\d{8,})$")
+FAULT_KILL_ENV = "DISENT_FAULT_CHECKPOINT_KILL"  # test-only, see the module docstring
 
 
 class CheckpointError(RuntimeError):
@@ -140,6 +151,78 @@ def _rank_and_world() -> tuple[int, int]:
     return 0, 1
 
 
+def _deepspeed_safe_globals() -> list:
+    """The few plain classes DeepSpeed (ZeRO 1/2) pickles into its checkpoints besides tensors and
+    builtins; allow-listed for weights_only loading. None of them runs code when unpickled."""
+    found = []
+    for module, names in (
+        ("deepspeed.runtime.fp16.loss_scaler", ("LossScaler", "DynamicLossScaler")),
+        ("deepspeed.runtime.zero.config", ("ZeroStageEnum",)),
+        ("deepspeed.utils.tensor_fragment", ("fragment_address",)),
+    ):
+        try:
+            mod = __import__(module, fromlist=list(names))
+        except ImportError:  # pragma: no cover - DeepSpeed moved things
+            continue
+        found += [getattr(mod, n) for n in names if hasattr(mod, n)]
+    return found
+
+
+def safe_torch_load(path, map_location=None) -> Any:
+    """torch.load with weights_only=True (plus DeepSpeed's plain classes). Raises CheckpointError."""
+    try:
+        with torch.serialization.safe_globals(_deepspeed_safe_globals()):
+            return torch.load(path, map_location=map_location, weights_only=True)
+    except FileNotFoundError:
+        raise
+    except Exception as exc:  # UnpicklingError and friends: never retried without weights_only
+        first = str(exc).strip().splitlines()[-1] if str(exc).strip() else type(exc).__name__
+        raise CheckpointError(
+            f"{path} cannot be loaded safely (torch.load with weights_only=True refused it: {first[:300]}); "
+            "it was not written by disent or has been tampered with. Nothing in it was run"
+        ) from None
+
+
+@contextlib.contextmanager
+def _weights_only_engine_loads(engine):
+    """Route a DeepSpeed engine's checkpoint reads through safe_torch_load while inside the block."""
+    ckpt_engine = getattr(engine, "checkpoint_engine", None)
+    if ckpt_engine is None or not hasattr(ckpt_engine, "load"):
+        yield
+        return
+    had_own = "load" in vars(ckpt_engine)
+    original = vars(ckpt_engine).get("load")
+
+    def load(path, map_location=None):
+        return safe_torch_load(path, map_location=map_location)
+
+    ckpt_engine.load = load
+    try:
+        yield
+    finally:
+        if had_own:
+            ckpt_engine.load = original
+        else:
+            del ckpt_engine.load
+
+
+def _fault_kill_point(root: Path, rank: int, step: int) -> None:
+    """Test-only: SIGKILL this rank mid-save when DISENT_FAULT_CHECKPOINT_KILL names it (once per run_dir)."""
+    spec = os.environ.get(FAULT_KILL_ENV)
+    if not spec:
+        return
+    want_rank, _, want_step = spec.partition(":")
+    if int(want_rank) != rank or (want_step and int(want_step) != step):
+        return
+    marker = root / f".fault-checkpoint-kill-rank{rank}-step{step}"
+    if marker.exists():
+        return
+    marker.write_text("fired\n")
+    log.error("%s=%s: rank %d kills itself while checkpoint step %d is being written", FAULT_KILL_ENV, spec, rank, step)
+    logging.shutdown()
+    os.kill(os.getpid(), signal.SIGKILL)
+
+
 class CheckpointManager:
     """Saves, finds, loads and prunes checkpoints under run_dir/checkpoints."""
 
@@ -201,6 +284,7 @@ class CheckpointManager:
         _barrier()
         engines.vae.save_checkpoint(str(path), tag="vae", client_state={}, save_latest=False)
         engines.disc.save_checkpoint(str(path), tag="disc", client_state={}, save_latest=False)
+        _fault_kill_point(self.root, rank, step)
         atomic_torch_save(trainer_state, path / trainer_file(rank))
         if rank == 0:
             weights = {k: v.detach().cpu() for k, v in engines.vae_model.state_dict().items()}
@@ -246,10 +330,11 @@ class CheckpointManager:
                 "Resume with the same number of processes."
             )
         for name, engine in (("vae", engines.vae), ("disc", engines.disc)):
-            loaded, _ = engine.load_checkpoint(str(info.path), tag=name)
+            with _weights_only_engine_loads(engine):
+                loaded, _ = engine.load_checkpoint(str(info.path), tag=name)
             if loaded is None:
                 raise CheckpointError(f"DeepSpeed could not load the {name} engine from {info.path}")
-        state = torch.load(info.path / trainer_file(rank), map_location="cpu", weights_only=True)
+        state = safe_torch_load(info.path / trainer_file(rank), map_location="cpu")
         return state, meta
 
     # ------------------------------------------------------------------ s3

@@ -1,0 +1,127 @@
+"""Helpers for the fault-injection suite: real launches of `disent train`, rank processes, waiting."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from train_helpers import ROOT, tiny_overrides
+
+BASE = "configs/base.yaml"
+LAUNCHER = [sys.executable, "-m", "launcher"]
+TRAIN = [sys.executable, "-m", "disent.cli", "train", BASE]
+# Long enough to interrupt (~10 s of steps on 2 loaded cores), checkpoints every 20 steps.
+RESTART_RUN = {"train.steps": 240, "train.checkpoint_every": 20, "train.log_every": 10, "train.keep_checkpoints": 2}
+
+
+def base_env(**extra: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "TORCHELASTIC_RUN_ID")
+           and not k.startswith(("SLURM_", "MLFLOW_", "DISENT_FAULT"))}
+    env.update({"DS_ACCELERATOR": "cpu", "PYTHONPATH": str(ROOT), "PYTHONUNBUFFERED": "1"})
+    env.update(extra)
+    return env
+
+
+def launch(run_dir: Path, data, *, extra: dict | None = None, nproc: int = 2, max_restarts: int = 0,
+           grace: float = 15, env: dict | None = None, log_name: str = "launcher.log") -> tuple[subprocess.Popen, Path]:
+    """`python -m launcher --nproc N ... -- python -m disent.cli train base.yaml <tiny overrides>`, in the
+    background; output (launcher and ranks) goes to run_dir/../<log_name>."""
+    run_dir = Path(run_dir)
+    log_path = run_dir.parent / log_name
+    cmd = [*LAUNCHER, "--nproc", str(nproc), "--max-restarts", str(max_restarts), "--grace", str(grace), "--",
+           *TRAIN, *tiny_overrides(run_dir, data, **(extra or {}))]
+    log = open(log_path, "w")
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=base_env(**(env or {})), stdout=log, stderr=subprocess.STDOUT,
+                            start_new_session=True)
+    log.close()
+    return proc, log_path
+
+
+def finish(proc: subprocess.Popen, timeout: float) -> int:
+    try:
+        return proc.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        stop(proc)
+        raise AssertionError(f"the job did not end within {timeout:.0f}s") from None
+
+
+def stop(proc: subprocess.Popen) -> None:
+    """Kill a launch started by this suite (its whole session) if it is still running."""
+    if proc.poll() is None:
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        proc.wait(timeout=30)
+
+
+def wait_for(predicate, timeout: float, what: str, proc: subprocess.Popen | None = None, log: Path | None = None,
+             poll: float = 0.05):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        if proc is not None and proc.poll() is not None:
+            tail = log.read_text(errors="replace")[-4000:] if log else ""
+            raise AssertionError(f"the job ended (rc {proc.returncode}) before {what}:\n{tail}")
+        time.sleep(poll)
+    tail = log.read_text(errors="replace")[-4000:] if log else ""
+    raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what}:\n{tail}")
+
+
+def complete_steps(run_dir: Path) -> list[int]:
+    root = Path(run_dir) / "checkpoints"
+    if not root.is_dir():
+        return []
+    return sorted(int(p.name.split("-")[1]) for p in root.glob("step-*") if (p / "COMPLETE").is_file())
+
+
+def rank_pids(run_dir: Path) -> dict[int, int]:
+    """{RANK: pid} of the `disent train` rank processes whose command line names run_dir."""
+    found = {}
+    needle = f"run_dir={run_dir}".encode()
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            cmdline = (entry / "cmdline").read_bytes()
+            if b"disent.cli" not in cmdline or needle not in cmdline.split(b"\0"):
+                continue
+            environ = dict(item.split(b"=", 1) for item in (entry / "environ").read_bytes().split(b"\0") if b"=" in item)
+        except OSError:
+            continue
+        if b"RANK" in environ:
+            found[int(environ[b"RANK"])] = int(entry.name)
+    return found
+
+
+def final_weights(run_dir: Path) -> dict[str, dict[str, torch.Tensor]]:
+    return {name: torch.load(Path(run_dir) / "final" / f"{name}.pt", weights_only=True) for name in ("vae", "disc")}
+
+
+def assert_same_weights(a: dict, b: dict) -> None:
+    for name in a:
+        assert a[name].keys() == b[name].keys(), name
+        different = [k for k in a[name] if not torch.equal(a[name][k], b[name][k])]
+        assert not different, f"{name}: {len(different)} tensors differ, e.g. {different[:3]}"
+
+
+def metric_lines(run_dir: Path) -> list[dict]:
+    path = Path(run_dir) / "metrics.jsonl"
+    return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+
+
+def mlflow_runs(uri: str, experiment: str = "disent"):
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(uri)
+    exp = client.get_experiment_by_name(experiment)
+    return client, ([] if exp is None else client.search_runs([exp.experiment_id]))
