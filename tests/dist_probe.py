@@ -1,6 +1,7 @@
 """A tiny real torch.distributed (gloo) program that keeps the trainer's launch contract.
 
-Stands in for `disent train CONFIG [overrides]` in the launch tests until the trainer exists:
+The launch tests run the real trainer (tests/launch_helpers.py); this stand-in is left for launcher
+behaviour the trainer cannot show on demand (a rank that exits before the rendezvous):
 
     python tests/dist_probe.py train CONFIG [section.key=value ...]
 
@@ -32,8 +33,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 
-# The command every launch test runs. The one line to change when the trainer lands:
-#   TRAIN_CMD = ["disent", "train"]
+# The stand-in's command (the real one: launch_helpers.TRAIN_CMD).
 TRAIN_CMD = [sys.executable, str(Path(__file__).resolve()), "train"]
 # The config the tests pass (first argument after TRAIN_CMD); overrides make it tiny.
 TEST_CONFIG = str(ROOT / "configs" / "fashion_mnist.yaml")

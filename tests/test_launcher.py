@@ -1,6 +1,9 @@
-"""launcher/: environment detection, refusals, and real local / torchrun launches of a gloo program.
+"""launcher/: environment detection, refusals, and real local / torchrun launches of the trainer.
 
-The launched program is dist_probe.TRAIN_CMD (the trainer's stand-in; see tests/dist_probe.py).
+The real runs start `disent train configs/base.yaml <tiny overrides>` on tiny real shards (built once
+for the module) and check what the run left behind: checkpoints, metrics.jsonl, the MLflow run.
+Only the rank that dies before the rendezvous is the stand-in tests/dist_probe.py (it needs a rank
+that exits before init_process_group, which the trainer has no reason to do).
 """
 from __future__ import annotations
 
@@ -15,7 +18,19 @@ from pathlib import Path
 
 import pytest
 
-from dist_probe import TRAIN_CMD, complete_checkpoints, current_step, read_done, read_starts, train_args
+import dist_probe
+from launch_helpers import (
+    TRAIN_CMD,
+    assert_finished,
+    complete_checkpoints,
+    logged_steps,
+    mlflow_store,
+    rank_pids,
+    resumed_from,
+    tiny_data,
+    train_args,
+    wait_until,
+)
 from launcher.topology import (
     LaunchError,
     expand_nodelist,
@@ -26,6 +41,21 @@ from launcher.topology import (
 
 ROOT = Path(__file__).resolve().parents[1]
 LAUNCHER = [sys.executable, "-m", "launcher"]
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    return tiny_data(tmp_path_factory)
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory):
+    return mlflow_store(tmp_path_factory)
+
+
+def tracked(store: str, tmp_path: Path) -> dict:
+    """This test's MLflow place: the module's store, an experiment of its own."""
+    return {"tracking_uri": store, "experiment": tmp_path.name}
 
 # --------------------------------------------------------------------------- parsing
 
@@ -152,13 +182,8 @@ def test_contradictions_are_refused(env, kwargs, words):
 
 
 def launcher(*args: str, env: dict | None = None, timeout: float = 60, **kw) -> subprocess.CompletedProcess:
-    clean = {k: v for k, v in os.environ.items()
-             if not k.startswith(("SLURM_", "TORCHELASTIC_", "PROBE_")) and k not in
-             ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "JOB_COMPLETION_INDEX",
-              "OMP_NUM_THREADS", "MKL_NUM_THREADS", "DS_ACCELERATOR")}
-    clean.update(env or {})
-    return subprocess.run([*LAUNCHER, *args], env=clean, capture_output=True, text=True, timeout=timeout,
-                          cwd=ROOT, **kw)
+    return subprocess.run([*LAUNCHER, *args], env=launcher_env(env), capture_output=True, text=True,
+                          timeout=timeout, cwd=ROOT, **kw)
 
 
 def test_cli_dry_run_in_a_slurm_step():
@@ -190,101 +215,132 @@ def test_cli_exec_mode_becomes_the_command():
 # --------------------------------------------------------------------------- real local runs
 
 
-def probe(run_dir: Path, steps: int, *launcher_args: str, env: dict | None = None, checkpoint_every: int = 2,
-          timeout: float = 120) -> subprocess.CompletedProcess:
-    return launcher(*launcher_args, "--", *TRAIN_CMD, *train_args(run_dir, steps, checkpoint_every),
-                    env=env, timeout=timeout)
+def launcher_env(extra: dict | None = None) -> dict:
+    clean = {k: v for k, v in os.environ.items()
+             if not k.startswith(("SLURM_", "TORCHELASTIC_", "PROBE_")) and k not in
+             ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "JOB_COMPLETION_INDEX",
+              "OMP_NUM_THREADS", "MKL_NUM_THREADS", "DS_ACCELERATOR")}
+    clean.update(extra or {})
+    return clean
+
+
+def start(*args: str) -> subprocess.Popen:
+    """The launcher in the background, in its own session (the test can clean up everything it started)."""
+    return subprocess.Popen([*LAUNCHER, *args], env=launcher_env(), cwd=ROOT, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, start_new_session=True)
+
+
+def finish(proc: subprocess.Popen, timeout: float) -> tuple[str, str]:
+    try:
+        return proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        out, err = proc.communicate()
+        pytest.fail(f"the launcher did not finish in {timeout}s:\n{err[-5000:]}")
 
 
 @pytest.mark.slow
 @pytest.mark.timeout(120)
-def test_local_two_ranks_train_together(tmp_path):
+def test_local_two_ranks_train_together(tmp_path, data, store):
     run_dir = tmp_path / "run"
-    result = probe(run_dir, 6, "--nproc", "2")
-    assert result.returncode == 0, result.stdout + result.stderr
+    result = launcher("--nproc", "2", "--", *TRAIN_CMD,
+                      *train_args(run_dir, data, steps=6, checkpoint_every=3, **tracked(store, tmp_path)), timeout=110)
+    assert result.returncode == 0, result.stdout + result.stderr[-5000:]
     assert result.stderr.count("launcher: mode=local world=2") == 1  # one topology line
-    done = read_done(run_dir)
-    assert done["world_size"] == 2 and done["total"] == 12.0
-    starts = read_starts(run_dir)
-    assert sorted(s["rank"] for s in starts) == [0, 1]
-    cores = len(os.sched_getaffinity(0))
-    for s in starts:
-        assert s["mode"] == "local" and s["master"].startswith("127.0.0.1:")
-        assert s["omp_threads"] == str(max(1, cores // 2)) and s["ds_accelerator"] == "cpu"
+    assert "device=CPU, gloo" in result.stderr
+    assert "disent: trained 6 steps" in result.stdout
+    run = assert_finished(run_dir, 6, world_size=2, **tracked(store, tmp_path))
+    assert complete_checkpoints(run_dir) == [3, 6]
+    assert run["tags"]["device_type"] == "cpu"
 
 
 @pytest.mark.slow
 @pytest.mark.timeout(180)
-def test_a_failed_rank_restarts_the_group_which_resumes(tmp_path):
-    run_dir = tmp_path / "run"
-    result = probe(run_dir, 8, "--nproc", "2", "--max-restarts", "1", env={"PROBE_CRASH": "1:5"})
-    assert result.returncode == 0, result.stdout + result.stderr
-    assert "restarting (1/1)" in result.stderr
-    starts = read_starts(run_dir)
-    assert len(starts) == 4 and sorted({s["resumed_from"] for s in starts}) == [0, 4], starts
-    ports = {s["master"] for s in starts}
-    assert len(ports) == 2  # a fresh rendezvous port per attempt
-    assert read_done(run_dir)["total"] == 16.0  # state carried over the restart
+def test_a_killed_rank_restarts_the_group_which_resumes(tmp_path, data, store):
+    """SIGKILL one rank once a checkpoint exists: the launcher stops the other, starts the group again
+    (a fresh rendezvous port), which resumes from the latest complete checkpoint and finishes."""
+    run_dir, steps = tmp_path / "run", 60
+    proc = start("--nproc", "2", "--max-restarts", "1", "--grace", "10", "--", *TRAIN_CMD,
+                 *train_args(run_dir, data, steps=steps, log_every=4, checkpoint_every=10, **tracked(store, tmp_path)))
+    try:
+        wait_until(lambda: complete_checkpoints(run_dir), 90, "complete checkpoint", alive=lambda: proc.poll() is None)
+        pids = rank_pids(run_dir, 1)
+        assert len(pids) == 1, pids
+        os.kill(pids[0], signal.SIGKILL)
+        killed_after = complete_checkpoints(run_dir)[-1]
+        out, err = finish(proc, 150)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    assert proc.returncode == 0, err[-6000:]
+    assert "local rank 1 exited with code 137" in err and "restarting (1/1)" in err, err[-6000:]
+    (resumed,) = resumed_from(err)  # only the second attempt resumed
+    assert killed_after <= resumed < steps and resumed % 10 == 0, (killed_after, resumed)
+    assert_finished(run_dir, steps, world_size=2, log_every=4, repeats=True, **tracked(store, tmp_path))
+    logged = logged_steps(run_dir)
+    assert all(logged.count(s) <= 2 for s in logged)  # at most the steps after `resumed` twice
+    assert [s for s in logged if s <= resumed] == list(range(4, resumed + 1, 4))  # not retrained from 0
 
 
 @pytest.mark.slow
 @pytest.mark.timeout(120)
 def test_a_dead_rank_takes_the_group_down_without_hanging(tmp_path):
     # Rank 1 dies before the rendezvous: rank 0 would wait in init_process_group for its timeout.
-    start = time.monotonic()
-    result = probe(tmp_path / "run", 8, "--nproc", "2", "--grace", "3",
-                   env={"PROBE_CRASH": "1:init", "PROBE_TIMEOUT": "600"})
+    # The stand-in: the trainer has no reason to exit before joining the group.
+    start_t = time.monotonic()
+    run_dir = tmp_path / "run"
+    result = launcher("--nproc", "2", "--grace", "3", "--", *dist_probe.TRAIN_CMD,
+                      *dist_probe.train_args(run_dir, 8, 2), env={"PROBE_CRASH": "1:init", "PROBE_TIMEOUT": "600"})
     assert result.returncode == 1, result.stdout + result.stderr
-    assert time.monotonic() - start < 60
+    assert time.monotonic() - start_t < 60
     assert "local rank 1 exited with code 1" in result.stderr and "killing them" in result.stderr
 
 
 @pytest.mark.slow
 @pytest.mark.timeout(180)
-@pytest.mark.parametrize("sig", [signal.SIGUSR1, signal.SIGTERM], ids=["SIGUSR1", "SIGTERM"])
-def test_preemption_signal_exits_75_and_the_next_run_resumes(tmp_path, sig):
-    run_dir, steps = tmp_path / "run", 200
-    clean = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "PROBE_"))}
-    clean.update(PROBE_STEP_TIME="0.1")
-    proc = subprocess.Popen([*LAUNCHER, "--nproc", "2", "--", *TRAIN_CMD, *train_args(run_dir, steps, 1000)],
-                            env=clean, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+def test_preemption_signal_exits_75_and_the_next_run_resumes(tmp_path, data, store):
+    """SIGTERM to the launcher (what Kubernetes sends a pod; SIGUSR1 is forwarded the same way and is
+    covered under Slurm): every rank finishes its step, checkpoints, exits 75; the launcher exits 75.
+    The same command again resumes from that checkpoint, in the same MLflow run, and finishes."""
+    run_dir, steps = tmp_path / "run", 60
+    args = ["--nproc", "2", "--", *TRAIN_CMD, *train_args(run_dir, data, steps=steps, **tracked(store, tmp_path))]
+    proc = start(*args)
     try:
-        deadline = time.monotonic() + 60
-        while current_step(run_dir) < 3:
-            assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
-            time.sleep(0.1)
-        proc.send_signal(sig)
-        out, err = proc.communicate(timeout=60)
+        wait_until(lambda: logged_steps(run_dir), 90, "logged step", alive=lambda: proc.poll() is None)
+        proc.send_signal(signal.SIGTERM)
+        out, err = finish(proc, 90)
     finally:
         if proc.poll() is None:
-            proc.kill()
-    assert proc.returncode == 75, out + err
-    stopped = complete_checkpoints(run_dir)
-    assert len(stopped) == 1 and 3 <= stopped[0] < steps  # the stop checkpoint
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    assert proc.returncode == 75, err[-6000:]
+    assert "exit 75 so the job is requeued" in err
+    (stopped,) = complete_checkpoints(run_dir)  # the stop checkpoint only
+    assert 2 <= stopped < steps and f"preempted at step {stopped}" in err, err[-4000:]
+    assert not (run_dir / "final").exists()
 
-    result = probe(run_dir, stopped[0] + 3, "--nproc", "2")  # the requeued run, a few steps more
-    assert result.returncode == 0, result.stdout + result.stderr
-    assert {s["resumed_from"] for s in read_starts(run_dir)[2:]} == {stopped[0]}
-    assert read_done(run_dir)["total"] == 2.0 * (stopped[0] + 3)
+    result = launcher(*args, timeout=110)  # the requeued run
+    assert result.returncode == 0, result.stderr[-6000:]
+    assert resumed_from(result.stderr) == [stopped]
+    # metrics continue from the stop (no step twice), in the one MLflow run
+    assert_finished(run_dir, steps, world_size=2, **tracked(store, tmp_path))
 
 
 @pytest.mark.slow
-@pytest.mark.timeout(180)
+@pytest.mark.timeout(150)
 @pytest.mark.skipif(shutil.which("torchrun", path=str(Path(sys.executable).parent)) is None,
                     reason="torchrun not installed")
-def test_under_torchrun_the_launcher_uses_its_variables(tmp_path):
-    """`torchrun ... -m launcher -- CMD`: each worker's launcher sees torchrun's variables and execs."""
+def test_under_torchrun_the_launcher_uses_its_variables(tmp_path, data, store):
+    """`torchrun ... -m launcher -- disent train`: each worker's launcher sees torchrun's variables and execs."""
     run_dir = tmp_path / "run"
     torchrun = str(Path(sys.executable).parent / "torchrun")
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "PROBE_"))}
     cmd = [torchrun, "--nproc-per-node", "2", "--monitor-interval", "0.5",
-           "-m", "launcher", "--", *TRAIN_CMD, *train_args(run_dir, 4, 2)]
-    code, out = run_bounded(cmd, env, timeout=150)
+           "-m", "launcher", "--", *TRAIN_CMD, *train_args(run_dir, data, steps=4, **tracked(store, tmp_path))]
+    code, out = run_bounded(cmd, launcher_env(), timeout=130)
     assert code == 0, out[-5000:]
-    starts = read_starts(run_dir)
-    assert {s["mode"] for s in starts} == {"torchrun"} and sorted(s["rank"] for s in starts) == [0, 1]
-    assert read_done(run_dir)["total"] == 8.0
     assert out.count("launcher: mode=torchrun world=2") == 1
+    assert_finished(run_dir, 4, world_size=2, **tracked(store, tmp_path))
 
 
 def run_bounded(cmd: list[str], env: dict, timeout: float) -> tuple[int, str]:

@@ -1,12 +1,15 @@
-"""slurm/train.sh on a real single-node Slurm cluster (127.0.0.1, 2 CPU tasks).
+"""slurm/train.sh on a real single-node Slurm cluster (127.0.0.1, 2 CPU tasks), running the real trainer.
 
-The cluster (tests/slurm_cluster.py) is started once for this module. The training command is
-dist_probe.TRAIN_CMD (a small gloo program with the trainer's contract) until `disent train`
-exists; slurm/train.sh takes it from $TRAIN_CMD. Needs root and the Debian packages
-slurmctld slurmd slurm-client munge (installed on demand); skipped otherwise.
+The cluster (tests/slurm_cluster.py) is started once for this module, and so are the tiny real shards
+and the MLflow store. Each job runs `disent train configs/base.yaml <tiny overrides>` through
+slurm/train.sh ($TRAIN_CMD, $CONFIG, $OVERRIDES, $DATA_URL, $MLFLOW_TRACKING_URI) and the tests check
+what the run left behind: checkpoints, metrics.jsonl, the MLflow run. Needs root and the Debian
+packages slurmctld slurmd slurm-client munge (installed on demand); skipped otherwise.
 """
 from __future__ import annotations
 
+import os
+import signal
 import subprocess
 import sys
 import time
@@ -14,7 +17,17 @@ from pathlib import Path
 
 import pytest
 
-from dist_probe import TRAIN_CMD, complete_checkpoints, current_step, read_done, read_starts, train_args
+from launch_helpers import (
+    TRAIN_CMD,
+    assert_finished,
+    complete_checkpoints,
+    logged_steps,
+    mlflow_store,
+    rank_pids,
+    resumed_from,
+    tiny_data,
+    train_args,
+)
 from slurm_cluster import SlurmCluster, SlurmUnavailable
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -36,21 +49,31 @@ def cluster():
     c.cleanup()
 
 
-def submit(cluster: SlurmCluster, tmp_path: Path, steps: int, *, checkpoint_every: int = 5,
-           step_time: float = 0.05, extra_env: dict[str, str] | None = None) -> tuple[str, Path, Path]:
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    return tiny_data(tmp_path_factory)
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory):
+    return mlflow_store(tmp_path_factory)
+
+
+def submit(cluster: SlurmCluster, tmp_path: Path, data: Path, store: str, *, steps: int,
+           extra_env: dict[str, str] | None = None, **overrides) -> tuple[str, Path, Path]:
+    """sbatch slurm/train.sh: data.url from $DATA_URL and tracking.uri from $MLFLOW_TRACKING_URI (the
+    overrides leave both out); the MLflow experiment is the test's own."""
     run_dir = tmp_path / "run"
     out = tmp_path / "slurm-%j.out"
-    config, *overrides = train_args(run_dir, steps, checkpoint_every)
-    assert not any(" " in part for part in TRAIN_CMD), "TRAIN_CMD is split on spaces by slurm/train.sh"
+    config, *rest = train_args(run_dir, None, steps=steps, tracking_uri="", experiment=tmp_path.name, **overrides)
+    assert not any(" " in part for part in [*TRAIN_CMD, *rest]), "slurm/train.sh splits on spaces"
     env = {
         "PYTHON": sys.executable,
         "TRAIN_CMD": " ".join(TRAIN_CMD),
         "CONFIG": config,
-        "OVERRIDES": " ".join(overrides),
-        "DATA_URL": str(tmp_path / "data-url-from-env"),
-        "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow.db'}",
-        "PROBE_MLFLOW": "1",
-        "PROBE_STEP_TIME": str(step_time),
+        "OVERRIDES": " ".join(rest),
+        "DATA_URL": str(data),
+        "MLFLOW_TRACKING_URI": store,
         **(extra_env or {}),
     }
     job = cluster.sbatch(SCRIPT, env=env, args=[*SBATCH_ARGS, f"--output={out}"], cwd=ROOT)
@@ -62,102 +85,83 @@ def report(cluster: SlurmCluster, job: str, out: Path) -> str:
     return f"\n=== scontrol show job {job}\n{cluster.job(job)}\n=== {out}\n{text}\n=== daemons\n{cluster.logs()}"
 
 
-def wait_for_progress(cluster: SlurmCluster, job: str, out: Path, run_dir: Path, step: int, timeout: float) -> None:
+def wait_for(cluster: SlurmCluster, job: str, out: Path, predicate, what: str, timeout: float) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        if current_step(run_dir) >= step:
+        if predicate():
             return
         if cluster.job(job).get("JobState") not in ("PENDING", "RUNNING", "CONFIGURING"):
             break
-        time.sleep(0.2)
-    pytest.fail(f"the job did not reach step {step} within {timeout}s" + report(cluster, job, out))
+        time.sleep(0.1)
+    pytest.fail(f"no {what} within {timeout}s" + report(cluster, job, out))
 
 
-def assert_finished(cluster: SlurmCluster, job: str, out: Path, run_dir: Path, steps: int) -> dict:
-    info = cluster.wait(job, timeout=120)
+def wait_completed(cluster: SlurmCluster, job: str, out: Path, timeout: float) -> str:
+    info = cluster.wait(job, timeout=timeout)
     assert info["JobState"] == "COMPLETED" and info["ExitCode"] == "0:0", report(cluster, job, out)
-    done = read_done(run_dir)
-    assert done is not None, "the run did not finish" + report(cluster, job, out)
-    assert done["steps"] == steps and done["world_size"] == 2
-    # One all_reduce of ones per step across both ranks: a resumed run carries the sum over.
-    assert done["total"] == 2.0 * steps, done
-    ckpts = complete_checkpoints(run_dir)
-    assert ckpts and ckpts[-1] == steps, ckpts
-    for step in ckpts:  # complete = every rank's shard plus the marker
-        files = {p.name for p in (run_dir / "checkpoints" / f"step_{step:08d}").iterdir()}
-        assert files == {"COMPLETE", "rank_0.json", "rank_1.json"}, (step, files)
-    return done
+    return out.read_text(errors="replace")
 
 
-def assert_mlflow_run(done: dict, tmp_path: Path) -> None:
-    import mlflow
-
-    client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}")
-    run = client.get_run(done["mlflow_run_id"])
-    assert run.info.status == "FINISHED"
-    assert run.data.metrics["probe_final_total"] == done["total"]
+@pytest.mark.timeout(150)
+def test_train_sh_runs_two_tasks_to_completion(cluster, tmp_path, data, store):
+    steps = 6
+    job, run_dir, out = submit(cluster, tmp_path, data, store, steps=steps, checkpoint_every=3)
+    text = wait_completed(cluster, job, out, timeout=130)
+    run = assert_finished(run_dir, steps, world_size=2, tracking_uri=store, experiment=tmp_path.name)
+    assert complete_checkpoints(run_dir) == [3, 6]
+    assert run["params"]["data.url"] == str(data)  # DATA_URL
+    assert run["params"]["tracking.uri"] == store  # MLFLOW_TRACKING_URI (and the run is in that store)
+    assert run["tags"]["device_type"] == "cpu"
+    port = 12000 + int(job) % 20000  # derived from the job id
+    topology = f"launcher: mode=slurm (job {job}) world=2 nodes=1 ranks/node=2 master={cluster.node}:{port}"
+    assert text.count(topology) == 1, text[-4000:]  # only rank 0 prints it
+    assert "threads/rank=1" in text  # --cpus-per-task
+    assert f"disent: trained {steps} steps" in text and "srun exited with 0" in text
 
 
 @pytest.mark.timeout(240)
-def test_train_sh_runs_two_tasks_to_completion(cluster, tmp_path):
-    steps = 10
-    job, run_dir, out = submit(cluster, tmp_path, steps)
-    done = assert_finished(cluster, job, out, run_dir, steps)
-
-    starts = read_starts(run_dir)
-    assert sorted(s["rank"] for s in starts) == [0, 1], starts
-    port = 12000 + int(job) % 20000  # derived from the job id
-    for s in starts:
-        assert s["mode"] == "slurm" and s["world_size"] == 2 and s["local_world_size"] == 2
-        assert s["master"] == f"{cluster.node}:{port}"
-        assert s["omp_threads"] == "1"  # --cpus-per-task
-        assert s["ds_accelerator"] == "cpu"
-        assert s["config"]["data.url"] == str(tmp_path / "data-url-from-env")  # DATA_URL
-        assert s["config"]["tracking.uri"] == f"sqlite:///{tmp_path / 'mlflow.db'}"  # MLFLOW_TRACKING_URI
-    assert_mlflow_run(done, tmp_path)
-    text = out.read_text()
-    assert "launcher: mode=slurm" in text and "world=2" in text, text
-
-
-@pytest.mark.timeout(300)
 @pytest.mark.parametrize("how", ["signal", "scontrol-requeue"])
-def test_preempted_job_requeues_and_resumes(cluster, tmp_path, how):
-    """USR1 (what --signal=USR1@120 sends before the time limit) or `scontrol requeue` mid-run:
-    the ranks checkpoint and exit 75, the job is requeued, and the second run resumes."""
-    steps = 40
-    job, run_dir, out = submit(cluster, tmp_path, steps, checkpoint_every=100, step_time=0.2)
-    wait_for_progress(cluster, job, out, run_dir, step=5, timeout=120)  # a few steps in, far from the end
+def test_preempted_job_requeues_and_resumes(cluster, tmp_path, data, store, how):
+    """USR1 (what --signal=USR1@120 sends before the time limit) or `scontrol requeue` (SIGTERM) mid-run,
+    to every process of the step, DataLoader workers included: the ranks checkpoint and exit 75, the
+    job is requeued, and the second run resumes from that checkpoint and finishes, in one MLflow run."""
+    steps, log_every = 80, 4
+    job, run_dir, out = submit(cluster, tmp_path, data, store, steps=steps, log_every=log_every,
+                               **{"data.num_workers": 1})
+    wait_for(cluster, job, out, lambda: logged_steps(run_dir), "logged step", timeout=120)
     if how == "signal":
-        cmd = ["scancel", "--signal=USR1", job]  # to the job step's tasks, like --signal=USR1@120
+        cmd = ["scancel", "--signal=USR1", job]  # to the job step's processes, like --signal=USR1@120
     else:
         cmd = ["scontrol", "requeue", job]  # SIGTERM to the job, then back to the queue
     result = subprocess.run(cmd, env=cluster.command_env(), capture_output=True, text=True, timeout=30)
     assert result.returncode == 0, result.stderr + report(cluster, job, out)
 
-    done = assert_finished(cluster, job, out, run_dir, steps)
+    text = wait_completed(cluster, job, out, timeout=180)
     assert int(cluster.job(job)["Restarts"]) == 1, report(cluster, job, out)
-    starts = read_starts(run_dir)
-    first = [s for s in starts if s["slurm_restart"] in (None, "0")]
-    second = [s for s in starts if s["slurm_restart"] == "1"]
-    assert len(first) == 2 and len(second) == 2, starts
-    resumed = {s["resumed_from"] for s in second}
-    assert len(resumed) == 1 and 0 < resumed.pop() < steps, starts  # the stop checkpoint, not a rerun
-    assert_mlflow_run(done, tmp_path)
-    assert {s["config"]["tracking.uri"] for s in starts} == {f"sqlite:///{tmp_path / 'mlflow.db'}"}
-    text = out.read_text()
-    assert "exit 75" in text, report(cluster, job, out)
-    if how == "signal":
-        assert "Requeueing job" in text, report(cluster, job, out)
+    assert "exit 75 (requeue to resume)" in text, report(cluster, job, out)
+    if how == "signal":  # the script requeues (scontrol requeue: Slurm did, and signalled the script too)
+        assert "srun exited with 75" in text and "Requeueing job" in text, report(cluster, job, out)
+    assert "DataLoader worker" not in text, report(cluster, job, out)  # no worker died of the signal
+    (resumed,) = resumed_from(text)  # the requeued run, from the stop checkpoint
+    assert 0 < resumed < steps and resumed in complete_checkpoints(run_dir), report(cluster, job, out)
+    assert f"preempted at step {resumed}" in text
+    # every step logged once (metrics continue from the stop checkpoint), one FINISHED MLflow run
+    assert_finished(run_dir, steps, world_size=2, log_every=log_every, tracking_uri=store, experiment=tmp_path.name)
 
 
-@pytest.mark.timeout(180)
-def test_a_crashing_rank_fails_the_job_without_hanging(cluster, tmp_path):
-    job, run_dir, out = submit(cluster, tmp_path, steps=200, step_time=0.1, extra_env={"PROBE_CRASH": "1:3"})
+@pytest.mark.timeout(150)
+def test_a_killed_rank_fails_the_job_without_hanging(cluster, tmp_path, data, store):
+    """SIGKILL one task's trainer once a checkpoint exists: srun --kill-on-bad-exit ends the step,
+    the job fails (no requeue, no hang) and the checkpoint stays for a resubmission."""
+    job, run_dir, out = submit(cluster, tmp_path, data, store, steps=400, checkpoint_every=5)
+    wait_for(cluster, job, out, lambda: complete_checkpoints(run_dir), "complete checkpoint", timeout=120)
+    pids = rank_pids(run_dir, 1)
+    assert len(pids) == 1, pids
+    os.kill(pids[0], signal.SIGKILL)
     start = time.monotonic()
     info = cluster.wait(job, timeout=90)
     assert info["JobState"] == "FAILED", report(cluster, job, out)
     assert info["ExitCode"] != "0:0" and int(info["Restarts"]) == 0
-    assert time.monotonic() - start < 60
-    assert read_done(run_dir) is None
-    assert "crashing at step 3" in out.read_text()
-
+    assert time.monotonic() - start < 60, report(cluster, job, out)
+    assert not (run_dir / "final").exists()
+    assert complete_checkpoints(run_dir), report(cluster, job, out)

@@ -107,11 +107,19 @@ def run_training(
 
 def train_in_group(cfg: Config, env, resume=None, auto_resume=True, loader_factory=None, manifest_digest=None,
                    eval_hooks=None) -> int:
-    """One training run inside an initialized process group. Returns the exit code."""
-    from disent.train.trainer import Trainer
+    """One training run inside an initialized process group. Returns the exit code.
 
-    trainer = Trainer(cfg, env, loader_factory=loader_factory, manifest_digest=manifest_digest, eval_hooks=eval_hooks)
-    result = trainer.train(resume=resume, auto_resume=auto_resume)
+    The process exits afterwards: SIGTERM/SIGUSR1 are caught from here on (a preemption while the
+    engines are built or the checkpoint is loaded still ends in a checkpoint and 75), and ignored once
+    the last checkpoint is complete (see Trainer.train(exiting=True)).
+    """
+    from disent.train.trainer import PreemptionFlag, Trainer
+
+    preemption = PreemptionFlag()
+    preemption.install()
+    trainer = Trainer(cfg, env, loader_factory=loader_factory, manifest_digest=manifest_digest, eval_hooks=eval_hooks,
+                      preemption=preemption)
+    result = trainer.train(resume=resume, auto_resume=auto_resume, exiting=True)
     if env.is_main:
         if result.preempted:
             print(f"disent: preempted at step {result.step}; checkpoint {result.checkpoint}; "

@@ -18,6 +18,7 @@ import logging
 import os
 import socket
 from dataclasses import dataclass, field
+from types import SimpleNamespace
 from typing import Any, Iterator
 
 import torch
@@ -47,9 +48,16 @@ class DistEnv:
         return "nccl" if self.device_type == "cuda" else "gloo"
 
     @property
+    def device_index(self) -> int:
+        """The GPU of this rank: LOCAL_RANK modulo the GPUs this process sees (a task that sees only
+        its own GPU, e.g. Slurm's per-task binding, has LOCAL_RANK > 0 but one device: index 0)."""
+        count = torch.cuda.device_count() if self.device_type == "cuda" else 0
+        return self.local_rank % count if count else 0
+
+    @property
     def device(self) -> torch.device:
         if self.device_type == "cuda":
-            return torch.device("cuda", self.local_rank)
+            return torch.device("cuda", self.device_index)
         return torch.device(self.device_type)
 
     @property
@@ -100,7 +108,7 @@ def init_distributed(env: DistEnv) -> None:
         os.environ.setdefault("WORLD_SIZE", "1")
         os.environ.setdefault("LOCAL_RANK", "0")
     if env.device_type == "cuda":
-        torch.cuda.set_device(env.local_rank)
+        torch.cuda.set_device(env.device_index)
     deepspeed.init_distributed(dist_backend=env.backend, auto_mpi_discovery=False)
 
 
@@ -195,8 +203,12 @@ def build_engines(cfg: Config, env: DistEnv) -> Engines:
     vae_objective, disc = build_modules(cfg)
     sizes = {"vae": _count(vae_objective), "disc": _count(disc)}
     configs = {name: deepspeed_config(cfg, name, env.world_size, env.device_type, sizes[name]) for name in sizes}
+    # DeepSpeed would put each engine on cuda:LOCAL_RANK; `device_rank` makes it use this rank's GPU.
+    args = SimpleNamespace(device_rank=env.device_index) if env.device_type == "cuda" else None
     vae_engine, _, _, _ = deepspeed.initialize(
-        model=vae_objective, model_parameters=vae_objective.parameters(), config=configs["vae"]
+        args=args, model=vae_objective, model_parameters=vae_objective.parameters(), config=configs["vae"]
     )
-    disc_engine, _, _, _ = deepspeed.initialize(model=disc, model_parameters=disc.parameters(), config=configs["disc"])
+    disc_engine, _, _, _ = deepspeed.initialize(
+        args=args, model=disc, model_parameters=disc.parameters(), config=configs["disc"]
+    )
     return Engines(vae=vae_engine, disc=disc_engine, configs=configs)

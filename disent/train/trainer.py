@@ -118,27 +118,75 @@ class isolated_rng:
 # --------------------------------------------------------------------------- signals
 
 
+def ignore_stop_signals(*_args) -> None:
+    """SIGTERM and SIGUSR1 ignored by this process (also usable as a DataLoader worker_init_fn)."""
+    for sig in PREEMPT_SIGNALS:
+        signal.signal(sig, signal.SIG_IGN)
+
+
+class stop_signals_held:
+    """SIGTERM/SIGUSR1 blocked in the calling thread inside the block.
+
+    The data loader is advanced inside it: that is where DataLoader workers are forked, and a forked
+    process inherits the forking thread's signal mask, so the workers never act on the SIGTERM/SIGUSR1
+    that Slurm (or `kill -TERM -PGID`) sends to every process of the step. Without it torch's worker
+    SIGTERM handler kills the worker and the rank fails with "DataLoader worker ... is killed by
+    signal: Terminated" instead of checkpointing. This process loses nothing: a signal sent meanwhile
+    is taken by another thread or when the block ends, and the trainer's handler runs as usual.
+    (Workers started with a worker_init_fn that ignores the signals would not need this.)
+    """
+
+    def __enter__(self):
+        self._old = signal.pthread_sigmask(signal.SIG_BLOCK, PREEMPT_SIGNALS)
+        return self
+
+    def __exit__(self, *exc):
+        signal.pthread_sigmask(signal.SIG_SETMASK, self._old)
+        return False
+
+
 class PreemptionFlag:
-    """Set by SIGTERM/SIGUSR1; the loop checks it (agreed across ranks) at the end of each step."""
+    """Set by SIGTERM/SIGUSR1; the loop checks it (agreed across ranks) at the end of each step.
+
+    Slurm (and `kill -TERM -PGID`) signals every process of the step, DataLoader workers included:
+    the workers are started with these signals blocked (`stop_signals_held`). Any other child forked
+    after `install()` inherits this handler, where it does nothing.
+    """
 
     def __init__(self):
         self.signal: int | None = None
         self._previous: dict[int, Any] = {}
+        self._pid = os.getpid()
+        self.settled = False
 
     def _handler(self, signum, frame):
+        if os.getpid() != self._pid:  # a forked child (a DataLoader worker): not ours to act on
+            return
         if self.signal is None:
             log.warning("received %s: finishing this step, then checkpointing", signal.Signals(signum).name)
         self.signal = signum
 
     def install(self) -> None:
-        if threading.current_thread() is not threading.main_thread():
+        if self._previous or threading.current_thread() is not threading.main_thread():
             return
+        self._pid = os.getpid()
         for sig in PREEMPT_SIGNALS:
             self._previous[sig] = signal.signal(sig, self._handler)
 
+    def settle(self) -> None:
+        """The last checkpoint is complete and the process is about to exit: ignore SIGTERM/SIGUSR1 from
+        now on, for good (`restore()` keeps them ignored). Under `srun --kill-on-bad-exit` the first rank
+        to exit 75 makes Slurm SIGTERM the slower ones while they close MLflow and the process group; that
+        must not turn their 75 (or 0) into 143."""
+        if threading.current_thread() is not threading.main_thread():
+            return
+        ignore_stop_signals()
+        self.settled = True
+
     def restore(self) -> None:
-        for sig, handler in self._previous.items():
-            signal.signal(sig, handler)
+        if not self.settled:
+            for sig, handler in self._previous.items():
+                signal.signal(sig, handler)
         self._previous.clear()
 
     @property
@@ -178,6 +226,7 @@ class Trainer:
         tracker=None,
         manifest_digest: str | None = None,
         eval_hooks: list[Callable[["Trainer", int], None]] | None = None,
+        preemption: PreemptionFlag | None = None,
     ):
         from disent.train.hooks import EvaluationHook
 
@@ -189,7 +238,9 @@ class Trainer:
         self.step = 0
         self.micro_batch = micro_batch_size(cfg, env.world_size)
         self.eval_hooks = list(eval_hooks) if eval_hooks is not None else [EvaluationHook()]
-        self.preemption = PreemptionFlag()
+        # Installed by train(), or earlier by the caller (the CLI: before the engines are built, so a
+        # preemption during start-up means "one step, checkpoint, exit 75" rather than dying with 143).
+        self.preemption = preemption or PreemptionFlag()
         self.checkpoints = CheckpointManager(self.run_dir, cfg.train.keep_checkpoints, cfg.train.checkpoint_upload_url)
         self._last_checkpoint_step: int | None = None
         self._last_checkpoint: Path | None = None
@@ -272,7 +323,7 @@ class Trainer:
         accum = self.cfg.train.grad_accum
         vae_norm = disc_norm = None
         for micro in range(accum):
-            with isolated_rng():
+            with isolated_rng(), stop_signals_held():
                 batch = next(batches)
             b = self._to_device(batch)
             boundary = micro == accum - 1
@@ -366,8 +417,14 @@ class Trainer:
             except Exception:
                 log.exception("eval hook %r failed at step %d", hook, step)
 
-    def train(self, resume: str | os.PathLike | None = None, auto_resume: bool = True) -> TrainResult:
-        """Run to cfg.train.steps (or until preempted). Resumes from `resume` or the latest checkpoint."""
+    def train(self, resume: str | os.PathLike | None = None, auto_resume: bool = True,
+              exiting: bool = False) -> TrainResult:
+        """Run to cfg.train.steps (or until preempted). Resumes from `resume` or the latest checkpoint.
+
+        exiting=True: the process exits once this returns (the CLI): after the stop checkpoint (or the
+        final one) is complete, SIGTERM and SIGUSR1 are ignored for the rest of the process's life.
+        Otherwise the previous handlers are restored on return.
+        """
         info = None
         if resume is not None:
             info = CheckpointManager.resolve(resume)
@@ -424,13 +481,17 @@ class Trainer:
                     self.run_eval_hooks(self.step)
                 if self.step % cfg.train.checkpoint_every == 0 or self.step == total or stop:
                     self.save_checkpoint()
-                if stop:
+                    if exiting and (stop or self.step == total):
+                        self.preemption.settle()
+                if stop and self.step < total:  # a signal during the last step: the run is finished
                     preempted = True
                     log.warning("preempted at step %d; checkpoint written, exiting with %d", self.step, EXIT_PREEMPTED)
                     break
             if not preempted:
                 if self._last_checkpoint_step != self.step:
                     self.save_checkpoint()
+                if exiting:
+                    self.preemption.settle()
                 self.run_eval_hooks(self.step)
                 self._save_final_weights()
             status = "KILLED" if preempted else "FINISHED"
