@@ -20,6 +20,7 @@ from typing import Callable
 from launcher.topology import Topology
 
 EX_TEMPFAIL = 75
+EX_USAGE = 2  # disent exits 2 for config and input errors
 FORWARDED = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT, signal.SIGHUP)
 POLL_S = 0.1
 
@@ -137,6 +138,9 @@ def run_group(
                 log(f"stopped by {why}; ranks exited with {codes}")
                 return code
             global_rank = topology.node_rank * topology.nproc_per_node + rank
+            if code == EX_USAGE:  # a config or input error: restarting cannot fix it
+                log(f"rank {global_rank} refused its input (exit {EX_USAGE}); not restarting")
+                return EX_USAGE
             if attempt < max_restarts:
                 attempt += 1
                 log(f"rank {global_rank} exited with code {code}; stopping the group and restarting "

@@ -305,6 +305,15 @@ def _worker_context() -> str | None:
     return None
 
 
+def _ignore_stop_signals(_worker_id: int) -> None:
+    """Workers leave preemption to the trainer: Slurm signals every process of a step, and a worker
+    that died of SIGTERM would crash the rank before it could write its checkpoint."""
+    import signal
+
+    for sig in (signal.SIGTERM, signal.SIGUSR1):
+        signal.signal(sig, signal.SIG_IGN)
+
+
 class PairLoader:
     """Batches of same-class pairs, forever (epoch after epoch), equal in number on every rank.
 
@@ -392,7 +401,7 @@ class PairLoader:
         kwargs: dict[str, Any] = {}
         if workers > 0:
             kwargs.update(prefetch_factor=self.data_cfg.prefetch_factor, persistent_workers=True,
-                          multiprocessing_context=_worker_context())
+                          multiprocessing_context=_worker_context(), worker_init_fn=_ignore_stop_signals)
         self._loader = DataLoader(_PairIterable(ds), batch_size=None, num_workers=workers,
                                   pin_memory=torch.cuda.is_available(), **kwargs)
         self._iter = iter(self._loader)

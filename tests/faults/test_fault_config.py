@@ -32,7 +32,9 @@ def assert_refused(result, took, needles, ranks=1):
     assert result.returncode == 2, out[-3000:]
     assert "Traceback" not in out, out[-3000:]
     errors = [line for line in result.stderr.splitlines() if line.startswith("disent: config error:")]
-    assert len(errors) == ranks, out[-3000:]  # one paragraph (one line) per rank
+    # one paragraph (one line) per rank that got to print it: once a rank refuses, the launcher
+    # stops the others, which may not have reached their own check yet
+    assert 1 <= len(errors) <= ranks and len(set(errors)) == 1, out[-3000:]
     for needle in needles:
         assert needle in errors[0], (needle, errors[0])
     assert not [s for s in STARTED if s in out], out[-3000:]
@@ -105,11 +107,6 @@ def test_bad_config_under_the_launcher_is_refused_by_every_rank_without_a_rendez
     assert "launcher: rank" in result.stderr and "exited with code 2" in result.stderr
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "launcher/supervise.py restarts the group on any non-zero exit; exit 2 (config or input error) cannot be "
-    "fixed by restarting. Fix: in run_group, treat code 2 like 75 (return it without restarting), e.g. "
-    "`if received or code in (EX_TEMPFAIL, EX_USAGE):` with a log line 'rank N refused its input (exit 2); "
-    "not restarting'"))
 def test_a_config_error_is_not_restarted_by_the_launcher(tmp_path, fault_data):
     result, _ = run([*LAUNCHER, "--nproc", "2", "--max-restarts", "2", "--grace", "5", "--", sys.executable, "-m",
                      "disent.cli", "train", BASE, *tiny_overrides(tmp_path / "run", fault_data), "model.z_dimm=8"])

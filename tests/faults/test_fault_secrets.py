@@ -211,10 +211,6 @@ def test_a_resume_path_is_never_executed(tmp_path, fault_data):
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(strict=True, reason=(
-    "disent/train/commands.py prints the tracking URI verbatim at the end of training "
-    "(`hint = ... f\"open {uri}\"`), so credentials in $MLFLOW_TRACKING_URI reach stdout. Fix: in train_in_group "
-    "use `from disent.tracking import redact, tracking_uri` and `uri = redact(tracking_uri(cfg))` for the hint"))
 def test_credentials_in_the_tracking_uri_environment_variable_do_not_leak(tmp_path, fault_data, mlflow_server):
     secret = f"ENVURISECRETMARKER{MARK}"
     uri = mlflow_server.replace("http://", f"http://user:{secret}@")
