@@ -24,6 +24,7 @@ COMPLETE barrier), once per run_dir. It exists for tests/faults/ and does nothin
 from __future__ import annotations
 
 import contextlib
+import io
 import json
 import logging
 import os
@@ -36,6 +37,8 @@ from pathlib import Path
 from typing import Any, Callable
 
 import torch
+
+from disent.data.storage import write_bytes_atomic
 
 log = logging.getLogger(__name__)
 
@@ -72,23 +75,13 @@ def _fsync_dir(path: Path) -> None:
 
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    with open(tmp, "wb") as fh:
-        fh.write(data)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
-    _fsync_dir(path.parent)
+    write_bytes_atomic(str(path), data)
 
 
 def atomic_torch_save(obj: Any, path: Path) -> None:
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    with open(tmp, "wb") as fh:
-        torch.save(obj, fh)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
-    _fsync_dir(path.parent)
+    buffer = io.BytesIO()
+    torch.save(obj, buffer)
+    write_bytes_atomic(str(path), buffer.getvalue())
 
 
 def _fsync_tree(root: Path) -> None:
