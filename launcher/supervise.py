@@ -139,7 +139,7 @@ def run_group(
                 return code
             global_rank = topology.node_rank * topology.nproc_per_node + rank
             if code == EX_USAGE:  # a config or input error: restarting cannot fix it
-                log(f"rank {global_rank} refused its input (exit {EX_USAGE}); not restarting")
+                log(f"rank {global_rank} exited with code {EX_USAGE}: its input was refused; not restarting")
                 return EX_USAGE
             if attempt < max_restarts:
                 attempt += 1
