@@ -61,7 +61,8 @@ def trainer_file(rank: int) -> str:
     return f"trainer-rank{rank}.pt"
 
 
-def _fsync_dir(path: Path) -> None:
+def _fsync_path(path: str | Path) -> None:
+    """Flush a file, or a directory's entries, to disk; best effort (some filesystems refuse)."""
     try:
         fd = os.open(path, os.O_RDONLY)
     except OSError:
@@ -87,17 +88,8 @@ def atomic_torch_save(obj: Any, path: Path) -> None:
 def _fsync_tree(root: Path) -> None:
     for dirpath, _, filenames in os.walk(root):
         for name in filenames:
-            try:
-                fd = os.open(os.path.join(dirpath, name), os.O_RDONLY)
-            except OSError:
-                continue
-            try:
-                os.fsync(fd)
-            except OSError:
-                pass
-            finally:
-                os.close(fd)
-        _fsync_dir(Path(dirpath))
+            _fsync_path(os.path.join(dirpath, name))
+        _fsync_path(dirpath)
 
 
 @dataclass(frozen=True)
