@@ -11,6 +11,7 @@ endif
 PYTHON := $(VENV)/bin/python
 PIP := $(PYTHON) -m pip --disable-pip-version-check
 STAMP := $(VENV)/.disent-installed
+TEST_STAMP := $(VENV)/.disent-test-installed
 # On CPU-only machines a CPU wheel of this version lies on local disk; elsewhere pip picks the
 # build for the platform. A torch that is already installed is kept.
 TORCH_SPEC ?= torch==2.13.0
@@ -29,15 +30,19 @@ export PATH := $(VENV)/bin:$(PATH)
 help:
 	@echo "make demo   prepare Fashion-MNIST, train on 2 CPU ranks, evaluate, log to ./mlflow.db"
 	@echo "make test   run the test suite (what CI runs)"
-	@echo "make setup  create $(VENV) and install disent with its test extras"
+	@echo "make setup  create $(VENV) and install disent (make test adds the test extras)"
 
 $(PYTHON):
 	python3 -m venv $(VENV)
 
 $(STAMP): pyproject.toml | $(PYTHON)
 	$(PYTHON) -c "import torch" 2>/dev/null || $(PIP) install "$(TORCH_SPEC)"
-	$(PIP) install -e ".[test]"
+	$(PIP) install -e .
 	touch $(STAMP)
+
+$(TEST_STAMP): $(STAMP)
+	$(PIP) install -e ".[test]"
+	touch $(TEST_STAMP)
 
 setup: $(STAMP)
 
@@ -55,7 +60,7 @@ demo: setup
 	@$(MAKE) --no-print-directory system-deps APT_PACKAGES="$(DEMO_APT_PACKAGES)"
 	$(PYTHON) -m disent.demo
 
-test: setup
+test: $(TEST_STAMP)
 	@$(MAKE) --no-print-directory system-deps APT_PACKAGES="$(TEST_APT_PACKAGES)"
 	$(PYTHON) -m pytest $(PYTEST_ARGS)
 
