@@ -78,7 +78,8 @@ def main(argv: list[str] | None = None) -> int:
     print(f"\ndemo finished in {time.monotonic() - started:.0f} s")
     print(f"MLflow run id: {run_id}")
     mlflow = Path(sys.executable).parent / "mlflow"
-    print(f"Open the MLflow UI on it:\n  {mlflow} ui --backend-store-uri {TRACKING_URI} --host 127.0.0.1 --port 5000\n"
+    print(f"Open the MLflow UI on it:\n  cd {Path.cwd()} && {mlflow} ui --backend-store-uri {TRACKING_URI} "
+          f"--host 127.0.0.1 --port 5000\n"
           f"  then browse http://127.0.0.1:5000/#/experiments/{experiment_id}/runs/{run_id}")
     return 0
 
