@@ -16,7 +16,6 @@ import re
 import subprocess
 import threading
 import time
-import urllib.parse
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -38,20 +37,6 @@ def tracking_uri(cfg=None) -> str:
     """cfg.tracking.uri, else $MLFLOW_TRACKING_URI, else the local sqlite:///mlflow.db store."""
     uri = getattr(getattr(cfg, "tracking", None), "uri", None)
     return uri or os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_URI
-
-
-def move_credentials_to_env(uri: str) -> str:
-    """http(s)://user:password@host -> http(s)://host, with the credentials in MLflow's own
-    MLFLOW_TRACKING_USERNAME / _PASSWORD (unless already set). MLflow prints run URLs built from
-    the tracking URI, so credentials left in it would reach the logs."""
-    parts = urllib.parse.urlsplit(uri)
-    if parts.scheme not in ("http", "https") or not (parts.username or parts.password):
-        return uri
-    os.environ.setdefault("MLFLOW_TRACKING_USERNAME", urllib.parse.unquote(parts.username or ""))
-    os.environ.setdefault("MLFLOW_TRACKING_PASSWORD", urllib.parse.unquote(parts.password or ""))
-    host = f"[{parts.hostname}]" if ":" in (parts.hostname or "") else parts.hostname
-    netloc = f"{host}:{parts.port}" if parts.port else host
-    return urllib.parse.urlunsplit(parts._replace(netloc=netloc))
 
 
 def looks_secret(key: str) -> bool:
@@ -116,7 +101,7 @@ class MLflowLogger:
         system_metrics: bool = False,
         retry_max_seconds: float = 60.0,
     ):
-        self.uri = move_credentials_to_env(uri or tracking_uri())
+        self.uri = uri or tracking_uri()
         self.experiment = experiment
         self.rank = rank
         self.enabled = rank == 0
@@ -148,6 +133,8 @@ class MLflowLogger:
         )
 
     def _make_client(self):
+        # MLflow prints run URLs built from the tracking URI, credentials included; ours are redacted.
+        os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
         if self.uri.startswith(("http://", "https://")):
             # We retry ourselves, in the background; MLflow's own retries would stall for minutes.
             os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "1")
