@@ -1,8 +1,6 @@
-"""Helpers for the training tests: tiny configs, an in-memory pair loader, a torchrun wrapper.
+"""Helpers for the training tests: tiny real shards, tiny configs, a torchrun wrapper.
 
-`FakePairLoader` has PairLoader's interface (disent/data/stream.py) and is deterministic from
-(seed, rank, batch index), so its state is one integer. Tests pick it by running
-`tests/train_worker.py` under torchrun; the real loader goes through `disent train`.
+`tests/train_worker.py` (under torchrun) adds test-only hooks to `disent train`.
 """
 from __future__ import annotations
 
@@ -13,67 +11,9 @@ import sys
 import time
 from pathlib import Path
 
-import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 WORKER = Path(__file__).resolve().parent / "train_worker.py"
-
-
-class FakePairLoader:
-    """Synthetic same-class pairs: class c lights up row band c; the rest is noise."""
-
-    def __init__(self, data_cfg, split, batch_size, rank, world_size, seed):
-        self.cfg = data_cfg
-        self.split = split
-        self.batch_size = batch_size
-        self.rank = rank
-        self.world_size = world_size
-        self.seed = seed
-        self.position = 0
-        self.wait_seconds = 0.0
-        self.skipped_shards = 0
-
-    def _images(self, gen: torch.Generator, labels: torch.Tensor) -> torch.Tensor:
-        c, s = self.cfg.channels, self.cfg.image_size
-        images = torch.randint(0, 60, (len(labels), c, s, s), generator=gen, dtype=torch.uint8)
-        band = max(1, s // self.cfg.num_classes)
-        for i, y in enumerate(labels.tolist()):
-            start = (y * band) % s
-            images[i, :, start : start + band, :] = 230
-        return images
-
-    def _batch(self, index: int) -> dict[str, torch.Tensor]:
-        gen = torch.Generator().manual_seed(((self.seed * 1_000_003 + self.rank) * 1_000_003 + index) % 2**63)
-        b, k = self.batch_size, self.cfg.num_classes
-        y1 = torch.randint(0, k, (b,), generator=gen)
-        y2 = torch.randint(0, k, (b,), generator=gen)
-        return {
-            "x1": self._images(gen, y1),
-            "x1p": self._images(gen, y1),
-            "x2": self._images(gen, y2),
-            "x2p": self._images(gen, y2),
-            "y1": y1,
-            "y2": y2,
-            "f1": torch.rand(b, 4, generator=gen),
-            "f2": torch.rand(b, 4, generator=gen),
-        }
-
-    def __iter__(self):
-        while True:
-            start = time.perf_counter()
-            batch = self._batch(self.position)
-            self.position += 1
-            self.wait_seconds += time.perf_counter() - start
-            yield batch
-
-    def state_dict(self) -> dict:
-        return {"position": self.position, "split": self.split}
-
-    def load_state_dict(self, state: dict) -> None:
-        self.position = int(state["position"])
-
-    def close(self) -> None:
-        pass
 
 
 def make_tiny_data(out: Path, samples: int = 600, classes: int = 4, seed: int = 0) -> Path:

@@ -1,10 +1,9 @@
 """Entry point for training tests under torchrun: `disent train` plus test-only hooks.
 
     python -m torch.distributed.run --nproc_per_node 2 tests/train_worker.py [--resume P] [--no-hooks]
-        [--dump-params] [--fake-data] [--case "k=v k=v" ...] overrides...
+        [--dump-params] [--case "k=v k=v" ...] overrides...
 
 --dump-params: every rank saves its copy of both models at each eval (ranks must agree).
---fake-data: the in-memory FakePairLoader instead of shards.
 --case: run several trainings one after another in one process group (saves start-up time);
         each case adds its overrides and trains in run_dir/case<i>.
 """
@@ -18,8 +17,6 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-from train_helpers import FakePairLoader  # noqa: E402
 
 from disent.config import ConfigError, load_config  # noqa: E402
 from disent.train.commands import check_manifest, preflight, setup_logging, train_in_group  # noqa: E402
@@ -39,7 +36,6 @@ def main() -> int:
     parser.add_argument("--resume")
     parser.add_argument("--no-hooks", action="store_true")
     parser.add_argument("--dump-params", action="store_true")
-    parser.add_argument("--fake-data", action="store_true")
     parser.add_argument("--config", default=None)
     parser.add_argument("--case", action="append", default=[])
     parser.add_argument("overrides", nargs="*")
@@ -54,7 +50,7 @@ def main() -> int:
             if args.case:
                 cfg.run_dir = str(Path(cfg.run_dir) / f"case{i}")
             preflight(cfg, world_size, "cpu", args.resume)
-            digest = "fake" if args.fake_data else check_manifest(cfg).digest
+            digest = check_manifest(cfg).digest
             configs.append((cfg, digest))
     except ConfigError as exc:
         print(f"config error: {exc}", file=sys.stderr)
@@ -70,8 +66,7 @@ def main() -> int:
     init_distributed(env)
     try:
         codes = [
-            train_in_group(cfg, env, resume=args.resume, loader_factory=FakePairLoader if args.fake_data else None,
-                           manifest_digest=digest, eval_hooks=hooks)
+            train_in_group(cfg, env, resume=args.resume, manifest_digest=digest, eval_hooks=hooks)
             for cfg, digest in configs
         ]
     finally:
