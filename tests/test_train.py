@@ -74,8 +74,11 @@ def test_two_ranks_zero_0_1_2_both_discriminators(tmp_path, tiny_data):
     args = ["--dump-params", *tiny_overrides(run, tiny_data, **{"train.steps": 4, "train.checkpoint_every": 2})]
     for case in CASES:
         args += ["--case", case]
-    result = torchrun(args, timeout=400)
+    extensions = tmp_path / "torch_extensions"
+    result = torchrun(args, timeout=400, env={"TORCH_EXTENSIONS_DIR": str(extensions)})
     assert_ok(result)
+    # no JIT-built op: a fresh machine pays no compile, and no stale build lock can hang a later run
+    assert not extensions.exists() or not any(extensions.iterdir())
     for i, case in enumerate(CASES):
         case_dir = run / f"case{i}"
         logged = metrics(case_dir)

@@ -109,6 +109,11 @@ def init_distributed(env: DistEnv) -> None:
         os.environ.setdefault("LOCAL_RANK", "0")
     if env.device_type == "cuda":
         torch.cuda.set_device(env.device_index)
+    else:
+        # DeepSpeed's CPU backend JIT-compiles a shared-memory all-reduce op that only
+        # inference_all_reduce uses. The build costs minutes on a fresh machine, and a rank
+        # killed while loading it leaves a file lock that makes every later run wait forever.
+        deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
     deepspeed.init_distributed(dist_backend=env.backend, auto_mpi_discovery=False)
 
 
