@@ -393,6 +393,11 @@ def validate(cfg: Config, world_size: int | None = None) -> None:
         )
     if cfg.train.zero_stage not in (0, 1, 2):
         raise ConfigError(f"config key 'train.zero_stage' must be 0, 1 or 2, got {cfg.train.zero_stage}")
+    if cfg.train.channels_last and cfg.train.zero_stage > 0:
+        raise ConfigError(
+            f"config key 'train.channels_last' needs train.zero_stage=0, got zero_stage {cfg.train.zero_stage}: "
+            "ZeRO keeps parameters as views of one contiguous buffer, which channels_last would detach them from"
+        )
     if not 0.0 < cfg.loss.real_label <= 1.0:
         raise ConfigError(f"config key 'loss.real_label' must be in (0, 1], got {cfg.loss.real_label}")
     for name in ("vae", "disc"):

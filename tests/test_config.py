@@ -82,7 +82,7 @@ def test_wrong_type_names_key_expected_type_and_value():
 )
 def test_wrong_types(override, expected):
     with pytest.raises(ConfigError, match=expected):
-        load_config(ROOT / "configs/base.yaml", [override])
+        load_config(ROOT / "configs/base.yaml", override.split())
 
 
 def test_missing_required_value_is_named(tmp_path):
@@ -131,6 +131,7 @@ def test_malformed_override():
     [
         ("data.image_size=30", "28, 32 or 64"),
         ("train.zero_stage=3", "0, 1 or 2"),
+        ("train.channels_last=true train.zero_stage=1", "needs train.zero_stage=0"),
         ("train.global_batch_size=0", "must be > 0"),
         ("loss.real_label=1.5", "real_label"),
         ("train.checkpoint_upload_url=/tmp/x", "s3://"),
@@ -138,7 +139,7 @@ def test_malformed_override():
 )
 def test_semantic_checks(override, expected):
     with pytest.raises(ConfigError, match=expected):
-        load_config(ROOT / "configs/base.yaml", [override])
+        load_config(ROOT / "configs/base.yaml", override.split())
 
 
 def test_batch_must_divide_world_size_times_accumulation():
@@ -161,8 +162,11 @@ def test_deepspeed_configs_derive_from_one_config():
     assert disc["optimizer"]["params"]["lr"] == 1e-3
     assert vae["gradient_clipping"] == cfg.train.grad_clip
     with pytest.raises(ConfigError, match="needs a GPU"):
-        deepspeed_config(load_config(ROOT / "configs/base.yaml", ["train.precision=bf16"]), "vae", 1, "cpu")
-    assert deepspeed_config(load_config(ROOT / "configs/base.yaml", ["train.precision=bf16"]), "vae", 1, "cuda")["bf16"]["enabled"]
+        deepspeed_config(load_config(ROOT / "configs/base.yaml", ["train.precision=fp16"]), "vae", 1, "cpu")
+    assert deepspeed_config(load_config(ROOT / "configs/base.yaml", ["train.precision=fp16"]), "vae", 1, "cuda")["fp16"]["enabled"]
+    for device in ("cpu", "cuda"):
+        bf16 = deepspeed_config(load_config(ROOT / "configs/base.yaml", ["train.precision=bf16"]), "disc", 1, device)
+        assert bf16["torch_autocast"] == {"enabled": True, "dtype": "bfloat16"} and not bf16["fp16"]["enabled"]
 
 
 def test_round_trip_flatten_and_run_name():

@@ -65,7 +65,14 @@ CASES = [
     "train.zero_stage=1 model.discriminator=label",
     "train.zero_stage=2 model.discriminator=pair",
     "train.zero_stage=2 model.discriminator=label train.grad_accum=2 train.global_batch_size=16",
+    # GPU-readiness paths, run on CPU: each repeats case 0 (same seed, same batches) with one change
+    "train.zero_stage=0 model.discriminator=pair train.compile=true",
+    "train.zero_stage=0 model.discriminator=pair train.precision=bf16",
+    "train.zero_stage=0 model.discriminator=pair train.channels_last=true",
 ]
+# relative agreement with case 0's first logged losses: compiled kernels and channels_last
+# reorder float sums; bf16 autocast rounds matmul and conv inputs to 8 mantissa bits
+AGREES_WITH_CASE0 = {6: 1e-3, 7: 5e-2, 8: 1e-3}
 
 
 def test_two_ranks_zero_0_1_2_both_discriminators(tmp_path, tiny_data):
@@ -75,7 +82,7 @@ def test_two_ranks_zero_0_1_2_both_discriminators(tmp_path, tiny_data):
     for case in CASES:
         args += ["--case", case]
     extensions = tmp_path / "torch_extensions"
-    result = torchrun(args, timeout=400, env={"TORCH_EXTENSIONS_DIR": str(extensions)})
+    result = torchrun(args, timeout=600, env={"TORCH_EXTENSIONS_DIR": str(extensions)})
     assert_ok(result)
     # no JIT-built op: a fresh machine pays no compile, and no stale build lock can hang a later run
     assert not extensions.exists() or not any(extensions.iterdir())
@@ -105,6 +112,11 @@ def test_two_ranks_zero_0_1_2_both_discriminators(tmp_path, tiny_data):
             assert meta["world_size"] == 2 and meta["mlflow_run_id"] and meta["config"]["name"] == "tiny"
         ds_cfg = json.loads((case_dir / "deepspeed" / "vae.json").read_text())
         assert ds_cfg["zero_optimization"]["stage"] == int(case.split()[0].split("=")[1])
+        assert ds_cfg["torch_autocast"]["enabled"] == ("precision=bf16" in case)
+        if i in AGREES_WITH_CASE0:
+            reference = metrics(run / "case0")[0]
+            for key in ("reconstruction", "swap", "kl", "adversarial", "disc_loss"):
+                assert logged[0][key] == pytest.approx(reference[key], rel=AGREES_WITH_CASE0[i]), (case, key)
 
 
 # --------------------------------------------------------------------------- determinism and resume

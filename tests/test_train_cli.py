@@ -14,7 +14,7 @@ def shards(tmp_path_factory):
 
 @pytest.mark.parametrize("extra,env,message", [
     (["train.global_batch_size=10"], {"WORLD_SIZE": "4"}, "not divisible by world size (4)"),
-    (["train.precision=bf16"], {}, "needs a GPU"),
+    (["train.precision=fp16"], {}, "needs a GPU"),
     (["data.url=/nonexistent/data"], {}, "no manifest for split 'train'"),
     (["data.num_classes=7"], {}, "data.num_classes=7 but the data has 4 classes"),
     (["--resume", "/nonexistent/step-00000003"], {}, "--resume"),

@@ -156,9 +156,12 @@ def build_modules(cfg: Config) -> tuple[VAEObjective, nn.Module]:
         cfg.model.discriminator, cfg.data.channels, cfg.data.image_size, cfg.data.num_classes, cfg.model.disc_channels,
         cfg.model.z_dim, latent_critic=cfg.loss.latent_adversarial > 0,
     )
-    if cfg.train.channels_last:
-        vae = vae.to(memory_format=torch.channels_last)
-        disc = disc.to(memory_format=torch.channels_last)
+    if cfg.train.compile:
+        # In-place Module.compile keeps parameter names, so checkpoints and final weights load into
+        # uncompiled models. The parts are compiled, not the objective: the VAE is called through
+        # encode/decode, and the critics run frozen inside the VAE step and trainable in their own.
+        for part in (vae.encoder, vae.decoder, *disc.children()):
+            part.compile()
     return VAEObjective(vae), disc
 
 
@@ -216,4 +219,9 @@ def build_engines(cfg: Config, env: DistEnv) -> Engines:
     disc_engine, _, _, _ = deepspeed.initialize(
         args=args, model=disc, model_parameters=disc.parameters(), config=configs["disc"]
     )
+    if cfg.train.channels_last:
+        # After initialize: DeepSpeed broadcasts parameters as byte views, which need the default
+        # layout. The conversion swaps each parameter's data in place, so the optimizers keep them.
+        for engine in (vae_engine, disc_engine):
+            engine.module.to(memory_format=torch.channels_last)
     return Engines(vae=vae_engine, disc=disc_engine, configs=configs)

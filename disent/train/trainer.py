@@ -245,8 +245,6 @@ class Trainer:
         self._last_checkpoint_step: int | None = None
         self._last_checkpoint: Path | None = None
 
-        if cfg.train.compile:
-            log.warning("train.compile is not supported by this trainer yet; training runs uncompiled")
         # Same weights on every rank (DeepSpeed broadcasts rank 0's anyway); per-rank noise after.
         seed_everything(cfg.seed)
         torch.use_deterministic_algorithms(True, warn_only=True)
