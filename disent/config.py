@@ -97,6 +97,7 @@ class TrainConfig:
     keep_checkpoints: int = 3
     checkpoint_upload_url: str | None = None  # s3://bucket/prefix to copy completed checkpoints to
     compile: bool = False
+    profile_steps: int = 0  # > 0: torch.profiler traces that many steps after a short warm-up
     channels_last: bool = False
     progress: bool = True
 

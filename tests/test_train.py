@@ -239,6 +239,7 @@ def test_mlflow_server_receives_params_metrics_tags_artifacts(tmp_path, tiny_dat
     overrides = tiny_overrides(run, tiny_data, **{
         "train.steps": 6, "train.eval_every": 3, "tracking.uri": mlflow_server, "tracking.system_metrics": True,
         "tracking.experiment": "server-test", "tracking.run_name": "null", "model.z_dim": 6,
+        "train.profile_steps": 2,
     })
     env = {"MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL": "0.2"}  # MLflow drops a sample cut short by the end
     result = torchrun(["train", BASE, *overrides], script=None, env=env)
@@ -269,7 +270,10 @@ def test_mlflow_server_receives_params_metrics_tags_artifacts(tmp_path, tiny_dat
     def listing(path=None):
         return {f.path for f in client.list_artifacts(r.info.run_id, path)}
 
-    assert {"config", "eval", "final"} <= listing()
+    assert {"config", "eval", "final", "profile"} <= listing()
+    assert {"profile/trace-rank0.json", "profile/top-ops-rank0.txt"} <= listing("profile")
+    assert (run / "profile" / "trace-rank1.json").is_file()  # every rank traces; rank 0 logs
+    assert "aten::convolution" in (run / "profile" / "top-ops-rank1.txt").read_text()
     assert "config/config.yaml" in listing("config")
     assert {"config/deepspeed/vae.json", "config/deepspeed/disc.json"} <= listing("config/deepspeed")
     assert {f"eval/step-00000003/{name}" for name in ("reconstructions.png", "swap_grid.png", "prior_samples.png",

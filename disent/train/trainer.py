@@ -446,12 +446,17 @@ class Trainer:
             bar = tqdm(total=total, initial=self.step, desc=cfg.name, unit="step", dynamic_ncols=True)
         metrics_file = self.run_dir / "metrics.jsonl"
         status = "FAILED"
+        profiler = None
+        if cfg.train.profile_steps > 0:
+            profiler = StepProfiler(cfg.train.profile_steps, total - self.step, self.run_dir, env.rank, self.tracker)
         try:
             log.info("training from step %d to %d (%d ranks, micro batch %d, %s)",
                      self.step, total, env.world_size, self.micro_batch, env.device_type)
             while self.step < total:
                 terms = self.train_step(batches)
                 self.step += 1
+                if profiler is not None:
+                    profiler.step()
                 window_steps += 1
                 for k, v in terms.items():
                     window[k] = window[k] + v if k in window else v
@@ -494,6 +499,8 @@ class Trainer:
                 self._save_final_weights()
             status = "KILLED" if preempted else "FINISHED"
         finally:
+            if profiler is not None:
+                profiler.stop()
             if bar is not None:
                 bar.close()
             self.preemption.restore()
@@ -527,6 +534,44 @@ class Trainer:
         atomic_torch_save({k: v.detach().cpu() for k, v in self.engines.disc_model.state_dict().items()}, final / "disc.pt")
         self.tracker.log_artifact(final / "vae.pt", "final")
         self.tracker.log_artifact(final / "disc.pt", "final")
+
+
+PROFILE_SKIP_STEPS = 5  # start-up and the first log window are not what a profile should show
+
+
+class StepProfiler:
+    """torch.profiler over `steps` training steps after PROFILE_SKIP_STEPS: every rank writes a
+    Chrome trace (chrome://tracing, Perfetto) to run_dir/profile/, rank 0 logs its trace and a
+    table of the most expensive operators to MLflow."""
+
+    def __init__(self, steps: int, steps_left: int, run_dir: Path, rank: int, tracker):
+        from torch.profiler import ProfilerActivity, profile, schedule
+
+        self.out = run_dir / "profile"
+        self.rank, self.tracker = rank, tracker
+        skip = max(0, min(PROFILE_SKIP_STEPS, steps_left - 1 - steps))  # short runs still get their trace
+        activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
+        self._profile = profile(activities=activities, record_shapes=False, on_trace_ready=self._write,
+                                schedule=schedule(wait=skip, warmup=1, active=steps, repeat=1))
+        self._profile.start()
+
+    def _write(self, prof) -> None:
+        self.out.mkdir(parents=True, exist_ok=True)
+        trace = self.out / f"trace-rank{self.rank}.json"
+        prof.export_chrome_trace(str(trace))
+        sort = "self_cuda_time_total" if torch.cuda.is_available() else "self_cpu_time_total"
+        table = prof.key_averages().table(sort_by=sort, row_limit=25)
+        (self.out / f"top-ops-rank{self.rank}.txt").write_text(table + "\n")
+        if self.rank == 0:
+            log.info("profile written to %s; most expensive operators:\n%s", self.out, table)
+            self.tracker.log_artifact(trace, "profile")
+            self.tracker.log_artifact(self.out / "top-ops-rank0.txt", "profile")
+
+    def step(self) -> None:
+        self._profile.step()
+
+    def stop(self) -> None:
+        self._profile.stop()
 
 
 def _stage0_grad_norm(engine) -> float | None:

@@ -1,0 +1,54 @@
+"""The benchmark scripts run end to end on tiny settings and print the JSON they promise.
+
+Their figures are not checked here (timing asserts do not belong in tests); see README, Benchmarks.
+"""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from train_helpers import ROOT, make_tiny_data
+
+TINY_MODEL = ["data.image_size=28", "data.channels=1", "data.num_classes=4", "model.s_dim=4", "model.z_dim=4",
+              "model.base_channels=8", "model.disc_channels=8", "train.global_batch_size=8", "train.log_every=2"]
+
+
+def bench(script: str, *args: str) -> dict:
+    env = {**os.environ, "DS_ACCELERATOR": "cpu"}
+    result = subprocess.run([sys.executable, f"benchmarks/{script}", *args], cwd=ROOT, env=env,
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return json.loads(result.stdout)
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory):
+    return make_tiny_data(tmp_path_factory.mktemp("bench-data"))
+
+
+def test_overhead_alternates_bare_and_framework(shards):
+    out = bench("bench_overhead.py", "--config", "configs/base.yaml", "--url", str(shards), "--steps", "6",
+                "--rounds", "2", *TINY_MODEL)
+    assert len(out["rounds"]) == 2 and out["framework_over_bare"] > 0
+    for row in out["rounds"]:
+        assert row["baseline"]["samples_per_s"] > 0 and row["candidate"]["samples_per_s"] > 0
+        assert 0 <= row["candidate"]["data_wait_fraction"] < 1
+
+
+def test_scaling_runs_one_and_two_ranks(shards):
+    out = bench("bench_scaling.py", "--config", "configs/base.yaml", "--url", str(shards), "--steps", "6",
+                "--rounds", "1", "--per-rank-batch", "4", *TINY_MODEL)
+    assert out["two_over_one"] > 0 and out["per_rank_batch"] == 4
+
+
+def test_growth_reports_time_and_memory_per_configuration():
+    out = bench("bench_growth.py", "--config", "configs/base.yaml", "--sizes", "28", "32", "--batches", "4",
+                "--steps", "2")
+    assert [(r["image_size"], r["batch"]) for r in out["rows"]] == [(28, 4), (32, 4)]
+    for row in out["rows"]:
+        assert row["step_ms"] > 0 and row["peak_rss_mib"] > row["step_rss_mib"] >= 0
+    assert out["rows"][0]["step_time_ratio"] > 0
