@@ -40,8 +40,9 @@ def measure_one(config: str, size: int, batch: int, steps: int, device: str) -> 
     loop = BareLoop(config, [f"data.image_size={size}", f"train.global_batch_size={batch}"], threads=1, device=device)
     before = _status_mib("VmRSS")
     rate = loop.rate(steps, warmup=3)
+    peak = _status_mib("VmHWM")
     out = {"image_size": size, "batch": batch, "step_ms": rate["step_ms"], "samples_per_s": rate["samples_per_s"],
-           "peak_rss_mib": _status_mib("VmHWM"), "step_rss_mib": _status_mib("VmHWM") - before}
+           "peak_rss_mib": peak, "step_rss_mib": peak - before}
     if device == "cuda":
         out["cuda_peak_mib"] = torch.cuda.max_memory_allocated() / 2**20
     return out

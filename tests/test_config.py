@@ -82,7 +82,7 @@ def test_wrong_type_names_key_expected_type_and_value():
 )
 def test_wrong_types(override, expected):
     with pytest.raises(ConfigError, match=expected):
-        load_config(ROOT / "configs/base.yaml", override.split())
+        load_config(ROOT / "configs/base.yaml", [override])
 
 
 def test_missing_required_value_is_named(tmp_path):

@@ -561,11 +561,12 @@ class StepProfiler:
         prof.export_chrome_trace(str(trace))
         sort = "self_cuda_time_total" if torch.cuda.is_available() else "self_cpu_time_total"
         table = prof.key_averages().table(sort_by=sort, row_limit=25)
-        (self.out / f"top-ops-rank{self.rank}.txt").write_text(table + "\n")
+        top_ops = self.out / f"top-ops-rank{self.rank}.txt"
+        atomic_write_bytes(top_ops, (table + "\n").encode())
         if self.rank == 0:
             log.info("profile written to %s; most expensive operators:\n%s", self.out, table)
             self.tracker.log_artifact(trace, "profile")
-            self.tracker.log_artifact(self.out / "top-ops-rank0.txt", "profile")
+            self.tracker.log_artifact(top_ops, "profile")
 
     def step(self) -> None:
         self._profile.step()
