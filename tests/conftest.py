@@ -1,6 +1,11 @@
 """Shared fixtures. S3: a real SeaweedFS server on 127.0.0.1 for the whole session (tests/s3server.py)."""
 from __future__ import annotations
 
+import faulthandler
+import multiprocessing
+import sys
+import threading
+
 import pytest
 
 from mlflowserver import MLflowServer
@@ -40,3 +45,22 @@ def mlflow_server(tmp_path_factory):
         pytest.fail(str(exc), pytrace=False)
     yield server.uri
     server.stop()
+
+
+def pytest_terminal_summary(terminalreporter):
+    """Name what is still running in this process once the tests are done: any of it can keep the
+    interpreter from exiting."""
+    children = multiprocessing.active_children()
+    threads = [t for t in threading.enumerate() if t is not threading.main_thread() and not t.daemon]
+    if children or threads:
+        terminalreporter.section("still running after the tests", yellow=True)
+        for child in children:
+            terminalreporter.line(f"child process {child.name} pid {child.pid} (daemon={child.daemon})")
+        for thread in threads:
+            terminalreporter.line(f"non-daemon thread {thread.name}")
+
+
+def pytest_unconfigure(config):
+    """A process that cannot exit after its summary would hold CI until its time limit: after 120 s
+    print every thread's stack and exit with status 1 instead."""
+    faulthandler.dump_traceback_later(120, exit=True, file=sys.__stderr__)

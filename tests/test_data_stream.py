@@ -5,6 +5,8 @@ import json
 import multiprocessing as mp
 import shutil
 import socket
+import subprocess
+import sys
 import warnings
 from pathlib import Path
 
@@ -187,6 +189,29 @@ def test_every_rank_yields_the_same_number_of_batches_with_uneven_shards(tmp_pat
         assert per_epoch == {0: P, 1: P, 2: 1}
     # The ranks read different data (shards are split between them).
     assert by_rank[0][3][0] != by_rank[1][3][0]
+
+
+_EXIT_WITH_LIVE_WORKERS = """
+import sys
+from disent.config import DataConfig
+from disent.data.stream import PairLoader
+cfg = DataConfig(url=sys.argv[1], image_size=8, channels=1, num_classes=4, shuffle_buffer=16, num_workers=2)
+loader = PairLoader(cfg, "train", batch_size=4)
+it = iter(loader)
+next(it)
+keep = [loader]
+keep.append(keep)  # still alive when the interpreter's exit hooks run
+print("leaving", flush=True)
+"""
+
+
+@pytest.mark.slow
+def test_a_process_exits_while_its_loader_workers_still_run(dataset):
+    # Workers ignore SIGTERM; multiprocessing's exit hook would terminate-then-join them forever.
+    proc = subprocess.run([sys.executable, "-c", _EXIT_WITH_LIVE_WORKERS, str(dataset)], capture_output=True,
+                          text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    assert "leaving" in proc.stdout
 
 
 def test_batches_per_epoch_is_the_same_on_every_rank(dataset):

@@ -35,10 +35,12 @@ fails in one run and not in the other changes what follows.
 """
 from __future__ import annotations
 
+import atexit
 import logging
 import random
 import time
 import warnings
+import weakref
 from typing import Any, Iterator
 
 import numpy as np
@@ -314,6 +316,18 @@ def _ignore_stop_signals(_worker_id: int) -> None:
         signal.signal(sig, signal.SIG_IGN)
 
 
+# Loaders whose workers may be running. Because the workers ignore SIGTERM, multiprocessing's exit
+# hook (terminate, then join, every daemonic child) would wait on them forever; this hook, registered
+# after it and so run before it, stops them first.
+_loaders_with_workers: weakref.WeakSet[PairLoader] = weakref.WeakSet()
+
+
+@atexit.register
+def _close_loaders_at_exit() -> None:
+    for loader in list(_loaders_with_workers):
+        loader.close()
+
+
 class PairLoader:
     """Batches of same-class pairs, forever (epoch after epoch), equal in number on every rank.
 
@@ -405,12 +419,21 @@ class PairLoader:
         self._loader = DataLoader(_PairIterable(ds), batch_size=None, num_workers=workers,
                                   pin_memory=torch.cuda.is_available(), **kwargs)
         self._iter = iter(self._loader)
+        if workers > 0:
+            _loaders_with_workers.add(self)
 
     def close(self) -> None:
         """Stop the worker processes (iteration restarts them where it left off)."""
         it, self._iter, self._loader = self._iter, None, None
-        if it is not None and hasattr(it, "_shutdown_workers"):
-            it._shutdown_workers()
+        _loaders_with_workers.discard(self)
+        if it is None or not hasattr(it, "_shutdown_workers"):
+            return
+        it._shutdown_workers()
+        # torch ends a worker that does not stop in time with SIGTERM, which ours ignore.
+        for worker in it._workers:
+            if worker.is_alive():
+                worker.kill()
+                worker.join(timeout=5)
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
         while True:
