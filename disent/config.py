@@ -39,7 +39,7 @@ class DataConfig:
     channels: int = 1
     num_classes: int = 10
     shuffle_buffer: int = 512  # groups held for re-pairing across groups
-    num_workers: int = 1
+    num_workers: int | Literal["auto"] = "auto"  # DataLoader workers per rank; auto: see resolve_num_workers
     prefetch_factor: int = 4
     on_error: Literal["raise", "skip"] = "raise"
     verify_checksums: bool = False  # sha256 of every shard read; costs one extra hash pass
@@ -385,8 +385,8 @@ def validate(cfg: Config, world_size: int | None = None) -> None:
         raise ConfigError(f"config key 'data.image_size' must be 28, 32 or 64, got {cfg.data.image_size}")
     if cfg.data.channels not in (1, 3):
         raise ConfigError(f"config key 'data.channels' must be 1 or 3, got {cfg.data.channels}")
-    if cfg.data.num_workers < 0:
-        raise ConfigError(f"config key 'data.num_workers' must be >= 0, got {cfg.data.num_workers}")
+    if cfg.data.num_workers != "auto" and cfg.data.num_workers < 0:
+        raise ConfigError(f"config key 'data.num_workers' must be >= 0 or auto, got {cfg.data.num_workers}")
     if cfg.model.base_channels % 8:
         raise ConfigError(
             f"config key 'model.base_channels' must be a multiple of 8 (GroupNorm uses 8 groups), "

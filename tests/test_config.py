@@ -78,6 +78,7 @@ def test_wrong_type_names_key_expected_type_and_value():
         ("optim.vae.betas=0.5", "must be a list of float"),
         ("data=3", "must be a mapping"),
         ("tracking.uri=[1]", "must be str or null"),
+        ("data.num_workers=many", "must be int or one of 'auto'"),
     ],
 )
 def test_wrong_types(override, expected):
@@ -130,6 +131,7 @@ def test_malformed_override():
     "override, expected",
     [
         ("data.image_size=30", "28, 32 or 64"),
+        ("data.num_workers=-1", ">= 0 or auto"),
         ("train.zero_stage=3", "0, 1 or 2"),
         ("train.channels_last=true train.zero_stage=1", "needs train.zero_stage=0"),
         ("train.global_batch_size=0", "must be > 0"),

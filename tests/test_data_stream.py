@@ -18,7 +18,7 @@ from disent.config import ConfigError, DataConfig
 from disent.data.errors import ShardError
 from disent.data.manifest import read_manifest
 from disent.data.prepare import PrepareOptions, prepare
-from disent.data.stream import PairLoader, iter_groups, load_split_arrays
+from disent.data.stream import PairLoader, iter_groups, load_split_arrays, resolve_num_workers
 from test_data_prepare import make_npz
 
 N_CLASSES = 4
@@ -212,6 +212,24 @@ def test_a_process_exits_while_its_loader_workers_still_run(dataset):
                           text=True, timeout=60)
     assert proc.returncode == 0, proc.stderr
     assert "leaving" in proc.stdout
+
+
+@pytest.mark.parametrize("cpus_per_rank, local_ranks, expected", [
+    ("1", None, 0), ("2", None, 1), ("3", "8", 2), ("16", None, 4),    # the launcher's share decides
+    (None, "2", 0), (None, "1", 1), (None, None, 1),                    # else 2 usable CPUs / local ranks
+])
+def test_auto_workers_use_the_cores_a_rank_has_beyond_its_own(monkeypatch, cpus_per_rank, local_ranks, expected):
+    import launcher.topology
+
+    monkeypatch.setattr(launcher.topology, "available_cpus", lambda: 2)
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")  # a thread limit leaves the other cores to workers
+    for name, value in (("DISENT_CPUS_PER_RANK", cpus_per_rank), ("LOCAL_WORLD_SIZE", local_ranks)):
+        if value is None:
+            monkeypatch.delenv(name, raising=False)
+        else:
+            monkeypatch.setenv(name, value)
+    assert resolve_num_workers("auto") == expected
+    assert resolve_num_workers(3) == 3
 
 
 def test_batches_per_epoch_is_the_same_on_every_rank(dataset):

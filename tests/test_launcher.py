@@ -193,6 +193,7 @@ def test_cli_dry_run_in_a_slurm_step():
     assert out["mode"] == "slurm" and out["world_size"] == 4
     (rank,) = out["ranks"]
     assert rank["RANK"] == "0" and rank["MASTER_ADDR"] == "gpu01" and rank["OMP_NUM_THREADS"] == "6"
+    assert rank["DISENT_CPUS_PER_RANK"] == "6"  # what data.num_workers=auto sizes from
 
 
 def test_cli_refusal_is_one_clear_line_and_exit_2():

@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import atexit
 import logging
+import os
 import random
 import time
 import warnings
@@ -307,6 +308,25 @@ def _worker_context() -> str | None:
     return None
 
 
+def resolve_num_workers(setting: int | str) -> int:
+    """``data.num_workers``; ``auto`` gives a rank one worker per core it has beyond its own, at most
+    4, and none when the ranks fill the machine's cores: a worker that competes with a rank for a
+    core delays that rank at every all-reduce by more than the decoding it takes over (README,
+    Benchmarks). A rank's cores: ``DISENT_CPUS_PER_RANK`` (the launcher's share, Slurm's
+    --cpus-per-task), else the usable CPUs divided by ``LOCAL_WORLD_SIZE``. Thread limits such as
+    OMP_NUM_THREADS do not count: they leave the other cores free for workers."""
+    if setting != "auto":
+        return int(setting)
+    from launcher.topology import available_cpus
+
+    def positive(name: str) -> int | None:
+        value = os.environ.get(name, "")
+        return int(value) if value.isdigit() and int(value) > 0 else None
+
+    cores = positive("DISENT_CPUS_PER_RANK") or available_cpus() // (positive("LOCAL_WORLD_SIZE") or 1)
+    return max(0, min(4, cores - 1))
+
+
 def _ignore_stop_signals(_worker_id: int) -> None:
     """Workers leave preemption to the trainer: Slurm signals every process of a step, and a worker
     that died of SIGTERM would crash the rank before it could write its checkpoint."""
@@ -357,6 +377,7 @@ class PairLoader:
         self.rank, self.world_size = rank, world_size
         self.seed = seed
         self.with_ids = with_ids
+        self.num_workers = resolve_num_workers(data_cfg.num_workers)
         self.manifest = open_split(data_cfg, split)
         self.batches_per_epoch = max(1, (self.manifest.num_samples // 2) // (batch_size * world_size))
         self.wait_seconds = 0.0
@@ -389,7 +410,7 @@ class PairLoader:
             "batches_per_epoch": self.batches_per_epoch,
             "batch_size": self.batch_size,
             "world_size": self.world_size,
-            "num_workers": self.data_cfg.num_workers,
+            "num_workers": self.num_workers,
             "manifest_digest": self.manifest.digest,
         }
 
@@ -398,7 +419,7 @@ class PairLoader:
         same = (state.get("seed", self.seed) == self.seed
                 and state.get("batches_per_epoch", self.batches_per_epoch) == self.batches_per_epoch
                 and state.get("world_size", self.world_size) == self.world_size
-                and state.get("num_workers", self.data_cfg.num_workers) == self.data_cfg.num_workers
+                and state.get("num_workers", self.num_workers) == self.num_workers
                 and state.get("manifest_digest", self.manifest.digest) == self.manifest.digest)
         if not same:
             log.warning("data loader state was saved with other settings (seed, batch size, world size, workers "
@@ -409,7 +430,7 @@ class PairLoader:
 
     # -- iteration
     def _start(self) -> None:
-        workers = self.data_cfg.num_workers
+        workers = self.num_workers
         ds = _PairDataset(self.manifest, self.data_cfg, self.batch_size, self.rank, self.world_size, self.seed,
                           workers, self.batches_per_epoch, self._k, self.with_ids)
         kwargs: dict[str, Any] = {}

@@ -376,6 +376,7 @@ class Trainer:
         params = flatten(to_dict(self.cfg))
         params["derived.world_size"] = self.env.world_size
         params["derived.micro_batch_size"] = self.micro_batch
+        params["derived.loader_workers"] = getattr(self.loader, "num_workers", None)  # data.num_workers=auto
         self.run_id = self.tracker.start(run_id=run_id, run_name=run_name(self.cfg), params=params, tags=tags)
         if self.env.is_main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
@@ -450,8 +451,9 @@ class Trainer:
         if cfg.train.profile_steps > 0:
             profiler = StepProfiler(cfg.train.profile_steps, total - self.step, self.run_dir, env.rank, self.tracker)
         try:
-            log.info("training from step %d to %d (%d ranks, micro batch %d, %s)",
-                     self.step, total, env.world_size, self.micro_batch, env.device_type)
+            log.info("training from step %d to %d (%d ranks, micro batch %d, %s loader workers per rank, %s)",
+                     self.step, total, env.world_size, self.micro_batch, getattr(self.loader, "num_workers", "?"),
+                     env.device_type)
             while self.step < total:
                 terms = self.train_step(batches)
                 self.step += 1
