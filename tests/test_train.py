@@ -119,6 +119,21 @@ def test_two_ranks_zero_0_1_2_both_discriminators(tmp_path, tiny_data):
                 assert logged[0][key] == pytest.approx(reference[key], rel=AGREES_WITH_CASE0[i]), (case, key)
 
 
+def test_one_rank_zero_0_skips_the_self_all_reduce_and_matches_zero_1(tmp_path, tiny_data):
+    """With one rank, ZeRO 0 skips DeepSpeed's gradient all-reduce; its weights match ZeRO 1's, which reduces."""
+    run = tmp_path / "run"
+    args = ["--dump-params", *tiny_overrides(run, tiny_data, **{"train.steps": 4, "train.checkpoint_every": 4}),
+            "--case", "train.zero_stage=0", "--case", "train.zero_stage=1"]
+    assert_ok(torchrun(args, nproc=1, timeout=300))
+    zero0 = torch.load(run / "case0" / "params-rank0-step4.pt", weights_only=True)
+    zero1 = torch.load(run / "case1" / "params-rank0-step4.pt", weights_only=True)
+    assert zero0.keys() == zero1.keys()
+    for key in zero0:
+        torch.testing.assert_close(zero0[key], zero1[key], rtol=1e-4, atol=1e-6, msg=key)
+    assert metrics(run / "case0")[0]["grad_norm/vae"] == pytest.approx(metrics(run / "case1")[0]["grad_norm/vae"],
+                                                                       rel=1e-4)
+
+
 # --------------------------------------------------------------------------- determinism and resume
 
 
