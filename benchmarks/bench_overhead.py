@@ -12,6 +12,8 @@ Both sides single process, one compute thread (OMP_NUM_THREADS=1), measured in a
   the final checkpoint and the final evaluation are outside the windows.
 * bare: the same model, losses (`disent.models.objective`), AdamW optimizers and gradient
   clipping in a plain PyTorch loop on uint8 batches already in memory (benchmarks/harness.py).
+  `--bare-keeps-freed-memory` gives it the glibc malloc thresholds `disent train` sets
+  (`keep_freed_memory_for_reuse`), to compare like with like.
 
 Prints one JSON object: every round, the median rates and the median framework/bare ratio.
 """
@@ -31,8 +33,15 @@ def main() -> None:
     parser.add_argument("--url", default="data/fashion_mnist", help="prepared shards (disent prepare ...)")
     parser.add_argument("--steps", type=int, default=200, help="steps per round and side")
     parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--bare-keeps-freed-memory", action="store_true",
+                        help="the bare loop also fixes glibc's malloc thresholds, as disent train does")
     parser.add_argument("overrides", nargs="*", help="config overrides for both sides")
     args = parser.parse_args()
+    if args.bare_keeps_freed_memory:
+        from disent.train.engines import keep_freed_memory_for_reuse
+
+        if not keep_freed_memory_for_reuse():
+            raise SystemExit("--bare-keeps-freed-memory: not glibc, or the environment sets the allocator")
     bare = BareLoop(args.config, args.overrides, threads=1)
     with tempfile.TemporaryDirectory() as tmp:
         result = alternate(
@@ -42,7 +51,7 @@ def main() -> None:
         )
     print(json.dumps({
         "benchmark": "framework vs bare PyTorch", "config": args.config, "steps": args.steps, "threads": 1,
-        "overrides": args.overrides, **result, "framework_over_bare": result["ratio"],
+        "overrides": args.overrides, "bare_keeps_freed_memory": args.bare_keeps_freed_memory, **result, "framework_over_bare": result["ratio"],
     }, indent=2))
 
 

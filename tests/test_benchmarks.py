@@ -32,8 +32,8 @@ def shards(tmp_path_factory):
 
 def test_overhead_alternates_bare_and_framework(shards):
     out = bench("bench_overhead.py", "--config", "configs/base.yaml", "--url", str(shards), "--steps", "6",
-                "--rounds", "2", *TINY_MODEL)
-    assert len(out["rounds"]) == 2 and out["framework_over_bare"] > 0
+                "--rounds", "2", "--bare-keeps-freed-memory", *TINY_MODEL)
+    assert len(out["rounds"]) == 2 and out["framework_over_bare"] > 0 and out["bare_keeps_freed_memory"]
     for row in out["rounds"]:
         assert row["baseline"]["samples_per_s"] > 0 and row["candidate"]["samples_per_s"] > 0
         assert 0 <= row["candidate"]["data_wait_fraction"] < 1

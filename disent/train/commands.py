@@ -94,10 +94,11 @@ def run_training(
     eval_hooks=None,
 ) -> int:
     """Join the process group, train, leave it. Returns the exit code (0, or 75 when preempted)."""
-    from disent.train.engines import detect_env, init_distributed, shutdown_distributed
+    from disent.train.engines import detect_env, init_distributed, keep_freed_memory_for_reuse, shutdown_distributed
 
     env = detect_env()
     setup_logging(env.rank)
+    keep_freed_memory_for_reuse()
     init_distributed(env)
     try:
         return train_in_group(cfg, env, resume, auto_resume, loader_factory, manifest_digest, eval_hooks)

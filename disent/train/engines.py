@@ -92,6 +92,34 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
+# glibc hands freed blocks above its adaptive mmap threshold back to the kernel and trims the heap
+# top, so each step's large activations and gradients are page-faulted and zeroed anew: measured
+# here at 31k page faults and ~50 ms of kernel time per training step (bare PyTorch: 6.7k, 13 ms).
+# Fixed thresholds keep freed memory in the heap for the next step, as a caching allocator would.
+MALLOC_MMAP_THRESHOLD = 32 << 20  # glibc's ceiling for this setting on 64-bit
+MALLOC_TRIM_THRESHOLD = 256 << 20
+_ALLOCATOR_SETTINGS = ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_", "MALLOC_ARENA_MAX", "GLIBC_TUNABLES",
+                       "LD_PRELOAD")
+
+
+def keep_freed_memory_for_reuse() -> bool:
+    """Fix glibc's mmap and trim thresholds for this process (its DataLoader workers inherit them).
+    Returns whether they were set: not off glibc, and not where the environment already chooses the
+    allocator or its settings (jemalloc/tcmalloc through LD_PRELOAD, MALLOC_*_, GLIBC_TUNABLES)."""
+    import ctypes
+    import platform
+
+    if platform.libc_ver()[0] != "glibc" or any(os.environ.get(name) for name in _ALLOCATOR_SETTINGS):
+        return False
+    try:
+        mallopt = ctypes.CDLL(None).mallopt
+    except (OSError, AttributeError):
+        return False
+    m_trim_threshold, m_mmap_threshold = -1, -3  # <malloc.h>
+    return mallopt(m_mmap_threshold, MALLOC_MMAP_THRESHOLD) == 1 and mallopt(m_trim_threshold,
+                                                                             MALLOC_TRIM_THRESHOLD) == 1
+
+
 def init_distributed(env: DistEnv) -> None:
     """Join the process group (gloo on CPU, nccl on GPU); a lone process gets a local one."""
     if env.device_type == "cpu":
