@@ -36,7 +36,7 @@ def disent(*args: str) -> list[str]:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m disent.demo", description=__doc__)
-    parser.add_argument("--steps", type=int, default=600, help="training steps (default: 600, about 2 minutes on 2 cores)")
+    parser.add_argument("--steps", type=int, default=600, help="training steps (default: 600, about 75 s on 2 cores)")
     parser.add_argument("--nproc", type=int, default=2, help="CPU ranks")
     args = parser.parse_args(argv)
     started = time.monotonic()
