@@ -6,7 +6,7 @@
 Both sides single process, one compute thread (OMP_NUM_THREADS=1), measured in alternating rounds:
 
 * framework: `disent train` as users run it, with the config's defaults: the WebDataset
-  PairLoader on real shards (one loader worker, in its own process), both DeepSpeed engines
+  PairLoader on real shards (`data.num_workers: auto`: one loader worker here), both DeepSpeed engines
   (ZeRO 0, fp32), MLflow logging to a local store every `train.log_every` steps. Its rate is the
   trainer's own `samples_per_s`, averaged over the log windows after the first (warm-up); start-up,
   the final checkpoint and the final evaluation are outside the windows.
