@@ -51,7 +51,8 @@ def main() -> None:
         )
     print(json.dumps({
         "benchmark": "framework vs bare PyTorch", "config": args.config, "steps": args.steps, "threads": 1,
-        "overrides": args.overrides, "bare_keeps_freed_memory": args.bare_keeps_freed_memory, **result, "framework_over_bare": result["ratio"],
+        "overrides": args.overrides, "bare_keeps_freed_memory": args.bare_keeps_freed_memory, **result,
+        "framework_over_bare": result["ratio"],
     }, indent=2))
 
 

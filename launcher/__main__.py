@@ -50,9 +50,10 @@ def rank_environment(topology: Topology, base: dict[str, str], local_rank: int |
                      gpus: int) -> dict[str, str]:
     env = dict(base)
     env.update(topology.rank_env(local_rank, port))
+    cores = str(threads_per_rank(topology))
     for name in THREAD_VARS:
-        env.setdefault(name, str(threads_per_rank(topology)))
-    env["DISENT_CPUS_PER_RANK"] = str(threads_per_rank(topology))  # data.num_workers=auto sizes from it
+        env.setdefault(name, cores)
+    env["DISENT_CPUS_PER_RANK"] = cores  # data.num_workers=auto sizes from it
     if not gpus:
         env.setdefault("DS_ACCELERATOR", "cpu")  # DeepSpeed would otherwise probe for CUDA
     env["DISENT_LAUNCHER_MODE"] = topology.mode
