@@ -15,9 +15,11 @@ TEST_STAMP := $(VENV)/.disent-test-installed
 # On CPU-only machines a CPU wheel of this version lies on local disk; elsewhere pip picks the
 # build for the platform. A torch that is already installed is kept.
 TORCH_SPEC ?= torch==2.13.0
-# Debian packages: the demo's real data; the tests also start a single-node Slurm cluster.
+# Debian packages: the demo's real data; the typefaces `disent prepare glyphs` renders; the tests
+# also start a single-node Slurm cluster.
 DEMO_APT_PACKAGES ?= dataset-fashion-mnist
-TEST_APT_PACKAGES ?= $(DEMO_APT_PACKAGES) munge slurmctld slurmd slurm-client
+FONT_APT_PACKAGES ?= fonts-urw-base35
+TEST_APT_PACKAGES ?= $(DEMO_APT_PACKAGES) $(FONT_APT_PACKAGES) munge slurmctld slurmd slurm-client
 PYTEST_ARGS ?=
 
 export DS_ACCELERATOR ?= cpu

@@ -30,17 +30,14 @@ class BareLoop:
         import torch
 
         from disent.config import load_config
-        from disent.models import DisentVAE, build_critics
+        from disent.models import critics_from_config, vae_from_config
 
         torch.set_num_threads(threads)
         cfg = self.cfg = load_config(ROOT / config, overrides)
         torch.manual_seed(cfg.seed)
         self.device = torch.device(device)
-        self.vae = DisentVAE(cfg.data.channels, cfg.data.image_size, cfg.model.s_dim, cfg.model.z_dim,
-                             cfg.model.base_channels).to(self.device)
-        self.critics = build_critics(cfg.model.discriminator, cfg.data.channels, cfg.data.image_size,
-                                     cfg.data.num_classes, cfg.model.disc_channels, cfg.model.z_dim,
-                                     cfg.loss.latent_adversarial > 0).to(self.device)
+        self.vae = vae_from_config(cfg).to(self.device)
+        self.critics = critics_from_config(cfg).to(self.device)
         self.opt_vae = torch.optim.AdamW(self.vae.parameters(), cfg.optim.vae.lr, betas=tuple(cfg.optim.vae.betas))
         self.opt_disc = torch.optim.AdamW(self.critics.parameters(), cfg.optim.disc.lr,
                                           betas=tuple(cfg.optim.disc.betas))
@@ -48,7 +45,7 @@ class BareLoop:
         self.batch_size = b
         self.batches = [
             {k: torch.randint(0, 256, (b, *shape), dtype=torch.uint8) for k in ("x1", "x1p", "x2", "x2p")}
-            | {"y2": torch.randint(0, cfg.data.num_classes, (b,))}
+            | {y: torch.randint(0, cfg.data.num_classes, (b,)) for y in ("y1", "y2")}
             for _ in range(8)
         ]
         self.steps_done = 0
@@ -61,10 +58,10 @@ class BareLoop:
         cfg = self.cfg
         batch = self.batches[self.steps_done % len(self.batches)]
         x = {k: batch[k].to(self.device).float().div_(255) for k in ("x1", "x1p", "x2", "x2p")}
-        y2 = batch["y2"].to(self.device)
+        y1, y2 = batch["y1"].to(self.device), batch["y2"].to(self.device)
         self.critics.requires_grad_(False)
         loss, _, fakes = vae_losses(self.vae, self.critics, x["x1"], x["x1p"], x["x2"], x["x2p"], y2, cfg.loss,
-                                    self.steps_done)
+                                    self.steps_done, y1=y1)
         self.opt_vae.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(self.vae.parameters(), cfg.train.grad_clip)

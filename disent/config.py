@@ -19,11 +19,13 @@ from typing import Any, Literal
 
 import yaml
 
+from disent.errors import InputError
+
 OVERRIDE_ORIGIN = "the command line"
 _YAML11_EXPONENT = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+")
 
 
-class ConfigError(ValueError):
+class ConfigError(InputError):
     """A config problem a user must fix; the CLI prints it without a traceback and exits 2."""
 
 
@@ -52,6 +54,9 @@ class ModelConfig:
     base_channels: int = 32
     discriminator: Literal["pair", "label"] = "pair"
     disc_channels: int = 32
+    # transposed: stride-2 transposed convs (the authors'); upsample: nearest 2x then a 3x3 conv, which
+    # has no checkerboard pattern (Odena et al., 2016)
+    decoder: Literal["transposed", "upsample"] = "transposed"
 
 
 @dataclass
@@ -67,6 +72,9 @@ class LossConfig:
     adversarial_warmup_steps: int = 0
     # Extension beyond the paper: weight of the latent critic's term (0 = off, as in the paper).
     latent_adversarial: float = 0.0
+    # Extension: weight of a label-aware adversary on the mean of z (0 = off): a classifier guesses the
+    # class from mu and the encoder is trained to leave it at a uniform guess.
+    class_adversarial: float = 0.0
 
 
 @dataclass

@@ -15,6 +15,7 @@ import socket
 import sys
 import time
 
+from disent.errors import ExitCode
 from launcher.supervise import log, run_group
 from launcher.topology import LaunchError, Topology, available_cpus, gpu_count, resolve
 
@@ -88,13 +89,13 @@ def main(argv: list[str] | None = None) -> int:
     if not command:
         print("launcher: error: no command given; usage: python -m launcher [options] -- COMMAND [ARGS...]",
               file=sys.stderr)
-        return 2
+        return ExitCode.INPUT_ERROR
     env = dict(os.environ)
     try:
         topology = resolve(env, nproc=args.nproc, max_restarts=args.max_restarts)
     except LaunchError as exc:
         print(f"launcher: error: {exc}", file=sys.stderr)
-        return 2
+        return ExitCode.INPUT_ERROR
     gpus = gpu_count(env)
 
     if args.dry_run:
@@ -113,8 +114,9 @@ def main(argv: list[str] | None = None) -> int:
             wait_for_name(topology.master_addr, topology.master_port,
                           float(env.get("DISENT_RENDEZVOUS_TIMEOUT", "900")))
         except LaunchError as exc:
+            # Pod 0 may still be pending (a full cluster): let the Job try again rather than fail it.
             print(f"launcher: error: {exc}", file=sys.stderr)
-            return 2
+            return ExitCode.RETRYABLE
 
     single = not topology.spawn or (topology.nproc_per_node == 1 and args.max_restarts == 0)
     if single:

@@ -3,8 +3,10 @@
 One rank failing takes the others down (SIGTERM, then SIGKILL after a grace period), so a
 dead rank never leaves its peers hanging in a collective. A failed group is restarted up to
 `max_restarts` times with a fresh rendezvous port; the program resumes from its checkpoints.
-Exit code 75 (EX_TEMPFAIL, "preempted, requeue me") is propagated and never restarted here:
-the scheduler that preempted us decides when to run again.
+Exit codes (disent.errors.ExitCode): 75 (preempted, requeue me) is propagated and never restarted
+here, since the scheduler that preempted us decides when to run again; 2 (input error) is never
+restarted, since a restart fails the same way; anything else, 69 (a retryable failure) included,
+is restarted while restarts remain.
 """
 from __future__ import annotations
 
@@ -17,10 +19,9 @@ import sys
 import time
 from typing import Callable
 
+from disent.errors import ExitCode
 from launcher.topology import Topology
 
-EX_TEMPFAIL = 75
-EX_USAGE = 2  # disent exits 2 for config and input errors
 FORWARDED = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT, signal.SIGHUP)
 POLL_S = 0.1
 
@@ -129,21 +130,24 @@ def run_group(
             if first_failure is None:
                 return 0
             rank, code = first_failure
-            if received or code == EX_TEMPFAIL:
+            if received or code == ExitCode.PREEMPTED:
                 why = f"signal {signal.Signals(received[0]).name}" if received else f"rank {rank} exited {code}"
                 codes = sorted(set(group.codes.values()))
-                if all(c in (0, EX_TEMPFAIL) for c in codes):
-                    log(f"preempted ({why}): ranks stopped with {codes}; exit {EX_TEMPFAIL} so the job is requeued")
-                    return EX_TEMPFAIL
+                if all(c in (0, ExitCode.PREEMPTED) for c in codes):
+                    log(f"preempted ({why}): ranks stopped with {codes}; exit {int(ExitCode.PREEMPTED)} "
+                        "so the job is requeued")
+                    return ExitCode.PREEMPTED
                 log(f"stopped by {why}; ranks exited with {codes}")
                 return code
             global_rank = topology.node_rank * topology.nproc_per_node + rank
-            if code == EX_USAGE:  # a config or input error: restarting cannot fix it
-                log(f"rank {global_rank} exited with code {EX_USAGE}: its input was refused; not restarting")
-                return EX_USAGE
+            if code == ExitCode.INPUT_ERROR:  # a config or input error: restarting cannot fix it
+                log(f"rank {global_rank} exited with code {int(ExitCode.INPUT_ERROR)}: its input was refused; "
+                    "not restarting")
+                return ExitCode.INPUT_ERROR
             if attempt < max_restarts:
                 attempt += 1
-                log(f"rank {global_rank} exited with code {code}; stopping the group and restarting "
+                kind = " (a retryable failure)" if code == ExitCode.RETRYABLE else ""
+                log(f"rank {global_rank} exited with code {code}{kind}; stopping the group and restarting "
                     f"({attempt}/{max_restarts}); the program resumes from its latest checkpoint")
                 continue
             suffix = f" after {max_restarts} restart(s)" if max_restarts else ""
@@ -165,7 +169,7 @@ def _watch(group: Group, grace_s: float, received: list[int]) -> tuple[int, int]
             if code != 0 and first_failure is None:
                 first_failure = (rank, code)
                 if group.running:
-                    if code != EX_TEMPFAIL and not received:
+                    if code != ExitCode.PREEMPTED and not received:
                         # A crash: tell the others to stop now. (On 75 they are stopping already.)
                         log(f"local rank {rank} exited with code {code}; terminating the other rank(s)")
                         group.signal(signal.SIGTERM)

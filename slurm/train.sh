@@ -18,11 +18,17 @@
 #   PYTHON               the interpreter with disent installed (default: python3 on PATH)
 #   TRAIN_CMD            the training command (default: disent train)
 #
-# Preemption: Slurm sends SIGUSR1 120 s before the time limit (--signal=USR1@120), and SIGTERM when
-# the job is preempted, cancelled or requeued. The trainer finishes its step, writes a checkpoint
-# and exits 75; srun then returns 75 and this script requeues the job (--requeue). The requeued
-# job runs this script again and the trainer resumes from the latest complete checkpoint in
-# run_dir. The output file is appended to, so one file holds every restart of the job.
+#   MAX_RETRIES          requeues after retryable failures (exit 69) before the job fails (default 3)
+#
+# Exit codes (disent.errors.ExitCode, read from the installed package below; docs/faults.md):
+#   75  preempted: Slurm sends SIGUSR1 120 s before the time limit (--signal=USR1@120), and SIGTERM
+#       when the job is preempted, cancelled or requeued. The trainer finishes its step, writes a
+#       checkpoint and exits 75; this script requeues the job (--requeue), always.
+#   69  a retryable failure (S3 unreachable past its retries, a shard failing mid-run, a lost peer):
+#       requeued up to MAX_RETRIES times, counted in the job's Comment field across requeues.
+#   2   an input error (config, data at start, checkpoint): never requeued; fix the input.
+# A requeued job runs this script again and the trainer resumes from the latest complete checkpoint
+# in run_dir. The output file is appended to, so one file holds every restart of the job.
 #
 #SBATCH --job-name=disent
 #SBATCH --nodes=1
@@ -36,7 +42,13 @@
 #SBATCH --requeue
 set -uo pipefail
 
-EX_TEMPFAIL=75
+PYTHON=${PYTHON:-python3}
+if ! codes=$("${PYTHON}" -m disent.errors --shell); then
+  echo "slurm/train.sh: ${PYTHON} cannot import disent (set PYTHON to the interpreter it is installed in)" >&2
+  exit 2
+fi
+eval "${codes}"  # EXIT_INPUT_ERROR, EXIT_RETRYABLE, EXIT_PREEMPTED: the trainer's own constants
+MAX_RETRIES=${MAX_RETRIES:-3}
 if [ $# -gt 0 ]; then
   CONFIG=$1
   shift
@@ -47,7 +59,6 @@ overrides+=("$@")
 if [ -n "${DATA_URL:-}" ]; then overrides+=("data.url=${DATA_URL}"); fi
 if [ -n "${MLFLOW_TRACKING_URI:-}" ]; then overrides+=("tracking.uri=${MLFLOW_TRACKING_URI}"); fi
 read -r -a train_cmd <<< "${TRAIN_CMD:-disent train}"
-PYTHON=${PYTHON:-python3}
 
 echo "slurm/train.sh: job ${SLURM_JOB_ID} (restart ${SLURM_RESTART_COUNT:-0}) on ${SLURM_JOB_NODELIST}:" \
   "${SLURM_NTASKS} task(s); ${train_cmd[*]} ${CONFIG} ${overrides[*]}"
@@ -57,10 +68,27 @@ echo "slurm/train.sh: job ${SLURM_JOB_ID} (restart ${SLURM_RESTART_COUNT:-0}) on
 srun --kill-on-bad-exit=1 "${PYTHON}" -m launcher -- "${train_cmd[@]}" "${CONFIG}" "${overrides[@]}"
 rc=$?
 
-if [ "${rc}" -eq "${EX_TEMPFAIL}" ]; then
+retries_so_far() {
+  scontrol show job -o "${SLURM_JOB_ID}" | grep -o 'Comment=disent-retries=[0-9]*' | grep -o '[0-9]*$' || echo 0
+}
+
+echo "slurm/train.sh: srun exited with ${rc}"
+if [ "${rc}" -eq "${EXIT_PREEMPTED}" ]; then
   echo "slurm/train.sh: preempted; the checkpoint is written. Requeueing job ${SLURM_JOB_ID}."
   # Fails harmlessly when the scheduler is requeueing the job already (scontrol requeue, preemption).
   scontrol requeue "${SLURM_JOB_ID}" || echo "slurm/train.sh: requeue refused (already requeued?)"
+elif [ "${rc}" -eq "${EXIT_RETRYABLE}" ]; then
+  retries=$(retries_so_far)
+  if [ "${retries}" -lt "${MAX_RETRIES}" ]; then
+    retries=$((retries + 1))
+    echo "slurm/train.sh: a retryable failure (exit ${rc}); requeueing job ${SLURM_JOB_ID}" \
+      "(retry ${retries}/${MAX_RETRIES}); it resumes from its latest checkpoint."
+    scontrol update JobId="${SLURM_JOB_ID}" Comment="disent-retries=${retries}"
+    scontrol requeue "${SLURM_JOB_ID}" || echo "slurm/train.sh: requeue refused (already requeued?)"
+  else
+    echo "slurm/train.sh: a retryable failure (exit ${rc}) after ${MAX_RETRIES} retries; the job fails."
+  fi
+elif [ "${rc}" -eq "${EXIT_INPUT_ERROR}" ]; then
+  echo "slurm/train.sh: the input was refused (exit ${rc}); not requeueing: fix what the error names."
 fi
-echo "slurm/train.sh: srun exited with ${rc}"
 exit "${rc}"

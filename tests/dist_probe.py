@@ -31,13 +31,15 @@ import time
 from datetime import timedelta
 from pathlib import Path
 
+from disent.errors import ExitCode
+
 ROOT = Path(__file__).resolve().parents[1]
 
 # The stand-in's command (the real one: launch_helpers.TRAIN_CMD).
 TRAIN_CMD = [sys.executable, str(Path(__file__).resolve()), "train"]
 # The config the tests pass (first argument after TRAIN_CMD); overrides make it tiny.
 TEST_CONFIG = str(ROOT / "configs" / "fashion_mnist.yaml")
-EX_TEMPFAIL = 75
+EX_TEMPFAIL = int(ExitCode.PREEMPTED)
 
 
 def train_args(run_dir: str | os.PathLike, steps: int, checkpoint_every: int = 5, *extra: str) -> list[str]:

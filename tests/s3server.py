@@ -69,7 +69,8 @@ class WeedServer:
             "actions": ["Admin", "Read", "Write", "List", "Tagging"],
         }]}))
         config.chmod(0o600)
-        p = free_ports(10)
+        # A restart (start after stop) keeps the ports, so clients keep their endpoint, and the data.
+        p = self._ports = getattr(self, "_ports", None) or free_ports(10)
         self.endpoint_url = f"http://127.0.0.1:{p[0]}"
         cmd = [
             weed_binary(), "mini", f"-dir={self.workdir / 'data'}",
@@ -79,7 +80,7 @@ class WeedServer:
             f"-admin.port={p[8]}", f"-admin.port.grpc={p[9]}", "-s3.port.iceberg=0", "-s3.port.lance=0",
             "-webdav=false", "-admin.ui=false", f"-s3.config={config}",
         ]
-        self._log = open(self.log_path, "wb")
+        self._log = open(self.log_path, "ab")
         self.proc = subprocess.Popen(cmd, stdout=self._log, stderr=subprocess.STDOUT, cwd=self.workdir,
                                      start_new_session=True)
         deadline = time.time() + timeout

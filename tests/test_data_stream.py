@@ -292,6 +292,13 @@ def test_truncated_shard_raises_naming_it_or_is_skipped(damaged):
     with pytest.raises(ShardError) as info:
         take(loader, loader.batches_per_epoch)
     assert str(victim) in str(info.value)
+    # raised in a DataLoader worker: the same one-line message and shard, not the worker's traceback
+    loader = PairLoader(cfg_for(damaged, num_workers=1), "train", 8, with_ids=True)
+    with pytest.raises(ShardError) as from_worker:
+        take(loader, loader.batches_per_epoch)
+    loader.close()
+    assert str(from_worker.value).startswith(f"shard {victim}") and "\n" not in str(from_worker.value)
+    assert from_worker.value.shard == str(victim)
 
     loader = PairLoader(cfg_for(damaged, on_error="skip", num_workers=2), "train", 8, with_ids=True)
     with warnings.catch_warnings(record=True) as caught:

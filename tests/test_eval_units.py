@@ -75,3 +75,102 @@ def test_evaluate_untrained_model_writes_json_and_grids(tmp_path):
         assert key in metrics
     assert (tmp_path / "eval.json").exists()
     assert all(Image.open(p).format == "PNG" for p in metrics["grids"].values())
+
+
+# --------------------------------------------------------------------------- metrics that noise cannot meet
+
+
+class _Decoder:
+    """A stand-in model whose decode either ignores z (it draws the class prototype from s) or draws
+    the image from z alone (z holds the image's own logits)."""
+
+    def __init__(self, uses_z: bool, prototypes: torch.Tensor):
+        self.uses_z, self.prototypes = uses_z, prototypes
+
+    def decode(self, z, s):
+        if self.uses_z:
+            return z.view(-1, 1, 4, 4)
+        return self.prototypes[s[:, 0].long()]
+
+
+def _split_with_style(n=200, seed=0):
+    rng = np.random.default_rng(seed)
+    labels = rng.integers(0, 3, n)
+    images = rng.integers(0, 255, (n, 1, 4, 4), dtype=np.uint8)
+    return Split(images, labels, np.zeros((n, 0), np.float32), [])
+
+
+def test_z_gain_is_zero_when_z_carries_nothing_and_near_one_when_it_carries_the_image():
+    from disent.eval.evaluate import reconstruction_errors
+
+    test = _split_with_style()
+    x = torch.from_numpy(test.images).float() / 255
+    logits = torch.logit(x.clamp(0.01, 0.99)).reshape(len(x), -1).numpy()
+    codes = {"s": np.repeat(test.labels[:, None].astype(np.float32), 2, 1), "mu": logits}
+    prototypes = torch.zeros(3, 1, 4, 4)
+    ignoring = reconstruction_errors(_Decoder(False, prototypes), test, codes, torch.device("cpu"), 0)
+    assert ignoring["z_gain"] == pytest.approx(0.0, abs=1e-9)  # own z and a partner's z decode the same
+    using = reconstruction_errors(_Decoder(True, prototypes), test, codes, torch.device("cpu"), 0)
+    assert using["z_gain"] > 0.95
+
+
+def test_signal_to_noise_tells_spread_means_from_posterior_noise():
+    from disent.eval.probes import signal_to_noise
+
+    rng = np.random.default_rng(0)
+    assert signal_to_noise(np.zeros((500, 4)), np.zeros((500, 4))) == 0.0  # every mean the same
+    spread = rng.normal(scale=2.0, size=(5000, 4))
+    assert signal_to_noise(spread, np.zeros((5000, 4))) == pytest.approx(2.0, rel=0.05)  # sigma 1
+    assert signal_to_noise(spread, np.full((5000, 4), np.log(16.0))) == pytest.approx(0.5, rel=0.05)  # sigma 4
+
+
+def test_published_probes_find_the_class_in_a_leaky_code_and_not_in_noise():
+    from disent.eval.probes import jha_probe, logistic_probe
+
+    leaky, y = _codes(800, 0, True)
+    leaky_test, y_test = _codes(400, 1, True)
+    noise, ny = _codes(800, 2, False)
+    noise_test, ny_test = _codes(400, 3, False)
+    chance = chance_accuracy(ny_test)
+    for probe in (lambda *a: jha_probe(*a, 4, epochs=10), logistic_probe):
+        train_acc, test_acc = probe(leaky, y, leaky_test, y_test)
+        assert train_acc > 0.9 and test_acc > 0.9
+        _, noise_acc = probe(noise, ny, noise_test, ny_test)
+        assert noise_acc < chance + 0.1
+
+
+def test_dci_is_high_for_one_dimension_per_factor_and_low_for_mixed_codes():
+    from disent.eval.probes import dci
+
+    rng = np.random.default_rng(0)
+    factors = np.stack([rng.uniform(size=1000), rng.integers(0, 5, 1000)], 1).astype(np.float32)
+    aligned = np.concatenate([factors, rng.normal(size=(1000, 2))], 1)
+    good = dci(aligned, factors, [False, True])
+    assert good["dci_disentanglement"] > 0.8 and good["dci_completeness"] > 0.8
+    # one dimension holds both factors (the category as the integer part, the other as the fraction)
+    entangled = np.concatenate([factors[:, :1] + factors[:, 1:], rng.normal(size=(1000, 3))], 1)
+    bad = dci(entangled, factors, [False, True])
+    assert bad["dci_disentanglement"] < 0.5
+    # one factor spread over two dimensions
+    spread = np.concatenate([factors[:, :1] * 0.5 + rng.normal(size=(1000, 1)) * 0.2,
+                             factors[:, :1] * 0.5 - rng.normal(size=(1000, 1)) * 0.2, factors[:, 1:]], 1)
+    assert dci(spread, factors, [False, True])["dci_completeness"] < good["dci_completeness"] - 0.2
+
+
+def test_evaluate_reports_the_strict_metrics_and_a_categorical_factor(tmp_path):
+    cfg = load_config("configs/sprites.yaml", ["eval.probe_epochs=2", "eval.grid_size=4", "model.base_channels=8"])
+    rng = np.random.default_rng(0)
+
+    def split(n):
+        factors = np.stack([rng.integers(0, 3, n), rng.uniform(size=n)], 1).astype(np.float32)
+        return Split(rng.integers(0, 255, (n, 3, 32, 32), dtype=np.uint8), rng.integers(0, 5, n), factors,
+                     ["font", "size"], ["font"])
+
+    vae = DisentVAE(3, 32, cfg.model.s_dim, cfg.model.z_dim, 8)
+    metrics = evaluate(vae, cfg, tmp_path, train=split(200), test=split(100))
+    for key in ("z_gain", "z_snr", "partner_z_mse", "jha_class_from_z_sample", "jha_class_from_z_sample_train",
+                "logreg_class_from_z_mean", "logreg_class_from_z_mean_train", "factor_acc_font_from_s",
+                "factor_acc_font_from_z", "factor_chance_font", "factor_r2_size_from_z", "dci_disentanglement",
+                "dci_completeness", "mig"):
+        assert key in metrics, key
+    assert "factor_r2_font_from_z" not in metrics  # a category is not regressed

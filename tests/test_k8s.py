@@ -29,6 +29,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from disent.errors import ExitCode
 from launch_helpers import assert_finished, complete_checkpoints, tiny_data, train_args
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -123,7 +124,7 @@ def test_job_contract():
     assert pod["restartPolicy"] == "Never" and spec["backoffLimit"] >= spec["completions"]
     rules = spec["podFailurePolicy"]["rules"]
     by_code = {code: r["action"] for r in rules if "onExitCodes" in r for code in r["onExitCodes"]["values"]}
-    assert by_code == {75: "Ignore", 2: "FailJob"}
+    assert by_code == {ExitCode.PREEMPTED: "Ignore", ExitCode.INPUT_ERROR: "FailJob", ExitCode.RETRYABLE: "Count"}
     assert pod["terminationGracePeriodSeconds"] >= 60
 
 

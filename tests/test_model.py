@@ -66,3 +66,30 @@ def test_adversarial_warmup_scales_only_the_adversarial_term():
     torch.manual_seed(1)
     at10, terms10, _ = vae_losses(vae, disc, *args, cfg, step=10)
     assert torch.isclose(at10 - at0, terms10["adversarial"])
+
+
+def test_class_adversary_trains_its_critic_on_mu_and_pushes_the_encoder_to_a_uniform_guess():
+    torch.manual_seed(0)
+    vae = DisentVAE(1, 28, 4, 4, 8, decoder="upsample")
+    disc = build_critics("pair", 1, 28, 4, 8, z_dim=4, latent_critic=False, class_critic=True)
+    cfg = LossConfig(class_adversarial=1.0)
+    x1, x1p, x2, x2p, y2 = batch()
+    y1 = torch.randint(0, 4, (x1.shape[0],))
+    with frozen(disc):
+        total, terms, fakes = VAEObjective(vae)(x1, x1p, x2, x2p, y2, discriminator=disc, loss_cfg=cfg, step=0, y1=y1)
+        total.backward()
+    assert "class_adversarial" in terms and terms["class_adversarial"] >= -1e-6  # 0 only at a uniform guess
+    assert all(p.grad is None for p in disc.parameters())
+    assert vae.encoder.f_z[0].weight.grad is not None
+    d_loss, d_terms = discriminator_losses(disc, x2, x2p, y2, fakes, cfg)
+    d_loss.backward()
+    assert all(p.grad is not None for p in disc.classes.parameters())
+    assert 0.0 <= d_terms["class_critic_acc"] <= 1.0
+    with pytest.raises(ValueError, match="y1"):
+        vae_losses(vae, disc, x1, x1p, x2, x2p, y2, cfg, step=0)
+
+
+def test_upsample_decoder_renders_every_supported_size():
+    for channels, size in ((1, 28), (3, 32), (3, 64)):
+        vae = DisentVAE(channels, size, 4, 3, 8, decoder="upsample")
+        assert vae.decode(torch.zeros(2, 3), torch.zeros(2, 4)).shape == (2, channels, size, size)

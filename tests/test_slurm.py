@@ -9,6 +9,8 @@ packages slurmctld slurmd slurm-client munge (installed on demand); skipped othe
 from __future__ import annotations
 
 import os
+import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -165,3 +167,43 @@ def test_a_killed_rank_fails_the_job_without_hanging(cluster, tmp_path, data, st
     assert time.monotonic() - start < 60, report(cluster, job, out)
     assert not (run_dir / "final").exists()
     assert complete_checkpoints(run_dir), report(cluster, job, out)
+
+
+@pytest.mark.timeout(300)
+def test_a_retryable_failure_requeues_the_job_which_resumes_and_its_output_reads_well(cluster, tmp_path, data, store):
+    """The training shards vanish mid-run (moved away once a checkpoint exists, back once the job has
+    failed): the ranks exit 69, slurm/train.sh requeues the job (retry 1/3), and the requeued job
+    resumes from its checkpoint and finishes in the same MLflow run. The output file, read as a user
+    reads it: train.progress at its default (true) but stderr a file, so plain progress lines and no
+    tqdm redraws, and none of the libraries' start-up warnings."""
+    own = tmp_path / "data"
+    shutil.copytree(data, own)
+    steps, log_every = 240, 10
+    job, run_dir, out = submit(cluster, tmp_path, own, store, steps=steps, log_every=log_every, checkpoint_every=10,
+                               **{"train.progress": "true"})
+    wait_for(cluster, job, out, lambda: complete_checkpoints(run_dir), "complete checkpoint", timeout=120)
+    shards = sorted((own / "train").glob("shard-*.tar"))
+    for shard in shards:
+        shard.rename(shard.with_name(shard.name + ".away"))
+    wait_for(cluster, job, out, lambda: "srun exited with 69" in out.read_text(errors="replace"),
+             "retryable failure", timeout=120)
+    for shard in shards:
+        shard.with_name(shard.name + ".away").rename(shard)
+    text = wait_completed(cluster, job, out, timeout=180)
+
+    assert int(cluster.job(job)["Restarts"]) == 1, report(cluster, job, out)
+    assert f"requeueing job {job} (retry 1/3)" in text, report(cluster, job, out)
+    failures = [line for line in text.splitlines() if line.startswith("disent: retryable failure (exit 69")]
+    assert any("is missing" in line and str(own / "train") in line for line in failures), report(cluster, job, out)
+    assert "config error" not in text and "Traceback" not in text
+    (resumed,) = resumed_from(text)
+    assert 0 < resumed < steps and resumed % 10 == 0  # a checkpoint step (older ones are pruned since)
+    assert_finished(run_dir, steps, world_size=2, log_every=log_every, tracking_uri=store, experiment=tmp_path.name,
+                    repeats=True)
+    # the output file reads well
+    assert "\r" not in text
+    progress = re.findall(r"step (\d+)/240 vae_loss=\S+ disc_loss=\S+ samples_per_s=\S+ eta \d+m\d\ds", text)
+    assert {int(s) for s in progress} >= set(range(log_every, steps + 1, log_every)), text[-3000:]
+    for noise in ("Attempting to get learning rate", "FutureWarning", "all_gather_into_tensor"):
+        assert noise not in text, noise
+    (tmp_path.parent / f"{tmp_path.name}-sbatch-output.txt").write_text(text)  # kept for reading

@@ -5,7 +5,8 @@
 
 --dump-params: every rank saves its copy of both models at each eval (ranks must agree).
 --case: run several trainings one after another in one process group (saves start-up time);
-        each case adds its overrides and trains in run_dir/case<i>.
+        each case adds its overrides and trains in run_dir/case<i>; a `config=PATH` word in a case
+        trains that config file instead of --config.
 """
 from __future__ import annotations
 
@@ -46,7 +47,9 @@ def main() -> int:
     try:
         for i, case in enumerate(cases):
             extra = shlex.split(case)
-            cfg = load_config(args.config, [*args.overrides, *extra])
+            config = next((w.split("=", 1)[1] for w in extra if w.startswith("config=")), args.config)
+            extra = [w for w in extra if not w.startswith("config=")]
+            cfg = load_config(config, [*args.overrides, *extra])
             if args.case:
                 cfg.run_dir = str(Path(cfg.run_dir) / f"case{i}")
             preflight(cfg, world_size, "cpu", args.resume)

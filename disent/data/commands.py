@@ -12,6 +12,8 @@ SOURCE is one of
   npz:FILE     arrays images (N,H,W | N,H,W,C | N,C,H,W) and labels; optional factors,
                factor_names, class_names, test_images/test_labels
   sprites      procedural shapes with known factors (x, y, scale, rotation, hue)
+  glyphs       the 26 capitals rendered from real typefaces (Debian's fonts-urw-base35, or
+               --fonts DIR|GLOB) with known factors (font, size, rotation, x, y)
 A plain path is accepted where the kind is clear (a .npz file, a directory of IDX files or of
 class folders). OUT is a directory or s3://bucket/prefix; OUT/<split>/manifest.json and
 OUT/<split>/shard-NNNNNN.tar are written for the splits train, val and test.
@@ -25,7 +27,7 @@ def register(subparsers, add_config_args) -> None:  # noqa: ARG001 - prepare tak
         "split. All input checks run before the first shard is written.",
         epilog=SOURCE_HELP, formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    p.add_argument("source", metavar="SOURCE", help="idx:DIR, folder:DIR, npz:FILE or sprites")
+    p.add_argument("source", metavar="SOURCE", help="idx:DIR, folder:DIR, npz:FILE, sprites or glyphs")
     p.add_argument("out", metavar="OUT", help="output directory or s3://bucket/prefix")
     p.add_argument("--group-size", type=int, default=4, metavar="K", help="same-class samples per record (default 4)")
     p.add_argument("--groups-per-shard", type=int, default=500, metavar="N", help="records per shard (default 500)")
@@ -39,8 +41,11 @@ def register(subparsers, add_config_args) -> None:  # noqa: ARG001 - prepare tak
                    help="replace data already prepared in OUT (its manifests are removed first)")
     p.add_argument("--num-classes", type=int, default=None, metavar="K",
                    help="idx/npz: the number of classes (labels must lie in 0..K-1); default: max label + 1")
-    p.add_argument("--num-samples", type=int, default=20000, metavar="N", help="sprites: samples to draw (default 20000)")
-    p.add_argument("--image-size", type=int, default=32, choices=(32, 64), help="sprites: image size (default 32)")
+    p.add_argument("--num-samples", type=int, default=20000, metavar="N",
+                   help="sprites, glyphs: samples to draw (default 20000)")
+    p.add_argument("--image-size", type=int, default=32, choices=(32, 64), help="sprites, glyphs: image size (default 32)")
+    p.add_argument("--fonts", metavar="DIR|GLOB", default=None,
+                   help="glyphs: the font files to render (default: Debian's fonts-urw-base35 faces)")
     p.add_argument("--limit", type=int, default=None, metavar="N",
                    help="use at most N samples of each source part (quick trials)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -56,6 +61,6 @@ def _cmd_prepare(args: argparse.Namespace) -> int:
         test_fraction=args.test_fraction, seed=args.seed, overwrite=args.overwrite, progress=not args.no_progress,
     )
     source_opts = SourceOptions(num_classes=args.num_classes, num_samples=args.num_samples,
-                                image_size=args.image_size, seed=args.seed, limit=args.limit)
+                                image_size=args.image_size, seed=args.seed, limit=args.limit, fonts=args.fonts)
     prepare(args.source, args.out, opts, source_opts)
     return 0

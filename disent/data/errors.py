@@ -1,14 +1,26 @@
-"""Data errors. Both subclass ConfigError, so the CLI prints them as one paragraph and exits 2."""
+"""Data errors, one per kind of failure (disent.errors):
+
+- DataError is input: bad input to `disent prepare`, a missing manifest, or a manifest that does not
+  fit the config. Raised before any work starts; exit 2, never retried.
+- DataUnavailable and ShardError happen at run time: storage unreachable past its retries, or a
+  shard that cannot be used once training reads it. Exit 69: the launcher, Slurm and Kubernetes
+  restart the job, which resumes from its latest checkpoint.
+"""
 from __future__ import annotations
 
 from disent.config import ConfigError
+from disent.errors import RetryableFailure
 
 
 class DataError(ConfigError):
     """Bad input to `disent prepare`, a missing manifest, or a manifest that does not fit the config."""
 
 
-class ShardError(DataError):
+class DataUnavailable(RetryableFailure):
+    """The storage holding the data (an S3 endpoint) did not answer within its retries."""
+
+
+class ShardError(RetryableFailure):
     """A shard that cannot be used: missing, unreadable, truncated, corrupt or failing its checksum.
 
     With ``data.on_error: raise`` (the default) the loader raises this, naming the shard; with
@@ -18,3 +30,6 @@ class ShardError(DataError):
     def __init__(self, message: str, shard: str = ""):
         super().__init__(message)
         self.shard = shard
+
+    def __reduce__(self):  # DataLoader workers pickle it to the rank; keep the shard
+        return type(self), (str(self), self.shard)

@@ -13,7 +13,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from disent.data import storage
-from disent.data.errors import DataError
+from disent.data.errors import DataError, DataUnavailable
+from disent.data.s3 import S3Unavailable
 
 FORMAT = "disent-groups/1"
 MANIFEST_NAME = "manifest.json"
@@ -117,7 +118,8 @@ def parse_manifest(data: bytes, where: str, split_url: str) -> Manifest:
 def read_manifest(url: str, split: str) -> Manifest:
     """Read ``<url>/<split>/manifest.json`` (local directory or s3:// prefix).
 
-    A missing manifest raises DataError (a ConfigError) that names the URL and says how to make it.
+    A missing manifest raises DataError (an input error) that names the URL and says how to make it;
+    an S3 endpoint that stays down raises DataUnavailable (retryable).
     """
     where = manifest_url(url, split)
     try:
@@ -128,6 +130,8 @@ def read_manifest(url: str, split: str) -> Manifest:
             f"there (or a prepare was interrupted); run `disent prepare SOURCE {url}` first "
             f"(for example `disent prepare idx:/usr/share/datasets/fashion-mnist {url}`)"
         ) from None
+    except S3Unavailable as exc:
+        raise DataUnavailable(f"cannot read the manifest {storage.describe(where)}: {exc}") from None
     except OSError as exc:
         raise DataError(f"cannot read the manifest {storage.describe(where)}: {exc}") from None
     return parse_manifest(data, storage.describe(where), storage.join(url, split))

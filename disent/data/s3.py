@@ -49,6 +49,10 @@ class S3NotFound(S3Error, FileNotFoundError):
     """The bucket or object does not exist."""
 
 
+class S3Unavailable(S3Error):
+    """The endpoint kept failing (connection errors, 5xx, throttling) until the retries ran out."""
+
+
 # --------------------------------------------------------------------------- URLs
 
 
@@ -180,7 +184,8 @@ def _final_error(exc: BaseException, url: str, action: str) -> S3Error:
             f"{url}: access denied while trying to {action}{_where()} ({code}); check the credentials "
             "(AWS_PROFILE, AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY or the instance role)"
         )
-    return S3Error(f"{url}: could not {action}{_where()}: {_describe(exc)}")
+    kind = S3Unavailable if is_retryable(exc) else S3Error
+    return kind(f"{url}: could not {action}{_where()}: {_describe(exc)}")
 
 
 def with_retries(fn: Callable[[], Any], url: str, action: str, *, sleep: Callable[[float], None] = time.sleep) -> Any:

@@ -3,7 +3,7 @@
 Each loader returns a :class:`SourceData` whose arrays are already checked: every problem is
 reported as a DataError naming the file or the sample index, before any shard is written.
 
-SOURCE syntax: ``idx:DIR``, ``folder:DIR``, ``npz:FILE``, ``sprites`` (or ``sprites:``).
+SOURCE syntax: ``idx:DIR``, ``folder:DIR``, ``npz:FILE``, ``sprites`` (or ``sprites:``), ``glyphs``.
 A plain path is accepted where the kind is clear: a ``.npz`` file, a directory holding IDX
 files, or a directory of class sub-directories.
 """
@@ -50,8 +50,9 @@ class SourceData:
 @dataclass
 class SourceOptions:
     num_classes: int | None = None  # None: infer as max label + 1
-    num_samples: int = 20000  # sprites
-    image_size: int = 32  # sprites
+    num_samples: int = 20000  # sprites, glyphs
+    image_size: int = 32  # sprites, glyphs
+    fonts: str | None = None  # glyphs: a directory or glob of font files (default: fonts-urw-base35)
     seed: int = 0
     limit: int | None = None  # take at most this many samples from each provided part (quick runs)
 
@@ -407,19 +408,45 @@ def load_sprites(opts: SourceOptions) -> SourceData:
     )
 
 
+# --------------------------------------------------------------------------- glyphs
+
+
+def load_glyphs(opts: SourceOptions) -> SourceData:
+    from disent.data import glyphs
+
+    classes = len(glyphs.CHARACTERS)
+    if opts.num_samples < 2 * classes:
+        raise DataError(f"--num-samples must be at least {2 * classes} for glyphs, got {opts.num_samples}")
+    if opts.image_size not in (32, 64):
+        raise DataError(f"--image-size for glyphs must be 32 or 64, got {opts.image_size}")
+    faces = glyphs.load_faces(opts.fonts)
+    images, labels, factors = glyphs.generate(opts.num_samples, faces, opts.seed, opts.image_size, progress=True)
+    part = Part(images, labels, factors, f"glyphs(seed={opts.seed})")
+    check_part(part, classes, "the rendered glyphs (use more --num-samples)")
+    return SourceData(
+        kind="glyphs", train=part, test=None, num_classes=classes,
+        factor_names=list(glyphs.FACTOR_NAMES), class_names=list(glyphs.CHARACTERS),
+        description={"kind": "glyphs", "num_samples": opts.num_samples, "image_size": opts.image_size,
+                     "seed": opts.seed, "fonts_spec": opts.fonts or glyphs.DEFAULT_FONTS,
+                     "fonts": [{"index": i, "file": f.path, "package": f.package} for i, f in enumerate(faces)],
+                     "categorical_factors": list(glyphs.CATEGORICAL_FACTORS),
+                     "factor_ranges": {k: list(v) for k, v in glyphs.FACTOR_RANGES.items()}},
+    )
+
+
 # --------------------------------------------------------------------------- dispatch
 
 
 def parse_source(spec: str) -> tuple[str, str]:
     """``kind:path`` -> (kind, path); a plain path is auto-detected where unambiguous."""
-    kinds = ("idx", "folder", "npz", "sprites")
+    kinds = ("idx", "folder", "npz", "sprites", "glyphs")
     head, sep, rest = spec.partition(":")
     if sep and head in kinds:
-        if head != "sprites" and not rest:
+        if head not in ("sprites", "glyphs") and not rest:
             raise DataError(f"source {spec!r}: give a path after '{head}:'")
         return head, rest
-    if spec == "sprites":
-        return "sprites", ""
+    if spec in ("sprites", "glyphs"):
+        return spec, ""
     path = Path(spec)
     if path.is_file() and path.suffix == ".npz":
         return "npz", spec
@@ -430,8 +457,8 @@ def parse_source(spec: str) -> tuple[str, str]:
         if any((path / n).is_dir() for n in names):
             return "folder", spec
     if not path.exists():
-        raise DataError(f"source {spec!r} does not exist; use idx:DIR, folder:DIR, npz:FILE or sprites")
-    raise DataError(f"cannot tell what kind of source {spec!r} is; write idx:DIR, folder:DIR, npz:FILE or sprites")
+        raise DataError(f"source {spec!r} does not exist; use idx:DIR, folder:DIR, npz:FILE, sprites or glyphs")
+    raise DataError(f"cannot tell what kind of source {spec!r} is; write idx:DIR, folder:DIR, npz:FILE, sprites or glyphs")
 
 
 def load_source(spec: str, opts: SourceOptions) -> SourceData:
@@ -442,6 +469,8 @@ def load_source(spec: str, opts: SourceOptions) -> SourceData:
         return load_folder(path, opts)
     if kind == "npz":
         return load_npz(path, opts)
+    if kind == "glyphs":
+        return load_glyphs(opts)
     return load_sprites(opts)
 
 

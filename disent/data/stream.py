@@ -467,7 +467,10 @@ class PairLoader:
         if self._iter is None:
             self._start()
         t0 = time.perf_counter()
-        batch = next(self._iter)  # type: ignore[arg-type]
+        try:
+            batch = next(self._iter)  # type: ignore[arg-type]
+        except ShardError as exc:
+            raise _as_raised_in_worker(exc) from None
         self.wait_seconds += time.perf_counter() - t0
         k = batch.pop("_k")
         k = int(k)
@@ -490,6 +493,19 @@ class PairLoader:
             self.close()
         except Exception:  # noqa: BLE001
             pass
+
+
+def _as_raised_in_worker(exc: ShardError) -> ShardError:
+    """A DataLoader worker's exception arrives rebuilt around the worker's whole traceback; keep the
+    original one-line message, which names the shard."""
+    text = str(exc)
+    if "Original Traceback" not in text:
+        return exc
+    last = [line for line in text.splitlines() if line.strip()][-1]
+    name, _, rest = last.partition(": ")  # "disent.data.errors.ShardError: shard ..."
+    message = rest if rest and name.rsplit(".", 1)[-1] == type(exc).__name__ else last
+    shard = message.split()[1].rstrip(":") if message.startswith("shard ") else ""
+    return type(exc)(message, shard)
 
 
 # --------------------------------------------------------------------------- sequential reading for evaluation

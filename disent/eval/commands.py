@@ -26,7 +26,7 @@ def load_trained(path: str | Path, overrides: list[str] = ()) -> TrainedModel:
     import torch
 
     from disent.config import from_dict
-    from disent.models import DisentVAE
+    from disent.models import vae_from_config
     from disent.train.checkpoint import VAE_WEIGHTS, CheckpointError, CheckpointManager
 
     try:
@@ -38,7 +38,7 @@ def load_trained(path: str | Path, overrides: list[str] = ()) -> TrainedModel:
     weights = info.path / VAE_WEIGHTS
     if not weights.is_file():
         raise ConfigError(f"checkpoint {info.path} has no {VAE_WEIGHTS}; it was written by an older disent")
-    vae = DisentVAE(cfg.data.channels, cfg.data.image_size, cfg.model.s_dim, cfg.model.z_dim, cfg.model.base_channels)
+    vae = vae_from_config(cfg)
     vae.load_state_dict(torch.load(weights, map_location="cpu", weights_only=True))
     return TrainedModel(vae.eval(), cfg, info.path, info.step, meta.get("mlflow_run_id"))
 

@@ -1,6 +1,7 @@
 """Disentanglement evaluation on the held-out split: probes, factor read-out, errors, grids."""
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 from dataclasses import dataclass
@@ -12,7 +13,17 @@ import torch.nn.functional as F
 
 from disent.config import Config
 from disent.eval import grids
-from disent.eval.probes import chance_accuracy, classification_probe, mutual_information_gap, regression_probe
+from disent.eval.probes import (
+    chance_accuracy,
+    classification_probe,
+    dci,
+    gain_of_own_code,
+    jha_probe,
+    logistic_probe,
+    mutual_information_gap,
+    regression_probe,
+    signal_to_noise,
+)
 from disent.models.vae import DisentVAE
 
 log = logging.getLogger(__name__)
@@ -24,13 +35,15 @@ class Split:
     labels: np.ndarray  # int64 [N]
     factors: np.ndarray  # float32 [N, F]
     factor_names: list[str]
+    categorical: list[str] = dataclasses.field(default_factory=list)  # factors that are categories (glyphs' font)
 
 
 def load_split(cfg: Config, split: str, limit: int) -> Split:
-    from disent.data.stream import load_split_arrays
+    from disent.data.stream import load_split_arrays, open_split
 
     images, labels, factors, names = load_split_arrays(cfg.data, split, limit)
-    return Split(images, labels.astype(np.int64), factors.astype(np.float32), list(names))
+    categorical = list(open_split(cfg.data, split).source.get("categorical_factors", []))
+    return Split(images, labels.astype(np.int64), factors.astype(np.float32), list(names), categorical)
 
 
 def _as_float(images: np.ndarray, device: torch.device) -> torch.Tensor:
@@ -39,14 +52,15 @@ def _as_float(images: np.ndarray, device: torch.device) -> torch.Tensor:
 
 @torch.no_grad()
 def encode_all(vae: DisentVAE, images: np.ndarray, device: torch.device, batch: int = 512, seed: int = 0) -> dict:
-    """s, mu and one sampled z for every image (numpy, float32)."""
+    """s, mu, logvar and one sampled z for every image (numpy, float32)."""
     generator = torch.Generator(device="cpu").manual_seed(seed)
-    out = {"s": [], "mu": [], "z": []}
+    out = {"s": [], "mu": [], "logvar": [], "z": []}
     for start in range(0, len(images), batch):
         s, mu, logvar = vae.encode(_as_float(images[start : start + batch], device))
         eps = torch.randn(mu.shape, generator=generator).to(mu)
         out["s"].append(s.cpu())
         out["mu"].append(mu.cpu())
+        out["logvar"].append(logvar.cpu())
         out["z"].append((mu + eps * torch.exp(0.5 * logvar)).cpu())
     return {k: torch.cat(v).numpy() for k, v in out.items()}
 
@@ -63,19 +77,23 @@ def same_class_partners(labels: np.ndarray, seed: int) -> np.ndarray:
 
 @torch.no_grad()
 def reconstruction_errors(vae: DisentVAE, test: Split, codes: dict, device: torch.device, seed: int) -> dict:
-    """Per-pixel MSE of Dec(mu, s) -> x and of the swap Dec(mu, s of a same-class partner) -> x."""
+    """Per-pixel MSE against x of Dec(mu, s) (reconstruction), Dec(mu, s of a same-class partner)
+    (swap) and Dec(mu of that partner, s) (the partner's z), and z_gain from the first and last."""
     partner = same_class_partners(test.labels, seed)
-    recon, swap = 0.0, 0.0
+    recon, swap, partner_z = 0.0, 0.0, 0.0
     for start in range(0, len(test.images), 512):
         sl = slice(start, start + 512)
         x = _as_float(test.images[sl], device)
         mu = torch.from_numpy(codes["mu"][sl]).to(device)
         s = torch.from_numpy(codes["s"][sl]).to(device)
         s_partner = torch.from_numpy(codes["s"][partner[sl]]).to(device)
+        mu_partner = torch.from_numpy(codes["mu"][partner[sl]]).to(device)
         recon += F.mse_loss(torch.sigmoid(vae.decode(mu, s)), x, reduction="sum").item()
         swap += F.mse_loss(torch.sigmoid(vae.decode(mu, s_partner)), x, reduction="sum").item()
+        partner_z += F.mse_loss(torch.sigmoid(vae.decode(mu_partner, s)), x, reduction="sum").item()
     pixels = test.images.size
-    return {"reconstruction_mse": recon / pixels, "swap_mse": swap / pixels}
+    return {"reconstruction_mse": recon / pixels, "swap_mse": swap / pixels, "partner_z_mse": partner_z / pixels,
+            "z_gain": gain_of_own_code(recon, partner_z)}
 
 
 def _grid_inputs(test: Split, count: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
@@ -105,6 +123,27 @@ def save_grids(vae: DisentVAE, test: Split, out_dir: Path, count: int, device: t
     }
 
 
+def factor_matrix(train: Split, test: Split, train_codes: dict, test_codes: dict, epochs: int, seed: int) -> dict:
+    """Each known factor read from s and from the mean of z: R^2 for a continuous factor
+    (factor_r2_<f>_from_{s,z}), accuracy beside chance for a categorical one (factor_acc_..., factor_chance_<f>)."""
+    out: dict = {}
+    continuous = [k for k, f in enumerate(test.factor_names) if f not in test.categorical]
+    for code, name in (("s", "s"), ("mu", "z")):
+        if continuous:
+            r2 = regression_probe(train_codes[code], train.factors[:, continuous], test_codes[code],
+                                  test.factors[:, continuous], "mlp", epochs, seed)
+            for k, value in zip(continuous, r2):
+                out[f"factor_r2_{test.factor_names[k]}_from_{name}"] = float(value)
+        for k, factor in enumerate(test.factor_names):
+            if factor in test.categorical:
+                y_train, y_test = train.factors[:, k].astype(np.int64), test.factors[:, k].astype(np.int64)
+                count = int(max(y_train.max(), y_test.max())) + 1
+                out[f"factor_acc_{factor}_from_{name}"] = classification_probe(
+                    train_codes[code], y_train, test_codes[code], y_test, count, "mlp", epochs, seed)
+                out[f"factor_chance_{factor}"] = chance_accuracy(y_test)
+    return out
+
+
 def evaluate(vae: DisentVAE, cfg: Config, out_dir: Path, device: torch.device | str = "cpu",
              train: Split | None = None, test: Split | None = None) -> dict:
     """All metrics (flat dict, JSON-able) plus the grid PNG paths under 'grids'; writes eval.json."""
@@ -124,15 +163,20 @@ def evaluate(vae: DisentVAE, cfg: Config, out_dir: Path, device: torch.device | 
                 metrics[f"class_from_{name}_{kind}"] = classification_probe(
                     train_codes[code], train.labels, test_codes[code], test.labels, classes, kind, epochs, seed)
         metrics.update(reconstruction_errors(vae, test, test_codes, device, seed))
+        metrics["z_snr"] = signal_to_noise(test_codes["mu"], test_codes["logvar"])
+        # the published protocols, beside ours: Jha et al.'s MLP on sampled z, OverLORD's logistic
+        # regression on the (standardised) mean of z
+        metrics["jha_class_from_z_sample_train"], metrics["jha_class_from_z_sample"] = jha_probe(
+            train_codes["z"], train.labels, test_codes["z"], test.labels, classes, epochs, seed)
+        metrics["logreg_class_from_z_mean_train"], metrics["logreg_class_from_z_mean"] = logistic_probe(
+            train_codes["mu"], train.labels, test_codes["mu"], test.labels)
 
         if test.factor_names:
-            for code, name in (("s", "s"), ("mu", "z")):
-                r2 = regression_probe(train_codes[code], train.factors, test_codes[code], test.factors, "mlp", epochs, seed)
-                for factor, value in zip(test.factor_names, r2):
-                    metrics[f"factor_r2_{factor}_from_{name}"] = float(value)
+            metrics.update(factor_matrix(train, test, train_codes, test_codes, epochs, seed))
             all_codes = np.concatenate([test_codes["s"], test_codes["mu"]], axis=1)
             mig, best = mutual_information_gap(all_codes, test.factors)
             metrics["mig"] = mig
+            metrics.update(dci(all_codes, test.factors, [f in test.categorical for f in test.factor_names], seed))
             s_dim = test_codes["s"].shape[1]
             for factor, dim in zip(test.factor_names, best):
                 metrics[f"factor_top_code_{factor}"] = f"s[{dim}]" if dim < s_dim else f"z[{dim - s_dim}]"

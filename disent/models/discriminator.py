@@ -9,8 +9,10 @@ Both take (image, reference, label) and use the part their mode needs.
 needs only the same-class grouping, like `pair`. It is shown two unspecified codes and guesses
 whether they come from images of one class (z1, z1') or from independent images (z1, z2);
 the encoder is trained to fool it, which pushes class information out of z.
-`Critics` bundles the image discriminator and the latent critic into the one module that the
-discriminator engine trains, so both share its optimizer and its single backward.
+`ClassCritic` (optional, `loss.class_adversarial` > 0): a label-aware adversary on the mean of z.
+It guesses the class from mu; the encoder is trained to leave it at a uniform guess.
+`Critics` bundles the image discriminator and the critics into the one module that the
+discriminator engine trains, so all share its optimizer and its single backward.
 """
 from __future__ import annotations
 
@@ -64,13 +66,28 @@ class LatentCritic(nn.Module):
         return self.net(torch.cat([(code_a - code_b).abs(), code_a * code_b], dim=1)).squeeze(1)
 
 
-class Critics(nn.Module):
-    """The discriminator engine's module: the image discriminator and, optionally, the latent critic."""
+class ClassCritic(nn.Module):
+    def __init__(self, z_dim: int, num_classes: int, hidden: int = 256):
+        super().__init__()
+        self.net = nn.Sequential(
+            nn.Linear(z_dim, hidden), nn.LeakyReLU(0.2), nn.Linear(hidden, hidden), nn.LeakyReLU(0.2),
+            nn.Linear(hidden, num_classes),
+        )
 
-    def __init__(self, image: nn.Module, latent: LatentCritic | None):
+    def forward(self, code: torch.Tensor) -> torch.Tensor:
+        """Class logits from an unspecified code."""
+        return self.net(code)
+
+
+class Critics(nn.Module):
+    """The discriminator engine's module: the image discriminator and, optionally, the latent critic
+    and the class critic."""
+
+    def __init__(self, image: nn.Module, latent: LatentCritic | None, classes: ClassCritic | None = None):
         super().__init__()
         self.image = image
         self.latent = latent
+        self.classes = classes
 
     def forward(
         self, image: torch.Tensor, reference: torch.Tensor, label: torch.Tensor,
@@ -79,6 +96,9 @@ class Critics(nn.Module):
         judged = self.image(image, reference, label)
         same_class = self.latent(code_a, code_b) if self.latent is not None and code_a is not None else None
         return judged, same_class
+
+    def guess_class(self, code: torch.Tensor) -> torch.Tensor | None:
+        return self.classes(code) if self.classes is not None else None
 
 
 def build_discriminator(mode: str, channels: int, image_size: int, num_classes: int, base_channels: int) -> nn.Module:
@@ -90,6 +110,7 @@ def build_discriminator(mode: str, channels: int, image_size: int, num_classes: 
 
 
 def build_critics(mode: str, channels: int, image_size: int, num_classes: int, base_channels: int,
-                  z_dim: int, latent_critic: bool) -> Critics:
+                  z_dim: int, latent_critic: bool, class_critic: bool = False) -> Critics:
     image = build_discriminator(mode, channels, image_size, num_classes, base_channels)
-    return Critics(image, LatentCritic(z_dim) if latent_critic else None)
+    return Critics(image, LatentCritic(z_dim) if latent_critic else None,
+                   ClassCritic(z_dim, num_classes) if class_critic else None)

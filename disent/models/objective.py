@@ -9,10 +9,14 @@ The discriminator is trained to tell the real (x2, x2') from those fakes.
 Optionally (loss.latent_adversarial > 0, an extension): a latent critic guesses whether two
 unspecified codes come from one class (mu1, mu1') or from independent images (mu1, mu2), and
 the encoder is trained to make same-class pairs look independent, so z carries no class.
+Optionally (loss.class_adversarial > 0, an extension using the labels of x1): a class critic
+guesses the class of x1 from mu1, and the encoder is trained to leave its guess uniform.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
+
+import math
 
 import torch
 import torch.nn.functional as F
@@ -30,6 +34,7 @@ class Fakes:
     mu1: torch.Tensor  # unspecified codes for the latent critic: (mu1, mu1') same class,
     mu1p: torch.Tensor  # (mu1, mu2) independent
     mu2: torch.Tensor
+    y1: torch.Tensor | None = None  # x1's class, for the class critic
 
 
 def kl_weight(cfg: LossConfig, z_dim: int, pixels: int) -> float:
@@ -54,6 +59,7 @@ def vae_losses(
     y2: torch.Tensor,
     cfg: LossConfig,
     step: int,
+    y1: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor], Fakes]:
     """The VAE's total loss, its terms (detached), and the fakes for the discriminator.
 
@@ -90,6 +96,12 @@ def vae_losses(
     terms["adversarial"] = F.binary_cross_entropy_with_logits(judged, torch.ones_like(judged))
     if same_class is not None:  # make same-class codes look like codes of independent images
         terms["latent_adversarial"] = F.binary_cross_entropy_with_logits(same_class, torch.zeros_like(same_class))
+    if cfg.class_adversarial > 0 and y1 is None:
+        raise ValueError("loss.class_adversarial > 0 needs the class of x1 (y1)")
+    class_logits = discriminator.guess_class(mu1) if cfg.class_adversarial > 0 else None
+    if class_logits is not None:  # cross-entropy against a uniform guess, less its floor log K: 0 at best
+        terms["class_adversarial"] = -F.log_softmax(class_logits, dim=1).mean(1).mean() - math.log(
+            class_logits.shape[1])
 
     pixels = x1[0].numel()
     total = (
@@ -100,8 +112,10 @@ def vae_losses(
     )
     if "latent_adversarial" in terms:
         total = total + cfg.latent_adversarial * adversarial_ramp(cfg, step) * terms["latent_adversarial"]
+    if "class_adversarial" in terms:
+        total = total + cfg.class_adversarial * adversarial_ramp(cfg, step) * terms["class_adversarial"]
     fakes = Fakes(from_z1=images[:b].detach(), from_prior=images[b:].detach(),
-                  mu1=mu1.detach(), mu1p=mu1p.detach(), mu2=mu2.detach())
+                  mu1=mu1.detach(), mu1p=mu1p.detach(), mu2=mu2.detach(), y1=y1)
     return total, {k: v.detach() for k, v in terms.items()}, fakes
 
 
@@ -136,4 +150,10 @@ def discriminator_losses(
         terms["latent_critic"] = loss_latent.detach()
         terms["latent_critic_acc"] = ((same_class > 0) == (target > 0.5)).float().mean().detach()
         total = total + loss_latent
+    class_logits = discriminator.guess_class(fakes.mu1) if cfg.class_adversarial > 0 else None
+    if class_logits is not None:
+        loss_class = F.cross_entropy(class_logits, fakes.y1)
+        terms["class_critic"] = loss_class.detach()
+        terms["class_critic_acc"] = (class_logits.argmax(1) == fakes.y1).float().mean().detach()
+        total = total + loss_class
     return total, terms

@@ -47,10 +47,21 @@ class Encoder(nn.Module):
         return s, mu, logvar.clamp(-10.0, 10.0)
 
 
-class Decoder(nn.Module):
-    """(z, s) -> image logits, mirroring the encoder's trunk with transposed convs."""
+def upsampling_layer(in_channels: int, out_channels: int, kind: str) -> nn.Module:
+    """Doubles the side: a 4x4 stride-2 transposed conv, or nearest-neighbour 2x then a 3x3 conv
+    (no overlap pattern, so no checkerboard)."""
+    if kind == "transposed":
+        return nn.ConvTranspose2d(in_channels, out_channels, 4, stride=2, padding=1)
+    if kind == "upsample":
+        return nn.Sequential(nn.Upsample(scale_factor=2, mode="nearest"), nn.Conv2d(in_channels, out_channels, 3, padding=1))
+    raise ValueError(f"unknown decoder kind {kind!r}; use 'transposed' or 'upsample' (config key model.decoder)")
 
-    def __init__(self, channels: int, image_size: int, s_dim: int, z_dim: int, base_channels: int):
+
+class Decoder(nn.Module):
+    """(z, s) -> image logits, mirroring the encoder's trunk with upsampling stages."""
+
+    def __init__(self, channels: int, image_size: int, s_dim: int, z_dim: int, base_channels: int,
+                 kind: str = "transposed"):
         super().__init__()
         stages = DOWNSAMPLINGS[image_size]
         self.width = base_channels * 2 ** (stages - 1)
@@ -59,9 +70,9 @@ class Decoder(nn.Module):
         layers, width = [], self.width
         for stage in reversed(range(stages - 1)):
             out = base_channels * 2**stage
-            layers += [nn.ConvTranspose2d(width, out, 4, stride=2, padding=1), nn.GroupNorm(8, out), nn.SiLU()]
+            layers += [upsampling_layer(width, out, kind), nn.GroupNorm(8, out), nn.SiLU()]
             width = out
-        layers.append(nn.ConvTranspose2d(width, channels, 4, stride=2, padding=1))
+        layers.append(upsampling_layer(width, channels, kind))
         self.upsample = nn.Sequential(*layers)
 
     def forward(self, z: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
@@ -70,11 +81,12 @@ class Decoder(nn.Module):
 
 
 class DisentVAE(nn.Module):
-    def __init__(self, channels: int, image_size: int, s_dim: int, z_dim: int, base_channels: int = 32):
+    def __init__(self, channels: int, image_size: int, s_dim: int, z_dim: int, base_channels: int = 32,
+                 decoder: str = "transposed"):
         super().__init__()
         self.z_dim = z_dim
         self.encoder = Encoder(channels, image_size, s_dim, z_dim, base_channels)
-        self.decoder = Decoder(channels, image_size, s_dim, z_dim, base_channels)
+        self.decoder = Decoder(channels, image_size, s_dim, z_dim, base_channels, decoder)
 
     def encode(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         return self.encoder(x)

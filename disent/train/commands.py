@@ -3,8 +3,9 @@
 Everything a user can get wrong (config, batch split over the world size, precision on CPU, the
 data manifest, the checkpoint to resume) is checked before the process group starts. Ranks come
 from torchrun's environment (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR, MASTER_PORT); without
-it the command trains as a single process. Exit codes: 0 done, 2 config error, 75 preempted
-(SIGTERM/SIGUSR1: a checkpoint was written; requeue the job and it resumes).
+it the command trains as a single process. Exit codes (disent.errors.ExitCode): 0 done, 2 input
+error (never retried), 69 retryable failure (storage unreachable, a shard failing, a lost peer:
+restart and it resumes), 75 preempted (SIGTERM/SIGUSR1: a checkpoint was written; requeue).
 """
 from __future__ import annotations
 
@@ -14,8 +15,7 @@ import os
 import sys
 
 from disent.config import Config, ConfigError, load_config, micro_batch_size
-
-EXIT_PREEMPTED = 75
+from disent.errors import ExitCode, RetryableFailure
 
 
 def register(subparsers, add_config_args) -> None:
@@ -23,7 +23,8 @@ def register(subparsers, add_config_args) -> None:
         "train",
         help="train on the two DeepSpeed engines (run under torchrun for several ranks)",
         description="Train the VAE and the discriminator. Resumes from the latest complete checkpoint in "
-        "run_dir unless --resume names one. Exits 75 when preempted (SIGTERM/SIGUSR1) after checkpointing.",
+        "run_dir unless --resume names one. Exit codes: 2 input error (never retry), 69 retryable failure "
+        "(restart: it resumes), 75 preempted (SIGTERM/SIGUSR1) after checkpointing (requeue).",
     )
     add_config_args(parser)
     parser.add_argument("--resume", metavar="PATH", help="a checkpoint directory (…/checkpoints/step-N) or a run dir")
@@ -41,8 +42,33 @@ def setup_logging(rank: int) -> None:
         handler._disent = True  # type: ignore[attr-defined]
         root.addHandler(handler)
     root.setLevel(level)
-    for noisy in ("deepspeed", "DeepSpeed", "torch.distributed", "alembic", "mlflow.store", "urllib3"):
+    for noisy in ("deepspeed", "DeepSpeed", "torch.distributed", "alembic", "mlflow.store", "urllib3",
+                  "mlflow.system_metrics"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+    quiet_known_library_warnings()
+
+
+class _DropMessages(logging.Filter):
+    def __init__(self, *prefixes: str):
+        super().__init__()
+        self.prefixes = prefixes
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith(self.prefixes)
+
+
+def quiet_known_library_warnings() -> None:
+    """Warnings every run printed at start, per rank and engine, that ask nothing of the user."""
+    import warnings
+
+    deepspeed_logger = logging.getLogger("DeepSpeed")
+    if not any(isinstance(f, _DropMessages) for f in deepspeed_logger.filters):
+        # WarmupLR's own constructor reads its rate before step 0 and warns about it; the rate it
+        # then sets is the intended warmup_min_lr.
+        deepspeed_logger.addFilter(_DropMessages("Attempting to get learning rate from scheduler before it has started"))
+    # ZeRO 1/2 in DeepSpeed 0.19 call a torch collective that torch has renamed; nothing to change here.
+    warnings.filterwarnings("ignore", message=r"`torch\.distributed\.all_gather_into_tensor` is deprecated",
+                            category=FutureWarning)
 
 
 def _env_world_size() -> int:
@@ -61,7 +87,7 @@ def check_manifest(cfg: Config):
 
     try:
         return open_split(cfg.data, cfg.data.train_split)
-    except ConfigError:
+    except (ConfigError, RetryableFailure):
         raise
     except Exception as exc:
         raise ConfigError(
@@ -93,7 +119,8 @@ def run_training(
     manifest_digest: str | None = None,
     eval_hooks=None,
 ) -> int:
-    """Join the process group, train, leave it. Returns the exit code (0, or 75 when preempted)."""
+    """Join the process group, train, leave it. Returns the exit code (0, or 75 when preempted);
+    raises RetryableFailure when a peer rank is lost."""
     from disent.train.engines import detect_env, init_distributed, keep_freed_memory_for_reuse, shutdown_distributed
 
     env = detect_env()
@@ -116,15 +143,27 @@ def train_in_group(cfg: Config, env, resume=None, auto_resume=True, loader_facto
     """
     from disent.train.trainer import PreemptionFlag, Trainer
 
+    from disent.train.engines import is_lost_peer
+
     preemption = PreemptionFlag()
     preemption.install()
-    trainer = Trainer(cfg, env, loader_factory=loader_factory, manifest_digest=manifest_digest, eval_hooks=eval_hooks,
-                      preemption=preemption)
-    result = trainer.train(resume=resume, auto_resume=auto_resume, exiting=True)
+    try:
+        trainer = Trainer(cfg, env, loader_factory=loader_factory, manifest_digest=manifest_digest,
+                          eval_hooks=eval_hooks, preemption=preemption)
+        result = trainer.train(resume=resume, auto_resume=auto_resume, exiting=True)
+    except Exception as exc:
+        first_line = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        if cfg.train.compile and _is_compile_failure(exc):
+            raise ConfigError(f"train.compile=true: torch.compile cannot build the model here ({type(exc).__name__}: "
+                              f"{first_line[:300]}); set train.compile=false, or install what it names (a C++ "
+                              "compiler for CPU, Triton for CUDA)") from None
+        if is_lost_peer(exc):
+            raise RetryableFailure(f"rank {env.rank} lost contact with a peer rank: {first_line}") from exc
+        raise
     if env.is_main:
         if result.preempted:
             print(f"disent: preempted at step {result.step}; checkpoint {result.checkpoint}; "
-                  f"exit {EXIT_PREEMPTED} (requeue to resume)", file=sys.stderr)
+                  f"exit {int(ExitCode.PREEMPTED)} (requeue to resume)", file=sys.stderr)
         else:
             from disent.tracking import redact, tracking_uri
 
@@ -133,6 +172,13 @@ def train_in_group(cfg: Config, env, resume=None, auto_resume=True, loader_facto
             hint = f"mlflow ui --backend-store-uri {uri}" if not uri.startswith("http") else f"open {uri}"
             print(f"disent: view it with: {hint}")
     return result.exit_code
+
+
+def _is_compile_failure(exc: BaseException) -> bool:
+    from torch._dynamo.exc import BackendCompilerFailed
+    from torch._inductor.exc import InductorError
+
+    return isinstance(exc, (BackendCompilerFailed, InductorError))
 
 
 def _cmd_train(args: argparse.Namespace) -> int:

@@ -23,10 +23,18 @@ def _merge(base: dict, extra: dict) -> dict:
 # ~95% of its time allocating them (1.5 vs 150 samples/s). Buckets are sized to the model instead.
 MIN_BUCKET = 1_000_000
 MAX_BUCKET = 500_000_000
+# DeepSpeed's ZeRO 1/2 optimizer (deepspeed/runtime/zero/stage_1_and_2.py,
+# DeepSpeedZeroOptimizer.__init__) asserts `allgather_bucket_size % nccl_start_alignment_factor == 0`,
+# with nccl_start_alignment_factor = 2 (4-byte alignment of fp16 all-gather buffers). It pads
+# partitions to that factor times the world size itself, and reduce_bucket_size only has to be > 0
+# (deepspeed/runtime/zero/config.py), so this is the one rule a bucket size must meet.
+NCCL_START_ALIGNMENT_FACTOR = 2
 
 
 def bucket_size(num_params: int) -> int:
-    return int(min(MAX_BUCKET, max(MIN_BUCKET, num_params)))
+    """The model's parameter count, clamped, rounded up to DeepSpeed's all-gather alignment."""
+    size = int(min(MAX_BUCKET, max(MIN_BUCKET, num_params)))
+    return -(-size // NCCL_START_ALIGNMENT_FACTOR) * NCCL_START_ALIGNMENT_FACTOR
 
 
 def deepspeed_config(
@@ -85,4 +93,54 @@ def deepspeed_config(
     if cfg.train.zero_stage > 0 and num_params is not None:
         size = bucket_size(num_params)
         ds["zero_optimization"].update({"reduce_bucket_size": size, "allgather_bucket_size": size})
-    return _merge(ds, getattr(cfg.deepspeed, engine))
+    merged = _merge(ds, getattr(cfg.deepspeed, engine))
+    given = getattr(cfg.deepspeed, engine).get("zero_optimization", {}).get("allgather_bucket_size")
+    if merged["zero_optimization"].get("stage", 0) in (1, 2) and given is not None and (
+        not isinstance(given, (int, float)) or given <= 0 or int(given) != given
+        or int(given) % NCCL_START_ALIGNMENT_FACTOR
+    ):
+        raise ConfigError(
+            f"config key 'deepspeed.{engine}.zero_optimization.allgather_bucket_size' is {given!r}; ZeRO 1/2 need "
+            f"a positive multiple of {NCCL_START_ALIGNMENT_FACTOR} (DeepSpeed's nccl_start_alignment_factor)"
+        )
+    return merged
+
+
+# Where each part of a derived DeepSpeed config comes from, to name the setting when DeepSpeed refuses.
+_SOURCES = (
+    (("train_batch_size", "train_micro_batch_size", "micro_batch"), "train.global_batch_size"),
+    (("gradient_accumulation",), "train.grad_accum"),
+    (("gradient_clipping",), "train.grad_clip"),
+    (("zero", "stage", "bucket", "partition"), "train.zero_stage"),
+    (("fp16", "bf16", "bfloat16", "autocast", "loss_scale", "half"), "train.precision"),
+    (("scheduler", "warmup"), "optim.{engine}.warmup_steps"),
+    (("optimizer", "lr", "betas", "weight_decay", "adam"), "optim.{engine}"),
+)
+
+
+def _leaf_paths(tree: dict, prefix: str = "") -> list[str]:
+    out = []
+    for key, value in tree.items():
+        path = f"{prefix}.{key}" if prefix else str(key)
+        out.extend(_leaf_paths(value, path) if isinstance(value, dict) and value else [path])
+    return out
+
+
+def describe_refusal(cfg: Config, engine: str, exc: BaseException) -> str:
+    """One line for DeepSpeed refusing an engine's config: its complaint and the settings behind it."""
+    complaint = " ".join(str(exc).split()) or type(exc).__name__
+    lower = complaint.lower()
+    passthrough = [f"deepspeed.{engine}.{path}" for path in _leaf_paths(getattr(cfg.deepspeed, engine))
+                   if path.rsplit(".", 1)[-1].lower() in lower]
+    derived = [key.format(engine=engine) for words, key in _SOURCES if any(w in lower for w in words)]
+    named = passthrough or list(dict.fromkeys(derived))  # a key the user wrote is the likelier culprit
+    values = {"train.global_batch_size": cfg.train.global_batch_size, "train.grad_accum": cfg.train.grad_accum,
+              "train.grad_clip": cfg.train.grad_clip, "train.zero_stage": cfg.train.zero_stage,
+              "train.precision": cfg.train.precision}
+    if named:
+        settings = ", ".join(f"{k}={values[k]}" if k in values else k for k in named)
+        hint = f"change {settings}"
+    else:
+        hint = (f"it is derived from train.zero_stage={cfg.train.zero_stage}, train.precision={cfg.train.precision}, "
+                f"train.global_batch_size={cfg.train.global_batch_size}, optim.{engine} and deepspeed.{engine}")
+    return f"DeepSpeed refused the {engine} engine's config ({type(exc).__name__}: {complaint[:400]}); {hint}"

@@ -24,8 +24,8 @@ from typing import Any, Iterator
 import torch
 import torch.nn as nn
 
-from disent.config import Config
-from disent.models import DisentVAE, build_critics
+from disent.config import Config, ConfigError
+from disent.models import DisentVAE, critics_from_config, vae_from_config
 from disent.models.objective import Fakes, vae_losses
 
 log = logging.getLogger(__name__)
@@ -145,6 +145,20 @@ def init_distributed(env: DistEnv) -> None:
     deepspeed.init_distributed(dist_backend=env.backend, auto_mpi_discovery=False)
 
 
+_PEER_LOSS_MARKERS = ("connection closed by peer", "connection reset by peer", "gloo", "nccl", "broken pipe",
+                      "timed out")
+
+
+def is_lost_peer(exc: BaseException) -> bool:
+    """A collective that failed because a peer rank died or became unreachable: torch's DistError
+    family (NCCL, the store), or gloo's plain RuntimeError ("Connection closed by peer")."""
+    import torch.distributed as dist
+
+    if isinstance(exc, dist.DistError):
+        return True
+    return isinstance(exc, RuntimeError) and any(m in str(exc).lower() for m in _PEER_LOSS_MARKERS)
+
+
 def shutdown_distributed() -> None:
     import torch.distributed as dist
 
@@ -174,16 +188,13 @@ class VAEObjective(nn.Module):
         discriminator: nn.Module,
         loss_cfg: Any,
         step: int,
+        y1: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, dict[str, torch.Tensor], Fakes]:
-        return vae_losses(self.vae, discriminator, x1, x1p, x2, x2p, y2, loss_cfg, step)
+        return vae_losses(self.vae, discriminator, x1, x1p, x2, x2p, y2, loss_cfg, step, y1=y1)
 
 
 def build_modules(cfg: Config) -> tuple[VAEObjective, nn.Module]:
-    vae = DisentVAE(cfg.data.channels, cfg.data.image_size, cfg.model.s_dim, cfg.model.z_dim, cfg.model.base_channels)
-    disc = build_critics(
-        cfg.model.discriminator, cfg.data.channels, cfg.data.image_size, cfg.data.num_classes, cfg.model.disc_channels,
-        cfg.model.z_dim, latent_critic=cfg.loss.latent_adversarial > 0,
-    )
+    vae, disc = vae_from_config(cfg), critics_from_config(cfg)
     if cfg.train.compile:
         # In-place Module.compile keeps parameter names, so checkpoints and final weights load into
         # uncompiled models. The parts are compiled, not the objective: the VAE is called through
@@ -234,19 +245,24 @@ def build_engines(cfg: Config, env: DistEnv) -> Engines:
     """Build both modules and call deepspeed.initialize once per engine."""
     import deepspeed
 
-    from disent.train.ds_config import deepspeed_config
+    from disent.train.ds_config import deepspeed_config, describe_refusal
 
     vae_objective, disc = build_modules(cfg)
     sizes = {"vae": _count(vae_objective), "disc": _count(disc)}
     configs = {name: deepspeed_config(cfg, name, env.world_size, env.device_type, sizes[name]) for name in sizes}
     # DeepSpeed would put each engine on cuda:LOCAL_RANK; `device_rank` makes it use this rank's GPU.
     args = SimpleNamespace(device_rank=env.device_index) if env.device_type == "cuda" else None
-    vae_engine, _, _, _ = deepspeed.initialize(
-        args=args, model=vae_objective, model_parameters=vae_objective.parameters(), config=configs["vae"]
-    )
-    disc_engine, _, _, _ = deepspeed.initialize(
-        args=args, model=disc, model_parameters=disc.parameters(), config=configs["disc"]
-    )
+    engines = {}
+    for name, module in (("vae", vae_objective), ("disc", disc)):
+        try:
+            engines[name], _, _, _ = deepspeed.initialize(
+                args=args, model=module, model_parameters=module.parameters(), config=configs[name]
+            )
+        except (AssertionError, ValueError, TypeError, KeyError) as exc:  # pydantic's errors are ValueErrors
+            # Only the config can make DeepSpeed's set-up refuse: the modules are ours, built the same
+            # way for every setting. Naming the setting beats a traceback from inside DeepSpeed.
+            raise ConfigError(describe_refusal(cfg, name, exc)) from None
+    vae_engine, disc_engine = engines["vae"], engines["disc"]
     if cfg.train.channels_last:
         # After initialize: DeepSpeed broadcasts parameters as byte views, which need the default
         # layout. The conversion swaps each parameter's data in place, so the optimizers keep them.

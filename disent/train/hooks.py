@@ -52,6 +52,7 @@ class EvaluationHook:
         trainer.tracker.log_metrics(numeric_metrics(metrics), step=step)
         trainer.tracker.log_artifact(out, f"eval/step-{step:08d}")
         log.info(
-            "eval at step %d: class from s %.3f, from z %.3f (chance %.3f); grids in %s",
-            step, metrics["class_from_s_mlp"], metrics["class_from_z_mean_mlp"], metrics["chance"], out,
+            "eval at step %d: class from s %.3f, from mean z %.3f, from sampled z %.3f (chance %.3f); z_gain %.3f, "
+            "z_snr %.2f; grids in %s", step, metrics["class_from_s_mlp"], metrics["class_from_z_mean_mlp"],
+            metrics["class_from_z_sample_mlp"], metrics["chance"], metrics["z_gain"], metrics["z_snr"], out,
         )

@@ -10,7 +10,7 @@ DeepSpeed applies the optimizer update at the accumulation boundary.
 Every `log_every` steps the rank-averaged metrics go to MLflow (rank 0) and metrics.jsonl;
 every `eval_every` steps and at the end the eval hooks run; every `checkpoint_every` steps and at
 the end a checkpoint is written. SIGTERM/SIGUSR1 make every rank finish its step, checkpoint and
-return with `preempted=True` (the CLI exits with 75, EX_TEMPFAIL, so a launcher requeues it).
+return with `preempted=True` (the CLI exits with ExitCode.PREEMPTED, 75, so the job is requeued).
 """
 from __future__ import annotations
 
@@ -19,6 +19,7 @@ import logging
 import os
 import random
 import signal
+import sys
 import threading
 import time
 from dataclasses import dataclass
@@ -29,13 +30,13 @@ import numpy as np
 import torch
 
 from disent.config import Config, flatten, micro_batch_size, run_name, to_dict, to_yaml
+from disent.errors import ExitCode
 from disent.models.objective import discriminator_losses
 from disent.train.checkpoint import CheckpointInfo, CheckpointManager, atomic_torch_save, atomic_write_bytes
 from disent.train.engines import DistEnv, Engines, build_engines, frozen
 
 log = logging.getLogger(__name__)
 
-EXIT_PREEMPTED = 75  # EX_TEMPFAIL: "preempted, requeue me"
 PREEMPT_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
 IMAGE_KEYS = ("x1", "x1p", "x2", "x2p")
 
@@ -206,7 +207,7 @@ class TrainResult:
 
     @property
     def exit_code(self) -> int:
-        return EXIT_PREEMPTED if self.preempted else 0
+        return ExitCode.PREEMPTED if self.preempted else ExitCode.OK
 
 
 def _dist():
@@ -328,7 +329,7 @@ class Trainer:
             with frozen(disc_module):
                 vae_loss, terms, fakes = vae_engine(
                     b["x1"], b["x1p"], b["x2"], b["x2p"], b["y2"],
-                    discriminator=disc_module, loss_cfg=self.cfg.loss, step=self.step,
+                    discriminator=disc_module, loss_cfg=self.cfg.loss, step=self.step, y1=b["y1"],
                 )
                 vae_engine.backward(vae_loss)
             if boundary:
@@ -440,11 +441,7 @@ class Trainer:
         window_start = time.perf_counter()
         wait_start = float(getattr(self.loader, "wait_seconds", 0.0))
         preempted = False
-        bar = None
-        if env.is_main and cfg.train.progress:
-            from tqdm import tqdm
-
-            bar = tqdm(total=total, initial=self.step, desc=cfg.name, unit="step", dynamic_ncols=True)
+        progress = ProgressReport(cfg.name, self.step, total, bar=env.is_main and cfg.train.progress)
         metrics_file = self.run_dir / "metrics.jsonl"
         status = "FAILED"
         profiler = None
@@ -462,8 +459,7 @@ class Trainer:
                 window_steps += 1
                 for k, v in terms.items():
                     window[k] = window[k] + v if k in window else v
-                if bar is not None:
-                    bar.update(1)
+                progress.update()
                 if self.step % cfg.train.log_every == 0 or self.step == total:
                     elapsed = max(time.perf_counter() - window_start, 1e-9)
                     waited = float(getattr(self.loader, "wait_seconds", 0.0)) - wait_start
@@ -477,7 +473,7 @@ class Trainer:
                     skipped = getattr(self.loader, "skipped_shards", None)
                     if isinstance(skipped, (int, float)):
                         metrics["data_skipped_shards"] = float(skipped)
-                    self._log_metrics(metrics, metrics_file, bar)
+                    self._log_metrics(metrics, metrics_file, progress)
                     window, window_steps = {}, 0
                     window_start = time.perf_counter()
                     wait_start = float(getattr(self.loader, "wait_seconds", 0.0))
@@ -490,7 +486,8 @@ class Trainer:
                         self.preemption.settle()
                 if stop and self.step < total:  # a signal during the last step: the run is finished
                     preempted = True
-                    log.warning("preempted at step %d; checkpoint written, exiting with %d", self.step, EXIT_PREEMPTED)
+                    log.warning("preempted at step %d; checkpoint written, exiting with %d", self.step,
+                                int(ExitCode.PREEMPTED))
                     break
             if not preempted:
                 if self._last_checkpoint_step != self.step:
@@ -503,8 +500,11 @@ class Trainer:
         finally:
             if profiler is not None:
                 profiler.stop()
-            if bar is not None:
-                bar.close()
+            progress.close()
+            if exiting and status == "FAILED":
+                # The process leaves with this failure; the SIGTERM a scheduler sends the rest of the step
+                # meanwhile (srun --kill-on-bad-exit) must not turn its exit code (69 when retryable) into 143.
+                self.preemption.settle()
             self.preemption.restore()
             self.checkpoints.wait_for_uploads()
             self.tracker.close(status=status)
@@ -515,17 +515,13 @@ class Trainer:
             self.run_id = self.tracker.run_id or self.run_id
         return TrainResult(step=self.step, preempted=preempted, run_id=self.run_id, checkpoint=self._last_checkpoint)
 
-    def _log_metrics(self, metrics: dict[str, float], metrics_file: Path, bar) -> None:
+    def _log_metrics(self, metrics: dict[str, float], metrics_file: Path, progress: "ProgressReport") -> None:
         if not self.env.is_main:
             return
         self.tracker.log_metrics(metrics, step=self.step)
         with open(metrics_file, "a") as fh:
             fh.write(json.dumps({"step": self.step, **metrics}, sort_keys=True) + "\n")
-        short = {k: metrics[k] for k in ("vae_loss", "disc_loss", "samples_per_s") if k in metrics}
-        if bar is not None:
-            bar.set_postfix({k: f"{v:.4g}" for k, v in short.items()}, refresh=False)
-        else:
-            log.info("step %d %s", self.step, " ".join(f"{k}={v:.4g}" for k, v in short.items()))
+        progress.report(self.step, metrics)
 
     def _save_final_weights(self) -> None:
         if not self.env.is_main:
@@ -536,6 +532,50 @@ class Trainer:
         atomic_torch_save({k: v.detach().cpu() for k, v in self.engines.disc_model.state_dict().items()}, final / "disc.pt")
         self.tracker.log_artifact(final / "vae.pt", "final")
         self.tracker.log_artifact(final / "disc.pt", "final")
+
+
+class ProgressReport:
+    """Rank 0's view of training progress: a tqdm bar on a terminal; elsewhere (an sbatch output file,
+    `kubectl logs`, CI) one plain log line per `train.log_every` steps, since a redrawn bar written
+    to a file is one endless line of carriage returns."""
+
+    SHOWN = ("vae_loss", "disc_loss", "samples_per_s")
+
+    def __init__(self, name: str, start: int, total: int, bar: bool):
+        self.start, self.total = start, total
+        self.t0 = time.perf_counter()
+        self.bar = None
+        if bar and sys.stderr.isatty():
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=total, initial=start, desc=name, unit="step", dynamic_ncols=True)
+
+    def update(self) -> None:
+        if self.bar is not None:
+            self.bar.update(1)
+
+    def report(self, step: int, metrics: dict[str, float]) -> None:
+        short = {k: metrics[k] for k in self.SHOWN if k in metrics}
+        if self.bar is not None:
+            self.bar.set_postfix({k: f"{v:.4g}" for k, v in short.items()}, refresh=False)
+            return
+        done = step - self.start
+        elapsed = time.perf_counter() - self.t0
+        eta = elapsed / done * (self.total - step) if done > 0 else float("nan")
+        log.info("step %d/%d %s eta %s", step, self.total, " ".join(f"{k}={v:.4g}" for k, v in short.items()),
+                 _duration(eta))
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+def _duration(seconds: float) -> str:
+    if seconds != seconds:  # nan: nothing measured yet
+        return "?"
+    seconds = int(round(seconds))
+    hours, rest = divmod(seconds, 3600)
+    return f"{hours}h{rest // 60:02d}m{rest % 60:02d}s" if hours else f"{rest // 60}m{rest % 60:02d}s"
 
 
 PROFILE_SKIP_STEPS = 5  # start-up and the first log window are not what a profile should show

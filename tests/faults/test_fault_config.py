@@ -60,7 +60,36 @@ CASES = {
     "credentials-in-url": (["tracking.uri=http://me:hunter2-pw@127.0.0.1:5000"],
                            ["'tracking.uri'", "http://***@127.0.0.1:5000", "MLFLOW_TRACKING_PASSWORD"]),
     "resume-missing": (["--resume", "/nonexistent/step-00000003"], ["--resume", "does not exist"]),
+    "misaligned-zero-bucket": (["train.zero_stage=1", "deepspeed.vae.zero_optimization.allgather_bucket_size=999"],
+                               ["'deepspeed.vae.zero_optimization.allgather_bucket_size' is 999", "multiple of 2"]),
 }
+
+
+# Settings only DeepSpeed itself can judge: refused while the engines are built (the process group
+# exists by then), still as one line naming the setting, exit 2, no traceback, no MLflow run.
+DEEPSPEED_REFUSES = {
+    "bucket-size-zero": (["train.zero_stage=2", "deepspeed.disc.zero_optimization.reduce_bucket_size=0"],
+                         ["DeepSpeed refused the disc engine's config",
+                          "deepspeed.disc.zero_optimization.reduce_bucket_size"]),
+    "unknown-zero-key": (["train.zero_stage=1", "deepspeed.vae.zero_optimization.overlap_comms=true"],
+                         ["DeepSpeed refused the vae engine's config", "overlap_comms",
+                          "deepspeed.vae.zero_optimization.overlap_comms"]),
+}
+
+
+@pytest.mark.parametrize("case", list(DEEPSPEED_REFUSES))
+def test_a_setting_deepspeed_refuses_is_named_in_one_line(case, tmp_path, fault_data):
+    extra, needles = DEEPSPEED_REFUSES[case]
+    result, took = run([sys.executable, "-m", "disent.cli", "train", BASE, *tiny_overrides(tmp_path / "run", fault_data),
+                        *extra])
+    out = result.stdout + result.stderr
+    assert result.returncode == 2, out[-3000:]
+    assert "Traceback" not in out, out[-3000:]
+    errors = [line for line in result.stderr.splitlines() if line.startswith("disent: config error:")]
+    assert len(errors) == 1, out[-3000:]
+    for needle in needles:
+        assert needle in errors[0], (needle, errors[0])
+    assert "created MLflow run" not in out and "training from step" not in out
 
 
 @pytest.mark.parametrize("case", list(CASES))

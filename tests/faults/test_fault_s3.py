@@ -19,7 +19,8 @@ from pathlib import Path
 import pytest
 
 from disent.config import DataConfig
-from disent.data.errors import DataError, ShardError
+from disent.data.errors import DataUnavailable, ShardError
+from disent.errors import ExitCode
 from disent.data.manifest import read_manifest
 from disent.data.stream import PairLoader
 from faultkit import BASE, base_env, metric_lines
@@ -158,7 +159,7 @@ def test_a_server_that_is_down_is_retried_then_fails_clearly(monkeypatch, caplog
         monkeypatch.setenv(k, v)
     caplog.set_level(logging.WARNING, logger="disent.data.s3")
     start = time.monotonic()
-    with pytest.raises(DataError) as info:
+    with pytest.raises(DataUnavailable) as info:  # retryable (exit 69), not an input error
         read_manifest(URL, "train")
     assert time.monotonic() - start < 30
     message = str(info.value)
@@ -176,10 +177,11 @@ def disent_train(run_dir: Path, extra: dict, env: dict, timeout: float = 240) ->
                           timeout=timeout)
 
 
-def assert_one_paragraph_error(result, *needles):
-    assert result.returncode == 2, result.stderr[-3000:]
+def assert_one_paragraph_error(result, *needles, code=ExitCode.RETRYABLE):
+    assert result.returncode == code, result.stderr[-3000:]
     assert "Traceback" not in result.stderr + result.stdout
-    errors = [line for line in result.stderr.splitlines() if line.startswith("disent: config error:")]
+    prefix = "disent: config error:" if code == ExitCode.INPUT_ERROR else "disent: retryable failure"
+    errors = [line for line in result.stderr.splitlines() if line.startswith(prefix)]
     assert len(errors) == 1, result.stderr[-3000:]
     for needle in needles:
         assert needle in errors[0], (needle, errors[0])
@@ -187,7 +189,8 @@ def assert_one_paragraph_error(result, *needles):
 
 
 @pytest.mark.slow
-def test_train_with_the_s3_server_down_exits_2_naming_the_data(tmp_path):
+def test_train_with_the_s3_server_down_exits_69_naming_the_data(tmp_path):
+    """An endpoint that does not answer may be an outage: retryable, so a scheduler tries again."""
     env = {"AWS_ENDPOINT_URL": f"http://127.0.0.1:{_closed_port()}", "AWS_ACCESS_KEY_ID": "k",
            "AWS_SECRET_ACCESS_KEY": "secret-down-9c1", "AWS_DEFAULT_REGION": "us-east-1",
            "DISENT_S3_RETRIES": "1", "DISENT_S3_BACKOFF": "0.05"}

@@ -1,0 +1,176 @@
+"""Every shipped config, at its real model size, under ZeRO 0, 1 and 2 on 2 ranks.
+
+"Shipped" means every file in configs/ and the config embedded in k8s/job.yaml's ConfigMap, found
+anew at each run, so a config added later is covered without touching this file. Each case builds
+both DeepSpeed engines from the config as shipped and trains a few steps on small real shards of
+the config's image shape. Only what this machine cannot run, or cannot run in the suite's time, is
+changed (`cpu_adaptations`); the model (`model.*`, the data shape) never is.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+
+from disent.config import load_config
+from disent.train.ds_config import NCCL_START_ALIGNMENT_FACTOR, bucket_size, deepspeed_config
+from disent.train.engines import build_modules
+from train_helpers import ROOT, torchrun
+
+STAGES = (0, 1, 2)
+STEPS = 3
+CPU_BATCH = 16  # global; a GPU config's 2048 would take minutes a step on 2 CPU cores
+
+
+def shipped_configs(tmp_path: Path) -> dict[str, Path]:
+    """name -> config file: configs/*.yaml and the k8s ConfigMap's config (its /app paths mapped to this
+    checkout, as in the image)."""
+    found = {path.stem: path for path in sorted((ROOT / "configs").glob("*.yaml"))}
+    for doc in yaml.safe_load_all((ROOT / "k8s" / "job.yaml").read_text()):
+        if doc and doc.get("kind") == "ConfigMap":
+            for key, text in doc["data"].items():
+                local = tmp_path / f"k8s-{key}"
+                local.write_text(text.replace("/app/configs/", f"{ROOT}/configs/"))
+                found[f"k8s:{key}"] = local
+    return found
+
+
+def cpu_adaptations(cfg, stage: int) -> dict[str, object]:
+    """What changes on this machine, and why; nothing that sizes the model."""
+    out: dict[str, object] = {"train.zero_stage": stage}
+    if stage > 0 and cfg.train.channels_last:
+        out["train.channels_last"] = False  # refused with ZeRO 1/2: they flatten parameters into views
+    if cfg.train.precision == "fp16":
+        out["train.precision"] = "bf16"  # fp16 loss scaling is a CUDA path
+    if cfg.train.compile:
+        # inductor's CPU build takes ~90 s per run here; test_compiled_gpu_config_at_real_size covers it
+        out["train.compile"] = False
+    if cfg.train.global_batch_size > CPU_BATCH:
+        out["train.global_batch_size"] = CPU_BATCH
+    return out
+
+
+def where_to_run(case_dir: Path, data_url: Path) -> dict[str, object]:
+    """Local shards, a local MLflow store, no uploads: the shipped ones point at a cluster's S3 and servers."""
+    return {
+        "run_dir": case_dir, "data.url": data_url, "tracking.uri": f"sqlite:///{case_dir.parent}/mlflow.db",
+        "train.checkpoint_upload_url": "null", "train.steps": STEPS, "train.checkpoint_every": STEPS,
+        "train.log_every": 1, "train.progress": "false", "train.eval_every": 10**6,
+    }
+
+
+def data_shape(cfg) -> tuple[int, int, int]:
+    return cfg.data.image_size, cfg.data.channels, cfg.data.num_classes
+
+
+def make_shards(out: Path, shape: tuple[int, int, int], samples: int = 240) -> Path:
+    """Real shards (`disent prepare npz:`) of one image shape; each class lights up its own band."""
+    from disent.cli import main as disent_main
+
+    size, channels, classes = shape
+    rng = np.random.default_rng(0)
+    labels = np.arange(samples) % classes
+    images = rng.integers(0, 60, (samples, size, size, channels), dtype=np.uint8)
+    band = max(1, size // classes)
+    for i, y in enumerate(labels):
+        images[i, (y * band) % size: (y * band) % size + band] = 230
+    out.mkdir(parents=True, exist_ok=True)
+    np.savez(out / "data.npz", images=images.squeeze(-1) if channels == 1 else images, labels=labels)
+    assert disent_main(["prepare", f"npz:{out / 'data.npz'}", str(out / "shards"), "--no-progress",
+                        "--groups-per-shard", "8", "--overwrite"]) == 0
+    return out / "shards"
+
+
+def test_zero_buckets_meet_deepspeeds_alignment_for_any_parameter_count():
+    for n in [1, 999_999, 1_000_001, 1_423_835, 1_763_809, 3_645_857, 499_999_999, 500_000_001, 10**10]:
+        size = bucket_size(n)
+        assert size % NCCL_START_ALIGNMENT_FACTOR == 0, n
+        assert size >= min(n, 500_000_000) and size <= 500_000_000, n
+
+
+def test_every_shipped_config_derives_aligned_buckets_at_its_real_size(tmp_path):
+    configs = shipped_configs(tmp_path)
+    assert {"base", "fashion_mnist", "sprites", "multinode_gpu"} <= set(configs) and any(
+        name.startswith("k8s:") for name in configs)
+    odd_models = 0
+    for name, path in configs.items():
+        cfg = load_config(path)
+        vae, disc = build_modules(load_config(path, ["train.compile=false"]))
+        for engine, module in (("vae", vae), ("disc", disc)):
+            count = sum(p.numel() for p in module.parameters())
+            odd_models += count % 2
+            for stage in (1, 2):
+                staged = load_config(path, [f"train.zero_stage={stage}", "train.channels_last=false"])
+                zero = deepspeed_config(staged, engine, 2, "cpu", count)["zero_optimization"]
+                assert zero["allgather_bucket_size"] % NCCL_START_ALIGNMENT_FACTOR == 0, (name, engine, count)
+                assert zero["reduce_bucket_size"] > 0
+        assert cfg.train.zero_stage in STAGES
+    assert odd_models, "no shipped model has an odd parameter count; the test no longer shows the rule matters"
+
+
+@pytest.mark.slow
+def test_every_shipped_config_trains_under_zero_0_1_2_on_two_ranks(tmp_path):
+    """All cases in one 2-rank process group (one start-up); each case builds both engines at the
+    config's real size, trains STEPS steps and writes a complete checkpoint."""
+    configs = shipped_configs(tmp_path)
+    shards: dict[tuple, Path] = {}
+    cases, expected = [], []
+    for name, path in configs.items():
+        cfg = load_config(path)
+        shape = data_shape(cfg)
+        if shape not in shards:
+            shards[shape] = make_shards(tmp_path / f"data-{'x'.join(map(str, shape))}", shape)
+        for stage in STAGES:
+            i = len(cases)
+            changes = cpu_adaptations(cfg, stage)
+            assert not any(k.startswith("model.") or k.startswith("data.") for k in changes)
+            overrides = {**changes, **where_to_run(tmp_path / "cases" / f"case{i}", shards[shape])}
+            cases.append(" ".join([f"config={path}", *(f"{k}={v}" for k, v in overrides.items())]))
+            vae, disc = build_modules(load_config(path, ["train.compile=false"]))
+            expected.append((name, stage, sum(p.numel() for p in vae.parameters()),
+                             sum(p.numel() for p in disc.parameters())))
+    args = ["--no-hooks", f"run_dir={tmp_path / 'cases'}"]
+    for case in cases:
+        args += ["--case", case]
+    result = torchrun(args, timeout=1200, env={"OMP_NUM_THREADS": "1"})
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-6000:]
+
+    for i, (name, stage, vae_params, disc_params) in enumerate(expected):
+        run_dir = tmp_path / "cases" / f"case{i}" / f"case{i}"
+        label = f"{name} ZeRO {stage}"
+        assert (run_dir / "checkpoints" / f"step-{STEPS:08d}" / "COMPLETE").exists(), label
+        lines = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+        assert [m["step"] for m in lines] == list(range(1, STEPS + 1)), label
+        assert all(math.isfinite(m["vae_loss"]) and math.isfinite(m["disc_loss"]) for m in lines), label
+        for engine, params in (("vae", vae_params), ("disc", disc_params)):
+            ds = json.loads((run_dir / "deepspeed" / f"{engine}.json").read_text())
+            assert ds["zero_optimization"]["stage"] == stage, label
+            if stage:
+                assert ds["zero_optimization"]["allgather_bucket_size"] == bucket_size(params), label
+        saved = yaml.safe_load((run_dir / "config.yaml").read_text())
+        assert saved["model"] == dataclasses.asdict(load_config(configs[name]).model), label  # the real size
+
+
+@pytest.mark.slow
+def test_compiled_gpu_config_at_real_size(tmp_path):
+    """The first shipped config with train.compile (the multi-node GPU one) exactly as shipped, bf16,
+    channels_last and torch.compile included: only its batch and where it runs change."""
+    configs = shipped_configs(tmp_path)
+    name, path = next((n, p) for n, p in configs.items() if load_config(p).train.compile)
+    cfg = load_config(path)
+    data = make_shards(tmp_path / "data", data_shape(cfg))
+    overrides = {"train.global_batch_size": min(cfg.train.global_batch_size, CPU_BATCH),
+                 **where_to_run(tmp_path / "run", data)}
+    result = torchrun(["--no-hooks", f"--config={path}", *(f"{k}={v}" for k, v in overrides.items())],
+                      timeout=900, env={"OMP_NUM_THREADS": "1"})
+    assert result.returncode == 0, name + result.stdout[-3000:] + result.stderr[-6000:]
+    saved = yaml.safe_load((tmp_path / "run" / "config.yaml").read_text())
+    assert saved["train"]["compile"] and saved["train"]["channels_last"] and saved["train"]["precision"] == "bf16"
+    lines = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [m["step"] for m in lines] == list(range(1, STEPS + 1))
+    assert all(math.isfinite(m["vae_loss"]) for m in lines)
