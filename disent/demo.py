@@ -73,6 +73,10 @@ def main(argv: list[str] | None = None) -> int:
     print(f"class from s: {report['class_from_s_mlp']:.3f} (MLP probe), {report['class_from_s_linear']:.3f} (linear)")
     print(f"class from z: {report['class_from_z_mean_mlp']:.3f} (MLP on the mean), "
           f"{report['class_from_z_sample_mlp']:.3f} (MLP on sampled z); chance {report['chance']:.3f}")
+    print(f"published protocols: Jha et al.'s MLP on sampled z {report['jha_class_from_z_sample']:.3f}, logistic "
+          f"regression on the mean {report['logreg_class_from_z_mean']:.3f}")
+    print(f"z_gain {report['z_gain']:.3f} (share of the error only the image's own z removes), z signal-to-noise "
+          f"{report['z_snr']:.2f}")
     print(f"reconstruction MSE {report['reconstruction_mse']:.4f}, swap MSE {report['swap_mse']:.4f}")
     print(f"swap grid: {report['grids']['swap_grid']}")
     print(f"\ndemo finished in {time.monotonic() - started:.0f} s")
