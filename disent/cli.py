@@ -7,7 +7,7 @@ import sys
 
 from disent import __version__
 from disent.config import ConfigError, load_config, to_yaml
-from disent.errors import ExitCode, RetryableFailure
+from disent.errors import RetryableFailure
 
 
 def add_config_args(parser: argparse.ArgumentParser) -> None:
@@ -63,11 +63,11 @@ def main(argv: list[str] | None = None) -> int:
         return int(args.func(args) or 0)
     except ConfigError as exc:
         print(f"disent: config error: {exc}", file=sys.stderr)
-        return ExitCode.INPUT_ERROR
+        return exc.exit_code
     except RetryableFailure as exc:
-        print(f"disent: retryable failure (exit {int(ExitCode.RETRYABLE)}; a restart resumes from the latest "
+        print(f"disent: retryable failure (exit {int(exc.exit_code)}; a restart resumes from the latest "
               f"checkpoint): {exc}", file=sys.stderr)
-        return ExitCode.RETRYABLE
+        return exc.exit_code
 
 
 if __name__ == "__main__":

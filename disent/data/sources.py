@@ -389,14 +389,18 @@ def load_npz(file: str, opts: SourceOptions) -> SourceData:
 # --------------------------------------------------------------------------- sprites
 
 
+def _check_drawn(opts: SourceOptions, kind: str, classes: int) -> None:
+    """A drawn source (sprites, glyphs) needs two samples per class for pairs, and a supported size."""
+    if opts.num_samples < 2 * classes:
+        raise DataError(f"--num-samples must be at least {2 * classes} for {kind}, got {opts.num_samples}")
+    if opts.image_size not in (32, 64):
+        raise DataError(f"--image-size for {kind} must be 32 or 64, got {opts.image_size}")
+
+
 def load_sprites(opts: SourceOptions) -> SourceData:
     from disent.data import sprites
 
-    if opts.num_samples < 2 * len(sprites.CLASS_NAMES):
-        raise DataError(f"--num-samples must be at least {2 * len(sprites.CLASS_NAMES)} for sprites, "
-                        f"got {opts.num_samples}")
-    if opts.image_size not in (32, 64):
-        raise DataError(f"--image-size for sprites must be 32 or 64, got {opts.image_size}")
+    _check_drawn(opts, "sprites", len(sprites.CLASS_NAMES))
     images, labels, factors = sprites.generate(opts.num_samples, opts.seed, opts.image_size)
     part = Part(images, labels, factors, f"sprites(seed={opts.seed})")
     check_part(part, len(sprites.CLASS_NAMES), "the generated sprites (use more --num-samples)")
@@ -415,10 +419,7 @@ def load_glyphs(opts: SourceOptions) -> SourceData:
     from disent.data import glyphs
 
     classes = len(glyphs.CHARACTERS)
-    if opts.num_samples < 2 * classes:
-        raise DataError(f"--num-samples must be at least {2 * classes} for glyphs, got {opts.num_samples}")
-    if opts.image_size not in (32, 64):
-        raise DataError(f"--image-size for glyphs must be 32 or 64, got {opts.image_size}")
+    _check_drawn(opts, "glyphs", classes)
     faces = glyphs.load_faces(opts.fonts)
     images, labels, factors = glyphs.generate(opts.num_samples, faces, opts.seed, opts.image_size, progress=True)
     part = Part(images, labels, factors, f"glyphs(seed={opts.seed})")

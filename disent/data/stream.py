@@ -536,14 +536,14 @@ def iter_samples(data_cfg: DataConfig, split: str, limit: int | None = None) -> 
             n += 1
 
 
-def load_split_arrays(data_cfg: DataConfig, split: str, limit: int | None = None
+def load_split_arrays(data_cfg: DataConfig, split: str, limit: int | None = None, manifest: Manifest | None = None
                       ) -> tuple[np.ndarray, np.ndarray, np.ndarray, list[str]]:
     """(images uint8 [N,C,H,W], labels int64 [N], factors float32 [N,F], factor_names), N <= limit.
 
     Groups of all classes are shuffled across shards at prepare time, so the first ``limit``
     samples are a class-mixed subset, the same on every call.
     """
-    manifest = open_split(data_cfg, split)
+    manifest = manifest or open_split(data_cfg, split)
     images, labels, factors = [], [], []
     n = 0
     for g in iter_groups(data_cfg, split, manifest):

@@ -41,8 +41,9 @@ class Split:
 def load_split(cfg: Config, split: str, limit: int) -> Split:
     from disent.data.stream import load_split_arrays, open_split
 
-    images, labels, factors, names = load_split_arrays(cfg.data, split, limit)
-    categorical = list(open_split(cfg.data, split).source.get("categorical_factors", []))
+    manifest = open_split(cfg.data, split)
+    images, labels, factors, names = load_split_arrays(cfg.data, split, limit, manifest)
+    categorical = list(manifest.source.get("categorical_factors", []))
     return Split(images, labels.astype(np.int64), factors.astype(np.float32), list(names), categorical)
 
 
