@@ -89,6 +89,70 @@ def test_class_adversary_trains_its_critic_on_mu_and_pushes_the_encoder_to_a_uni
         vae_losses(vae, disc, x1, x1p, x2, x2p, y2, cfg, step=0)
 
 
+def test_reverse_cycle_and_specified_consistency_train_the_vae_only():
+    torch.manual_seed(0)
+    vae = DisentVAE(1, 28, 4, 4, 8)
+    disc = build_critics("pair", 1, 28, 4, 8, z_dim=4, latent_critic=False)
+    cfg = LossConfig(reverse_cycle=1.0, specified_consistency=1.0)
+    x1, x1p, x2, x2p, y2 = batch()
+    y1 = torch.randint(0, 4, (x1.shape[0],))
+    with frozen(disc):
+        total, terms, _ = vae_losses(vae, disc, x1, x1p, x2, x2p, y2, cfg, step=0, y1=y1)
+        total.backward()
+    assert terms["reverse_cycle"] > 0 and terms["specified_spread"] > 0
+    assert vae.encoder.f_z[0].weight.grad is not None
+    assert all(p.grad is None for p in disc.parameters())
+    # The reverse cycle alone trains the encoder, never the decoder (which would learn to write a
+    # private code for z into generated images).
+    vae.zero_grad(set_to_none=True)
+    cycle_only = LossConfig(reconstruction=0, swap=0, adversarial=0, kl=0, reverse_cycle=1.0)
+    with frozen(disc):
+        total, _, _ = vae_losses(vae, disc, x1, x1p, x2, x2p, y2, cycle_only, step=0, y1=y1)
+        total.backward()
+    assert vae.encoder.f_z[-1].weight.grad.abs().sum() > 0
+    assert all(p.grad is None or not p.grad.any() for p in vae.decoder.parameters())
+
+
+def test_class_moment_critic_sees_class_in_position_and_in_spread_and_not_in_noise():
+    from disent.models.discriminator import ClassMomentCritic
+
+    g = torch.Generator().manual_seed(0)
+
+    def gap_after(shift: float, spread: float) -> float:
+        critic = ClassMomentCritic(z_dim=4, num_classes=3, momentum=0.1)
+        for _ in range(100):
+            labels = torch.randint(0, 3, (96,), generator=g)
+            code = torch.randn(96, 4, generator=g)
+            code[:, 0] += shift * labels
+            code[:, 1] *= 1 + spread * labels
+            critic.update(code, labels)
+        return critic.gap().item()
+
+    noise = gap_after(0.0, 0.0)
+    assert noise < 0.1
+    assert gap_after(2.0, 0.0) > 10 * noise  # the class moves the code
+    assert gap_after(0.0, 2.0) > 10 * noise  # the class only widens the code: a mean probe misses it
+
+
+def test_class_moments_term_trains_the_encoder_and_its_critic_only_in_the_discriminator_step():
+    torch.manual_seed(0)
+    vae = DisentVAE(1, 28, 4, 4, 8)
+    disc = build_critics("pair", 1, 28, 4, 8, z_dim=4, latent_critic=False, class_moment_critic=True)
+    cfg = LossConfig(class_moments=1.0)
+    x1, x1p, x2, x2p, y2 = batch()
+    y1 = torch.randint(0, 4, (x1.shape[0],))
+    before = disc.class_moments.centroids.clone()
+    with frozen(disc):
+        total, terms, fakes = vae_losses(vae, disc, x1, x1p, x2, x2p, y2, cfg, step=0, y1=y1)
+        total.backward()
+    assert terms["class_moment_leakage"] >= 0 and vae.encoder.f_z[0].weight.grad is not None
+    assert torch.equal(disc.class_moments.centroids, before)
+    _, d_terms = discriminator_losses(disc, x2, x2p, y2, fakes, cfg)
+    assert not torch.equal(disc.class_moments.centroids, before) and d_terms["class_moment_gap"] >= 0
+    with pytest.raises(ValueError, match="y1"):
+        vae_losses(vae, disc, x1, x1p, x2, x2p, y2, cfg, step=0)
+
+
 def test_upsample_decoder_renders_every_supported_size():
     for channels, size in ((1, 28), (3, 32), (3, 64)):
         vae = DisentVAE(channels, size, 4, 3, 8, decoder="upsample")

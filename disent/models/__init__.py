@@ -20,4 +20,5 @@ def critics_from_config(cfg) -> Critics:
     return build_critics(
         cfg.model.discriminator, cfg.data.channels, cfg.data.image_size, cfg.data.num_classes, cfg.model.disc_channels,
         cfg.model.z_dim, latent_critic=cfg.loss.latent_adversarial > 0, class_critic=cfg.loss.class_adversarial > 0,
+        class_moment_critic=cfg.loss.class_moments > 0,
     )

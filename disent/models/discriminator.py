@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 from disent.models.vae import DOWNSAMPLINGS, feature_size
 
@@ -79,15 +80,77 @@ class ClassCritic(nn.Module):
         return self.net(code)
 
 
-class Critics(nn.Module):
-    """The discriminator engine's module: the image discriminator and, optionally, the latent critic
-    and the class critic."""
+class ClassMomentCritic(nn.Module):
+    """A nearest-centroid critic on the mean of z: running per-class means of the standardised code
+    and of its square (so class-specific spreads show, not only class-specific positions).
 
-    def __init__(self, image: nn.Module, latent: LatentCritic | None, classes: ClassCritic | None = None):
+    It is not fitted by gradients but kept as exact running averages (updated in the
+    discriminator's step, summed over ranks so every rank holds the same state), so unlike a
+    fitted critic it cannot lag behind the encoder it judges.
+    """
+
+    def __init__(self, z_dim: int, num_classes: int, momentum: float = 0.02):
+        super().__init__()
+        self.momentum = momentum
+        self.register_buffer("centroids", torch.zeros(num_classes, 2 * z_dim))
+        self.register_buffer("frequency", torch.full((num_classes,), 1.0 / num_classes))
+
+    @staticmethod
+    def features(code: torch.Tensor) -> torch.Tensor:
+        """Standardised on the batch itself (as a probe standardises), so shrinking or
+        collapsing the code is no way to hide the class."""
+        code = code.float()
+        f = (code - code.mean(0)) / code.std(0).clamp_min(1e-3)
+        return torch.cat([f, f.pow(2) - 1], dim=1)
+
+    def offsets(self) -> torch.Tensor:
+        """Each class's centroid less the centroid of all classes: zero when the code is blind to class."""
+        return self.centroids - (self.frequency[:, None] * self.centroids).sum(0)
+
+    def gap(self) -> torch.Tensor:
+        return (self.frequency * self.offsets().pow(2).sum(1)).sum()
+
+    def leakage(self, code: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """For the encoder: the class offsets this batch would leave if it weighed as much as the
+        history, 0 only when both agree that the code is blind to class. Bounded below, so the
+        encoder can at most overshoot by one offset, never run away along it."""
+        features = self.features(code)
+        one_hot = F.one_hot(labels, self.centroids.shape[0]).to(features)
+        counts = one_hot.sum(0)
+        present = counts > 0
+        batch_offsets = (one_hot.t() @ features).float()[present] / counts[present, None]
+        mixed = 0.5 * self.offsets()[present] + 0.5 * batch_offsets
+        return ((counts[present] / counts.sum()) * mixed.pow(2).sum(1)).sum()
+
+    @torch.no_grad()
+    def update(self, code: torch.Tensor, labels: torch.Tensor) -> None:
+        features = self.features(code)
+        one_hot = F.one_hot(labels, self.centroids.shape[0]).to(features)
+        sums = all_ranks_sum(torch.cat([(one_hot.t() @ features).float().flatten(), one_hot.sum(0).float()]))
+        k = self.centroids.shape[0]
+        class_sums, counts = sums[:-k].view(k, -1), sums[-k:]
+        present = counts > 0
+        self.centroids[present] = self.centroids[present].lerp(class_sums[present] / counts[present, None], self.momentum)
+        self.frequency.lerp_(counts / counts.sum(), self.momentum)
+
+
+def all_ranks_sum(t: torch.Tensor) -> torch.Tensor:
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.all_reduce(t)
+    return t
+
+
+class Critics(nn.Module):
+    """The discriminator engine's module: the image discriminator and, optionally, the latent critic,
+    the class critic and the class-moment critic."""
+
+    def __init__(self, image: nn.Module, latent: LatentCritic | None, classes: ClassCritic | None = None,
+                 class_moments: ClassMomentCritic | None = None):
         super().__init__()
         self.image = image
         self.latent = latent
         self.classes = classes
+        self.class_moments = class_moments
 
     def forward(
         self, image: torch.Tensor, reference: torch.Tensor, label: torch.Tensor,
@@ -110,7 +173,9 @@ def build_discriminator(mode: str, channels: int, image_size: int, num_classes: 
 
 
 def build_critics(mode: str, channels: int, image_size: int, num_classes: int, base_channels: int,
-                  z_dim: int, latent_critic: bool, class_critic: bool = False) -> Critics:
+                  z_dim: int, latent_critic: bool, class_critic: bool = False,
+                  class_moment_critic: bool = False) -> Critics:
     image = build_discriminator(mode, channels, image_size, num_classes, base_channels)
     return Critics(image, LatentCritic(z_dim) if latent_critic else None,
-                   ClassCritic(z_dim, num_classes) if class_critic else None)
+                   ClassCritic(z_dim, num_classes) if class_critic else None,
+                   ClassMomentCritic(z_dim, num_classes) if class_moment_critic else None)

@@ -11,6 +11,13 @@ unspecified codes come from one class (mu1, mu1') or from independent images (mu
 the encoder is trained to make same-class pairs look independent, so z carries no class.
 Optionally (loss.class_adversarial > 0, an extension using the labels of x1): a class critic
 guesses the class of x1 from mu1, and the encoder is trained to leave its guess uniform.
+Optionally (loss.class_moments > 0, an extension using the labels): a critic keeps running
+per-class means of the standardised mean of z and of its square, and the encoder is pushed to make
+them equal, so no class shows in where or how widely its codes lie.
+Optionally (loss.reverse_cycle > 0, Cycle-VAE's reverse cycle): Dec(z_prior, s2) is encoded again
+and its mean of z must give z_prior back, so the encoder reads z the same way whatever the class.
+Optionally (loss.specified_consistency > 0, using only the grouping): s1 and s1' are pulled
+together relative to s1 and s2, so s cannot keep what is particular to one image.
 """
 from __future__ import annotations
 
@@ -103,6 +110,20 @@ def vae_losses(
         terms["class_adversarial"] = -F.log_softmax(class_logits, dim=1).mean(1).mean() - math.log(
             class_logits.shape[1])
 
+    if cfg.specified_consistency > 0:  # a ratio, so shrinking s cannot satisfy it
+        within = (s1 - s1p).pow(2).sum(1).mean()
+        across = (s1 - s2).pow(2).sum(1).mean()
+        terms["specified_spread"] = within / across.clamp_min(1e-8)
+    if cfg.class_moments > 0:
+        if y1 is None:
+            raise ValueError("loss.class_moments > 0 needs the class of x1 (y1)")
+        terms["class_moment_leakage"] = discriminator.class_moments.leakage(mu[: 3 * b], torch.cat([y1, y1, y2]))
+    if cfg.reverse_cycle > 0:
+        # Only the encoder learns from it (as in Cycle-VAE): through the decoder too, the pair
+        # learns a private code for z that fake images carry and real ones do not.
+        _, mu_cycle, _ = vae.encode(torch.sigmoid(fake_prior).detach())
+        terms["reverse_cycle"] = (mu_cycle - z_prior).abs().mean()
+
     pixels = x1[0].numel()
     total = (
         cfg.reconstruction * terms["reconstruction"]
@@ -114,6 +135,12 @@ def vae_losses(
         total = total + cfg.latent_adversarial * adversarial_ramp(cfg, step) * terms["latent_adversarial"]
     if "class_adversarial" in terms:
         total = total + cfg.class_adversarial * adversarial_ramp(cfg, step) * terms["class_adversarial"]
+    if "specified_spread" in terms:
+        total = total + cfg.specified_consistency * terms["specified_spread"]
+    if "class_moment_leakage" in terms:
+        total = total + cfg.class_moments * terms["class_moment_leakage"]
+    if "reverse_cycle" in terms:
+        total = total + cfg.reverse_cycle * terms["reverse_cycle"]
     fakes = Fakes(from_z1=images[:b].detach(), from_prior=images[b:].detach(),
                   mu1=mu1.detach(), mu1p=mu1p.detach(), mu2=mu2.detach(), y1=y1)
     return total, {k: v.detach() for k, v in terms.items()}, fakes
@@ -156,4 +183,7 @@ def discriminator_losses(
         terms["class_critic"] = loss_class.detach()
         terms["class_critic_acc"] = (class_logits.argmax(1) == fakes.y1).float().mean().detach()
         total = total + loss_class
+    if discriminator.class_moments is not None:  # exact running averages, no gradient
+        discriminator.class_moments.update(torch.cat([fakes.mu1, fakes.mu1p, fakes.mu2]), torch.cat([fakes.y1, fakes.y1, y2]))
+        terms["class_moment_gap"] = discriminator.class_moments.gap().detach()
     return total, terms
