@@ -525,17 +525,6 @@ def iter_groups(data_cfg: DataConfig, split: str, manifest: Manifest | None = No
         yield from groups
 
 
-def iter_samples(data_cfg: DataConfig, split: str, limit: int | None = None) -> Iterator[dict[str, Any]]:
-    """Samples one by one: dicts with image (uint8 [C,H,W]), label, factors (float32 [F]) and id."""
-    n = 0
-    for g in iter_groups(data_cfg, split):
-        for j in range(len(g.ids)):
-            if limit is not None and n >= limit:
-                return
-            yield {"image": g.images[j], "label": g.label, "factors": g.factors[j], "id": int(g.ids[j])}
-            n += 1
-
-
 def load_split_arrays(data_cfg: DataConfig, split: str, limit: int | None = None, manifest: Manifest | None = None
                       ) -> tuple[np.ndarray, np.ndarray, np.ndarray, list[str]]:
     """(images uint8 [N,C,H,W], labels int64 [N], factors float32 [N,F], factor_names), N <= limit.
