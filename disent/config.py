@@ -182,16 +182,24 @@ def _load_yaml_file(path: Path) -> dict:
     return data
 
 
-def _deep_merge(base: dict, extra: dict, origins: dict[str, str], origin: str, prefix: str = "") -> dict:
+def deep_merge(base: dict, extra: dict, on_replace: typing.Callable[[str, Any], None] | None = None,
+               prefix: str = "") -> dict:
+    """base with extra merged in, mapping by mapping; anything else in extra replaces base's value
+    (and is reported to on_replace with its dotted key). Neither input is changed."""
     out = dict(base)
     for key, value in extra.items():
         dotted = f"{prefix}{key}"
         if isinstance(value, dict) and isinstance(out.get(key), dict):
-            out[key] = _deep_merge(out[key], value, origins, origin, dotted + ".")
+            out[key] = deep_merge(out[key], value, on_replace, dotted + ".")
         else:
             out[key] = copy.deepcopy(value)
-            _record_origins(value, dotted, origins, origin)
+            if on_replace is not None:
+                on_replace(dotted, value)
     return out
+
+
+def _deep_merge(base: dict, extra: dict, origins: dict[str, str], origin: str) -> dict:
+    return deep_merge(base, extra, lambda dotted, value: _record_origins(value, dotted, origins, origin))
 
 
 def _record_origins(value: Any, dotted: str, origins: dict[str, str], origin: str) -> None:
@@ -385,7 +393,12 @@ def _positive(cfg: Config, *dotted_keys: str) -> None:
 # URLs a config may hold; `scheme://user[:password]@host` in any of them is refused (a secret in a
 # config would be written to run_dir/config.yaml, every checkpoint's meta.json and MLflow).
 _URL_KEYS = ("data.url", "tracking.uri", "train.checkpoint_upload_url")
-_URL_CREDENTIALS = re.compile(r"(?P<scheme>[a-zA-Z][a-zA-Z0-9+.-]*://)[^/@\s]+@")
+URL_CREDENTIALS = re.compile(r"(?P<scheme>[a-zA-Z][a-zA-Z0-9+.-]*://)[^/@\s]+@")
+
+
+def redact_url_credentials(value: str) -> str:
+    """`scheme://user:password@host` -> `scheme://***@host`, anywhere inside value."""
+    return URL_CREDENTIALS.sub(lambda m: m.group("scheme") + "***@", value)
 
 
 def validate(cfg: Config, world_size: int | None = None) -> None:
@@ -428,8 +441,8 @@ def validate(cfg: Config, world_size: int | None = None) -> None:
         )
     for dotted in _URL_KEYS:
         value = get_dotted(cfg, dotted)
-        if isinstance(value, str) and _URL_CREDENTIALS.match(value):
-            shown = _URL_CREDENTIALS.sub(lambda m: m.group("scheme") + "***@", value)
+        if isinstance(value, str) and URL_CREDENTIALS.match(value):
+            shown = redact_url_credentials(value)
             raise ConfigError(
                 f"config key '{dotted}' holds credentials in its URL ({shown}); configs are written to run_dir, "
                 "checkpoints and MLflow, so secrets never go in them. Remove the user:password@ part and pass "

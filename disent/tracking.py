@@ -20,6 +20,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from disent.config import redact_url_credentials
+
 log = logging.getLogger(__name__)
 
 DEFAULT_URI = "sqlite:///mlflow.db"
@@ -27,7 +29,6 @@ MAX_PARAM_VALUE = 6000  # MLflow's limit on a param value
 MAX_BATCH_METRICS = 1000
 MAX_BATCH_PARAMS = 100
 SECRET_KEY = re.compile(r"(key|secret|token|password|passwd|credential|auth)", re.IGNORECASE)
-URL_USERINFO = re.compile(r"(?P<scheme>[a-zA-Z][a-zA-Z0-9+.-]*://)[^/@\s]+@")
 # MLflow errors that retrying cannot fix: the item is dropped with a warning.
 CLOSING_RETRY_S = 2.0  # retry interval while close() waits for an unreachable server
 PERMANENT_ERRORS = {"INVALID_PARAMETER_VALUE", "RESOURCE_ALREADY_EXISTS", "RESOURCE_DOES_NOT_EXIST", "INVALID_STATE"}
@@ -43,18 +44,13 @@ def looks_secret(key: str) -> bool:
     return bool(SECRET_KEY.search(key.rsplit(".", 1)[-1]))
 
 
-def redact(value: str) -> str:
-    """Drop user:password@ from URLs inside a value."""
-    return URL_USERINFO.sub(lambda m: m.group("scheme") + "***@", value)
-
-
 def safe_params(flat: dict[str, Any]) -> dict[str, str]:
     """MLflow params from a flattened config: secrets skipped, values stringified and capped."""
     out = {}
     for key, value in flat.items():
         if looks_secret(key):
             continue
-        text = redact("" if value is None else str(value))
+        text = redact_url_credentials("" if value is None else str(value))
         out[key] = text[:MAX_PARAM_VALUE]
     return out
 
@@ -155,7 +151,7 @@ class MLflowLogger:
                 self._client = self._make_client()
                 self.run_id = self._open_run(run_id, run_name)
             except Exception as exc:  # unreachable server: train on, create the run later
-                self._warn(f"MLflow at {redact(self.uri)} cannot be reached ({redact(str(exc))}); training goes on "
+                self._warn(f"MLflow at {redact_url_credentials(self.uri)} cannot be reached ({redact_url_credentials(str(exc))}); training goes on "
                            "and logging is retried")
                 self._pending.append(_Op("create", (run_id, run_name)))
                 self.run_id = run_id
@@ -182,7 +178,7 @@ class MLflowLogger:
                     raise
                 # e.g. a checkpoint copied to another tracking store: start a new run there
                 log.warning("MLflow run %s from the checkpoint does not exist at %s; starting a new run", run_id,
-                            redact(self.uri))
+                            redact_url_credentials(self.uri))
                 self.resumed = False
                 return self._open_run(None, run_name)
             self._known_params = set(run.data.params)
@@ -231,7 +227,7 @@ class MLflowLogger:
     def set_tags(self, tags: dict[str, Any]) -> None:
         if not self.enabled:
             return
-        clean = {k: redact(str(v))[:MAX_PARAM_VALUE] for k, v in tags.items() if v is not None and not looks_secret(k)}
+        clean = {k: redact_url_credentials(str(v))[:MAX_PARAM_VALUE] for k, v in tags.items() if v is not None and not looks_secret(k)}
         if clean:
             self._put(_Op("tags", clean))
 
@@ -302,11 +298,11 @@ class MLflowLogger:
                 if _permanent(exc):
                     dropped = sum(op.size for op in batch if op.kind == "metrics")
                     self.dropped_metrics += dropped
-                    log.warning("MLflow refused %s (%s); dropped", batch[0].kind, redact(str(exc)))
+                    log.warning("MLflow refused %s (%s); dropped", batch[0].kind, redact_url_credentials(str(exc)))
                 else:
                     self.failures += 1
                     if not self._failing:
-                        self._warn(f"MLflow at {redact(self.uri)} cannot be reached ({redact(str(exc))}); logging is "
+                        self._warn(f"MLflow at {redact_url_credentials(self.uri)} cannot be reached ({redact_url_credentials(str(exc))}); logging is "
                                    "queued and retried")
                     self._failing = True
                     with self._cv:
@@ -416,7 +412,7 @@ class MLflowLogger:
             log.warning(
                 "MLflow logging ended with %d unsent item(s) (%d metric value(s)) and %d metric value(s) dropped "
                 "earlier; they did not reach the run at %s", left, unsent_metrics, self.dropped_metrics,
-                redact(self.uri),
+                redact_url_credentials(self.uri),
             )
         elif self.failures:
             log.info("MLflow logging complete: everything queued while the server was away was sent")

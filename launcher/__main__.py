@@ -120,9 +120,9 @@ def main(argv: list[str] | None = None) -> int:
 
     single = not topology.spawn or (topology.nproc_per_node == 1 and args.max_restarts == 0)
     if single:
-        from launcher.supervise import free_port
+        from disent.net import free_port
 
-        port = topology.master_port if topology.master_port is not None else free_port()
+        port = topology.master_port if topology.master_port is not None else free_port(host="")
         rank_env = rank_environment(topology, env, 0 if topology.spawn else None, port, gpus)
         if topology.is_global_rank0_process:
             log(topology.describe(command, gpus, port, threads_per_rank(topology)))

@@ -13,7 +13,6 @@ from __future__ import annotations
 import ctypes
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -21,6 +20,7 @@ from typing import Callable
 
 from disent.errors import ExitCode
 from launcher.topology import Topology
+from disent.net import free_port
 
 FORWARDED = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT, signal.SIGHUP)
 POLL_S = 0.1
@@ -28,12 +28,6 @@ POLL_S = 0.1
 
 def log(message: str) -> None:
     print(f"launcher: {message}", file=sys.stderr, flush=True)
-
-
-def free_port(host: str = "") -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind((host, 0))
-        return s.getsockname()[1]
 
 
 def exit_code(returncode: int) -> int:
@@ -121,7 +115,7 @@ def run_group(
     attempt = 0
     try:
         while True:
-            port = topology.master_port if topology.master_port is not None else free_port()
+            port = topology.master_port if topology.master_port is not None else free_port(host="")
             envs = [make_env(local_rank, port) for local_rank in range(topology.nproc_per_node)]
             if attempt:
                 log(f"restart {attempt}/{max_restarts}: starting {topology.nproc_per_node} rank(s) on port {port}")

@@ -16,18 +16,16 @@ import time
 import urllib.request
 from pathlib import Path
 
+from disent.net import free_port
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+
 
 
 class MLflowServer:
     def __init__(self, root: Path, port: int | None = None):
         self.root = Path(root)
         self.root.mkdir(parents=True, exist_ok=True)
-        self.port = port or _free_port()
+        self.port = port or free_port()
         self.uri = f"http://127.0.0.1:{self.port}"
         self.store = self.root / "mlflow.db"
         self.artifacts = self.root / "artifacts"

@@ -18,22 +18,7 @@ import threading
 import time
 from pathlib import Path
 
-
-def free_ports(n: int) -> list[int]:
-    socks, ports = [], []
-    try:
-        while len(ports) < n:
-            s = socket.socket()
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
-            # weed derives nothing from these, but keep clear of the +10000 gRPC convention's range
-            if port < 55000:
-                ports.append(port)
-            socks.append(s)
-    finally:
-        for s in socks:
-            s.close()
-    return ports
+from disent.net import free_ports
 
 
 def weed_binary() -> str:
@@ -70,7 +55,7 @@ class WeedServer:
         }]}))
         config.chmod(0o600)
         # A restart (start after stop) keeps the ports, so clients keep their endpoint, and the data.
-        p = self._ports = getattr(self, "_ports", None) or free_ports(10)
+        p = self._ports = getattr(self, "_ports", None) or free_ports(10, below=55000)  # clear of weed's +10000 gRPC convention
         self.endpoint_url = f"http://127.0.0.1:{p[0]}"
         cmd = [
             weed_binary(), "mini", f"-dir={self.workdir / 'data'}",

@@ -4,7 +4,6 @@ from __future__ import annotations
 import json
 import multiprocessing as mp
 import shutil
-import socket
 import subprocess
 import sys
 import warnings
@@ -19,6 +18,7 @@ from disent.data.errors import ShardError
 from disent.data.manifest import read_manifest
 from disent.data.prepare import PrepareOptions, prepare
 from disent.data.stream import PairLoader, iter_groups, load_split_arrays, resolve_num_workers
+from disent.net import free_port
 from test_data_prepare import make_npz
 
 N_CLASSES = 4
@@ -156,10 +156,6 @@ def _rank_main(rank, world, port, url, workers, steps, queue):
             dist.destroy_process_group()
 
 
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.mark.slow
@@ -174,7 +170,7 @@ def test_every_rank_yields_the_same_number_of_batches_with_uneven_shards(tmp_pat
     steps = 2 * P + 1  # two whole epochs and into the third
     ctx = mp.get_context("spawn")
     queue = ctx.Queue()
-    port = _free_port()
+    port = free_port()
     procs = [ctx.Process(target=_rank_main, args=(r, world, port, str(url), workers, steps, queue)) for r in range(world)]
     for p in procs:
         p.start()

@@ -8,7 +8,8 @@ from types import SimpleNamespace
 import pytest
 from mlflow.tracking import MlflowClient
 
-from disent.tracking import DEFAULT_URI, MAX_PARAM_VALUE, MLflowLogger, redact, safe_params, tracking_uri
+from disent.config import redact_url_credentials
+from disent.tracking import DEFAULT_URI, MAX_PARAM_VALUE, MLflowLogger, safe_params, tracking_uri
 from train_helpers import free_port
 
 
@@ -28,7 +29,7 @@ def test_params_skip_secrets_redact_urls_and_cap_length():
         "db.password": "p", "data.url": "s3://user:pw@host/bucket", "long": "a" * 7000, "none": None,
     })
     assert params == {"model.z_dim": "16", "data.url": "s3://***@host/bucket", "long": "a" * MAX_PARAM_VALUE, "none": ""}
-    assert redact("http://u:p@h:1/x and https://a@b") == "http://***@h:1/x and https://***@b"
+    assert redact_url_credentials("http://u:p@h:1/x and https://a@b") == "http://***@h:1/x and https://***@b"
 
 
 def test_sqlite_run_create_log_and_resume(tmp_path):

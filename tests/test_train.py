@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from train_helpers import ROOT, free_port, make_tiny_data, tiny_overrides, torchrun
+from train_helpers import ROOT, make_tiny_data, tiny_overrides, torchrun
 
 pytestmark = pytest.mark.slow
 

@@ -5,10 +5,11 @@
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
+
+from disent.net import free_port
 
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -68,10 +69,6 @@ def tiny_overrides(run_dir, data_url=None, **extra) -> list[str]:
     return [f"{k}={v}" for k, v in values.items()]
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def torchrun(args, nproc=2, env=None, timeout=300, script=WORKER, cwd=ROOT, start_new_session=False, wait=True):

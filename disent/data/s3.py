@@ -25,7 +25,7 @@ import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Callable
 
 log = logging.getLogger(__name__)
 
@@ -411,11 +411,6 @@ def list_prefix(url: str) -> list[ObjectInfo]:
         if not page.get("IsTruncated"):
             return out
         token = page.get("NextContinuationToken")
-
-
-def iter_prefix(url: str) -> Iterator[str]:
-    for info in list_prefix(url):
-        yield info.url
 
 
 def exists(url: str) -> bool:

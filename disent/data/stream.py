@@ -134,9 +134,9 @@ class _SlotStream:
 
     def __init__(self, manifest: Manifest, source: _ShardSource, batch_size: int, shuffle_buffer: int,
                  seed: int, epoch: int, slot: int, num_slots: int, with_ids: bool):
-        self.m = manifest
+        self.manifest = manifest
         self.source = source
-        self.B = batch_size
+        self.batch_size = batch_size
         self.with_ids = with_ids
         n = len(manifest.shards)
         self.order = epoch_shard_order(n, seed, epoch)
@@ -198,7 +198,7 @@ class _SlotStream:
     def refs(self) -> list[tuple]:
         """The next batch as sample references (no pixels copied): B x (a, a', b, b')."""
         out = []
-        for _ in range(self.B):
+        for _ in range(self.batch_size):
             self._fill()
             a, ap = self._draw(self.rng1, remove=True)
             b, bp = self._draw(self.rng2, remove=False)
@@ -236,10 +236,10 @@ def unpack(packed: dict[str, Any]) -> dict[str, Any]:
 # --------------------------------------------------------------------------- the torch dataset
 
 
-def _ordinal(k: int, epoch_start: int, v: int, W: int) -> int:
-    """Position of global batch k among the batches of virtual worker v in its epoch."""
-    first = epoch_start + ((v - epoch_start) % W)
-    return (k - first) // W
+def _ordinal(k: int, epoch_start: int, virtual_worker: int, workers: int) -> int:
+    """Position of global batch k among the batches of virtual_worker in its epoch."""
+    first = epoch_start + ((virtual_worker - epoch_start) % workers)
+    return (k - first) // workers
 
 
 class _PairDataset:
@@ -247,36 +247,37 @@ class _PairDataset:
 
     def __init__(self, manifest: Manifest, data_cfg: DataConfig, batch_size: int, rank: int, world_size: int,
                  seed: int, workers: int, batches_per_epoch: int, start: int, with_ids: bool):
-        self.m = manifest
+        self.manifest = manifest
         self.cfg = data_cfg
-        self.B = batch_size
+        self.batch_size = batch_size
         self.rank, self.world = rank, world_size
         self.seed = seed
-        self.W = max(1, workers)
-        self.P = batches_per_epoch
+        self.workers = max(1, workers)
+        self.batches_per_epoch = batches_per_epoch
         self.start = start
         self.with_ids = with_ids
 
     def batches(self, worker: int) -> Iterator[dict[str, Any]]:
-        W, P = self.W, self.P
-        v = (worker + self.start) % W  # the worker of the uninterrupted run that made these batches
-        slot = self.rank * W + v
-        source = _ShardSource(self.m, self.cfg.on_error, self.cfg.verify_checksums)
+        workers, per_epoch = self.workers, self.batches_per_epoch
+        # The worker of the uninterrupted run that made these batches (a resume may start mid-cycle).
+        virtual_worker = (worker + self.start) % workers
+        slot = self.rank * workers + virtual_worker
+        source = _ShardSource(self.manifest, self.cfg.on_error, self.cfg.verify_checksums)
         k = self.start + worker
         while True:
-            epoch = k // P
-            stream = _SlotStream(self.m, source, self.B, self.cfg.shuffle_buffer, self.seed, epoch, slot,
-                                 self.world * W, self.with_ids)
-            for _ in range(_ordinal(k, epoch * P, v, W)):  # fast-forward (resume): draw, do not copy pixels
+            epoch = k // per_epoch
+            stream = _SlotStream(self.manifest, source, self.batch_size, self.cfg.shuffle_buffer, self.seed, epoch, slot,
+                                 self.world * workers, self.with_ids)
+            for _ in range(_ordinal(k, epoch * per_epoch, virtual_worker, workers)):  # fast-forward (resume): draw, do not copy pixels
                 stream.refs()
-            while k < (epoch + 1) * P:
+            while k < (epoch + 1) * per_epoch:
                 batch = stream.assemble(stream.refs())
                 batch["_k"] = k
                 batch["_worker"] = worker
                 batch["_skipped"] = source.skipped
                 batch["_first_error"] = source.first_error
                 yield batch
-                k += W
+                k += workers
 
 
 class _PairIterable(IterableDataset):
@@ -523,17 +524,6 @@ def iter_groups(data_cfg: DataConfig, split: str, manifest: Manifest | None = No
                               stacklevel=2)
             continue
         yield from groups
-
-
-def iter_samples(data_cfg: DataConfig, split: str, limit: int | None = None) -> Iterator[dict[str, Any]]:
-    """Samples one by one: dicts with image (uint8 [C,H,W]), label, factors (float32 [F]) and id."""
-    n = 0
-    for g in iter_groups(data_cfg, split):
-        for j in range(len(g.ids)):
-            if limit is not None and n >= limit:
-                return
-            yield {"image": g.images[j], "label": g.label, "factors": g.factors[j], "id": int(g.ids[j])}
-            n += 1
 
 
 def load_split_arrays(data_cfg: DataConfig, split: str, limit: int | None = None, manifest: Manifest | None = None

@@ -74,10 +74,8 @@ def vae_losses(
     it into the VAE but never into its own weights.
     """
     b = x1.shape[0]
-    # One encoder pass over x1, x1', x2 and (where asked) x2'.
-    encode_x2p = cfg.reconstruct_x2
-    inputs = [x1, x1p, x2] + ([x2p] if encode_x2p else [])
-    s, mu, logvar = vae.encode(torch.cat(inputs))
+    # One encoder pass over x1, x1' and x2.
+    s, mu, logvar = vae.encode(torch.cat([x1, x1p, x2]))
     s1, s1p, s2 = s[:b], s[b : 2 * b], s[2 * b : 3 * b]
     mu1, logvar1 = mu[:b], logvar[:b]
     z1 = vae.sample(mu1, logvar1)
@@ -117,7 +115,7 @@ def vae_losses(
     if cfg.class_moments > 0:
         if y1 is None:
             raise ValueError("loss.class_moments > 0 needs the class of x1 (y1)")
-        terms["class_moment_leakage"] = discriminator.class_moments.leakage(mu[: 3 * b], torch.cat([y1, y1, y2]))
+        terms["class_moment_leakage"] = discriminator.class_moments.leakage(mu, torch.cat([y1, y1, y2]))
     if cfg.reverse_cycle > 0:
         # Only the encoder learns from it (as in Cycle-VAE): through the decoder too, the pair
         # learns a private code for z that fake images carry and real ones do not.

@@ -105,10 +105,6 @@ class CheckpointInfo:
         return json.loads((self.path / META).read_text())
 
 
-def is_complete(path: str | os.PathLike) -> bool:
-    return (Path(path) / COMPLETE).is_file()
-
-
 def list_checkpoints(checkpoint_root: Path) -> list[CheckpointInfo]:
     """Every step-* directory (complete or not), oldest first."""
     if not checkpoint_root.is_dir():

@@ -165,9 +165,10 @@ def train_in_group(cfg: Config, env, resume=None, auto_resume=True, loader_facto
             print(f"disent: preempted at step {result.step}; checkpoint {result.checkpoint}; "
                   f"exit {int(ExitCode.PREEMPTED)} (requeue to resume)", file=sys.stderr)
         else:
-            from disent.tracking import redact, tracking_uri
+            from disent.tracking import tracking_uri
+            from disent.config import redact_url_credentials
 
-            uri = redact(tracking_uri(cfg))
+            uri = redact_url_credentials(tracking_uri(cfg))
             print(f"disent: trained {result.step} steps; MLflow run {result.run_id}")
             hint = f"mlflow ui --backend-store-uri {uri}" if not uri.startswith("http") else f"open {uri}"
             print(f"disent: view it with: {hint}")

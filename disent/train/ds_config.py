@@ -1,21 +1,9 @@
 """Each DeepSpeed engine's config, derived from the one YAML config."""
 from __future__ import annotations
 
-import copy
-
-from disent.config import Config, ConfigError, micro_batch_size
+from disent.config import Config, ConfigError, deep_merge, micro_batch_size
 
 ENGINES = ("vae", "disc")
-
-
-def _merge(base: dict, extra: dict) -> dict:
-    out = copy.deepcopy(base)
-    for key, value in extra.items():
-        if isinstance(value, dict) and isinstance(out.get(key), dict):
-            out[key] = _merge(out[key], value)
-        else:
-            out[key] = copy.deepcopy(value)
-    return out
 
 
 # ZeRO's bucket sizes default to 5e8 elements (sized for large GPU models). For models of a few
@@ -93,7 +81,7 @@ def deepspeed_config(
     if cfg.train.zero_stage > 0 and num_params is not None:
         size = bucket_size(num_params)
         ds["zero_optimization"].update({"reduce_bucket_size": size, "allgather_bucket_size": size})
-    merged = _merge(ds, getattr(cfg.deepspeed, engine))
+    merged = deep_merge(ds, getattr(cfg.deepspeed, engine))
     given = getattr(cfg.deepspeed, engine).get("zero_optimization", {}).get("allgather_bucket_size")
     if merged["zero_optimization"].get("stage", 0) in (1, 2) and given is not None and (
         not isinstance(given, (int, float)) or given <= 0 or int(given) != given
