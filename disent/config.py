@@ -75,8 +75,8 @@ class LossConfig:
     # Extension: weight of a label-aware adversary on the mean of z (0 = off): a classifier guesses the
     # class from mu and the encoder is trained to leave it at a uniform guess.
     class_adversarial: float = 0.0
-    # Extension (Cycle-VAE's reverse cycle): weight of |f_z(Dec(z_prior, s2)) - z_prior|, so the
-    # decoder must render z and the encoder read it back whatever the class.
+    # Extension (Cycle-VAE's reverse cycle): weight of |f_z(Dec(z_prior, s2)) - z_prior|, trained into
+    # the encoder only, so it reads z back the same way whatever the class.
     reverse_cycle: float = 0.0
     # Extension: weight of the class-moment critic's term (0 = off): running per-class means of the
     # standardised mean of z and its square; the encoder is pushed to make them all equal.

@@ -110,25 +110,28 @@ class ClassMomentCritic(nn.Module):
     def gap(self) -> torch.Tensor:
         return (self.frequency * self.offsets().pow(2).sum(1)).sum()
 
+    def _class_sums(self, code: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per-class sums of the features [classes, 2 z_dim] and per-class counts [classes]."""
+        features = self.features(code)
+        one_hot = F.one_hot(labels, self.centroids.shape[0]).to(features)
+        return (one_hot.t() @ features).float(), one_hot.sum(0).float()
+
     def leakage(self, code: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         """For the encoder: the class offsets this batch would leave if it weighed as much as the
         history, 0 only when both agree that the code is blind to class. Bounded below, so the
         encoder can at most overshoot by one offset, never run away along it."""
-        features = self.features(code)
-        one_hot = F.one_hot(labels, self.centroids.shape[0]).to(features)
-        counts = one_hot.sum(0)
+        class_sums, counts = self._class_sums(code, labels)
         present = counts > 0
-        batch_offsets = (one_hot.t() @ features).float()[present] / counts[present, None]
+        batch_offsets = class_sums[present] / counts[present, None]
         mixed = 0.5 * self.offsets()[present] + 0.5 * batch_offsets
         return ((counts[present] / counts.sum()) * mixed.pow(2).sum(1)).sum()
 
     @torch.no_grad()
     def update(self, code: torch.Tensor, labels: torch.Tensor) -> None:
-        features = self.features(code)
-        one_hot = F.one_hot(labels, self.centroids.shape[0]).to(features)
-        sums = all_ranks_sum(torch.cat([(one_hot.t() @ features).float().flatten(), one_hot.sum(0).float()]))
+        class_sums, counts = self._class_sums(code, labels)
         k = self.centroids.shape[0]
-        class_sums, counts = sums[:-k].view(k, -1), sums[-k:]
+        summed = all_ranks_sum(torch.cat([class_sums.flatten(), counts]))  # one collective, not two
+        class_sums, counts = summed[:-k].view(k, -1), summed[-k:]
         present = counts > 0
         self.centroids[present] = self.centroids[present].lerp(class_sums[present] / counts[present, None], self.momentum)
         self.frequency.lerp_(counts / counts.sum(), self.momentum)

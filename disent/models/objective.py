@@ -101,8 +101,9 @@ def vae_losses(
     terms["adversarial"] = F.binary_cross_entropy_with_logits(judged, torch.ones_like(judged))
     if same_class is not None:  # make same-class codes look like codes of independent images
         terms["latent_adversarial"] = F.binary_cross_entropy_with_logits(same_class, torch.zeros_like(same_class))
-    if cfg.class_adversarial > 0 and y1 is None:
-        raise ValueError("loss.class_adversarial > 0 needs the class of x1 (y1)")
+    for key in ("class_adversarial", "class_moments"):
+        if getattr(cfg, key) > 0 and y1 is None:
+            raise ValueError(f"loss.{key} > 0 needs the class of x1 (y1)")
     class_logits = discriminator.guess_class(mu1) if cfg.class_adversarial > 0 else None
     if class_logits is not None:  # cross-entropy against a uniform guess, less its floor log K: 0 at best
         terms["class_adversarial"] = -F.log_softmax(class_logits, dim=1).mean(1).mean() - math.log(
@@ -113,8 +114,6 @@ def vae_losses(
         across = (s1 - s2).pow(2).sum(1).mean()
         terms["specified_spread"] = within / across.clamp_min(1e-8)
     if cfg.class_moments > 0:
-        if y1 is None:
-            raise ValueError("loss.class_moments > 0 needs the class of x1 (y1)")
         terms["class_moment_leakage"] = discriminator.class_moments.leakage(mu, torch.cat([y1, y1, y2]))
     if cfg.reverse_cycle > 0:
         # Only the encoder learns from it (as in Cycle-VAE): through the decoder too, the pair
