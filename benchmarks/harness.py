@@ -30,7 +30,8 @@ class BareLoop:
         import torch
 
         from disent.config import load_config
-        from disent.models import critics_from_config, vae_from_config
+        from disent.models.discriminator import critics_from_config
+        from disent.models.vae import vae_from_config
 
         torch.set_num_threads(threads)
         cfg = self.cfg = load_config(ROOT / config, overrides)

@@ -20,6 +20,7 @@ from typing import Any, Literal
 import yaml
 
 from disent.errors import InputError
+from disent.models.loss_weights import LossWeights
 
 OVERRIDE_ORIGIN = "the command line"
 _YAML11_EXPONENT = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+")
@@ -57,33 +58,6 @@ class ModelConfig:
     # transposed: stride-2 transposed convs (the authors'); upsample: nearest 2x then a 3x3 conv, which
     # has no checkerboard pattern (Odena et al., 2016)
     decoder: Literal["transposed", "upsample"] = "transposed"
-
-
-@dataclass
-class LossConfig:
-    reconstruction: float = 0.5
-    swap: float = 1.0
-    adversarial: float = 0.01
-    kl: float = 0.1
-    kl_scale_by_latent_ratio: bool = True  # authors' code: kl * z_dim / pixels
-    real_label: float = 0.95  # one-sided label smoothing for real pairs
-    reconstruct_x1_prime: bool = False
-    reconstruct_x2: bool = False
-    adversarial_warmup_steps: int = 0
-    # Extension beyond the paper: weight of the latent critic's term (0 = off, as in the paper).
-    latent_adversarial: float = 0.0
-    # Extension: weight of a label-aware adversary on the mean of z (0 = off): a classifier guesses the
-    # class from mu and the encoder is trained to leave it at a uniform guess.
-    class_adversarial: float = 0.0
-    # Extension (Cycle-VAE's reverse cycle): weight of |f_z(Dec(z_prior, s2)) - z_prior|, trained into
-    # the encoder only, so it reads z back the same way whatever the class.
-    reverse_cycle: float = 0.0
-    # Extension: weight of the class-moment critic's term (0 = off): running per-class means of the
-    # standardised mean of z and its square; the encoder is pushed to make them all equal.
-    class_moments: float = 0.0
-    # Extension: weight of the spread of s within a class relative to its spread across images,
-    # |s1 - s1'|^2 / |s1 - s2|^2, so s keeps what a class shares and nothing of the single image.
-    specified_consistency: float = 0.0
 
 
 @dataclass
@@ -150,7 +124,7 @@ class Config:
     run_dir: str = "runs/default"
     data: DataConfig = field(default_factory=lambda: DataConfig(url=""))
     model: ModelConfig = field(default_factory=ModelConfig)
-    loss: LossConfig = field(default_factory=LossConfig)
+    loss: LossWeights = field(default_factory=LossWeights)
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     deepspeed: DeepSpeedPassThrough = field(default_factory=DeepSpeedPassThrough)

@@ -64,7 +64,7 @@ def main(argv: list[str] | None = None) -> int:
     step("4/4 results")
     from mlflow.tracking import MlflowClient
 
-    from disent.train.checkpoint import CheckpointManager
+    from disent.checkpoint import CheckpointManager
 
     checkpoint = CheckpointManager.resolve(RUN_DIR).path
     report = json.loads((checkpoint / "eval" / "eval.json").read_text())

@@ -16,8 +16,9 @@ import sys
 import time
 
 from disent.errors import ExitCode
+from disent.host import available_cpus
 from launcher.supervise import log, run_group
-from launcher.topology import LaunchError, Topology, available_cpus, gpu_count, resolve
+from launcher.topology import LaunchError, Topology, gpu_count, resolve
 
 THREAD_VARS = ("OMP_NUM_THREADS", "MKL_NUM_THREADS")
 
@@ -120,7 +121,7 @@ def main(argv: list[str] | None = None) -> int:
 
     single = not topology.spawn or (topology.nproc_per_node == 1 and args.max_restarts == 0)
     if single:
-        from disent.net import free_port
+        from disent.host import free_port
 
         port = topology.master_port if topology.master_port is not None else free_port(host="")
         rank_env = rank_environment(topology, env, 0 if topology.spawn else None, port, gpus)

@@ -20,7 +20,7 @@ from typing import Callable
 
 from disent.errors import ExitCode
 from launcher.topology import Topology
-from disent.net import free_port
+from disent.host import free_port
 
 FORWARDED = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT, signal.SIGHUP)
 POLL_S = 0.1

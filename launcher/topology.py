@@ -8,7 +8,6 @@ Contradictory settings raise `LaunchError`; the CLI prints it and exits 2.
 """
 from __future__ import annotations
 
-import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -174,21 +173,6 @@ def gpu_count(env: Mapping[str, str]) -> int:
         return present
     ids = [v for v in visible.split(",") if v.strip() and v.strip() not in ("-1", "NoDevFiles")]
     return min(present, len(ids))
-
-
-def available_cpus() -> int:
-    """CPUs this process may use: the affinity mask, capped by a cgroup v2 CPU quota (containers)."""
-    try:
-        cpus = len(os.sched_getaffinity(0))
-    except AttributeError:  # not Linux
-        cpus = os.cpu_count() or 1
-    try:
-        quota, period = Path("/sys/fs/cgroup/cpu.max").read_text().split()
-        if quota != "max":
-            cpus = min(cpus, max(1, int(int(quota) // int(period))))
-    except (OSError, ValueError):
-        pass
-    return max(1, cpus)
 
 
 # --------------------------------------------------------------------------- resolution

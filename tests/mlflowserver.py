@@ -16,7 +16,7 @@ import time
 import urllib.request
 from pathlib import Path
 
-from disent.net import free_port
+from disent.host import free_port
 
 
 

@@ -18,7 +18,7 @@ import threading
 import time
 from pathlib import Path
 
-from disent.net import free_ports
+from disent.host import free_ports
 
 
 def weed_binary() -> str:

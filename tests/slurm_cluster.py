@@ -23,7 +23,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from disent.net import free_ports
+from disent.host import free_ports
 
 PACKAGES = ("slurmctld", "slurmd", "slurm-client", "munge")
 TERMINAL = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "BOOT_FAIL",

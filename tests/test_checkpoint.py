@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from disent.train.checkpoint import COMPLETE, CheckpointError, CheckpointManager, step_dir_name
+from disent.checkpoint import COMPLETE, CheckpointError, CheckpointManager, step_dir_name
 from disent.train.trainer import isolated_rng, rng_state, set_rng_state
 
 

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from disent.config import DataConfig
-from disent.data import s3, storage
+from disent.io import s3, storage
 from disent.data.errors import DataError, ShardError
 from disent.data.manifest import read_manifest
 from disent.data.prepare import PrepareOptions, prepare

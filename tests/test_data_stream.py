@@ -18,7 +18,7 @@ from disent.data.errors import ShardError
 from disent.data.manifest import read_manifest
 from disent.data.prepare import PrepareOptions, prepare
 from disent.data.stream import PairLoader, iter_groups, load_split_arrays, resolve_num_workers
-from disent.net import free_port
+from disent.host import free_port
 from test_data_prepare import make_npz
 
 N_CLASSES = 4
@@ -215,9 +215,9 @@ def test_a_process_exits_while_its_loader_workers_still_run(dataset):
     (None, "2", 0), (None, "1", 1), (None, None, 1),                    # else 2 usable CPUs / local ranks
 ])
 def test_auto_workers_use_the_cores_a_rank_has_beyond_its_own(monkeypatch, cpus_per_rank, local_ranks, expected):
-    import launcher.topology
+    import disent.host
 
-    monkeypatch.setattr(launcher.topology, "available_cpus", lambda: 2)
+    monkeypatch.setattr(disent.host, "available_cpus", lambda: 2)
     monkeypatch.setenv("OMP_NUM_THREADS", "1")  # a thread limit leaves the other cores to workers
     for name, value in (("DISENT_CPUS_PER_RANK", cpus_per_rank), ("LOCAL_WORLD_SIZE", local_ranks)):
         if value is None:

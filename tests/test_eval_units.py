@@ -8,7 +8,7 @@ from disent.config import load_config
 from disent.eval import grids
 from disent.eval.evaluate import Split, evaluate, same_class_partners
 from disent.eval.probes import chance_accuracy, classification_probe, mutual_information_gap, regression_probe
-from disent.models import DisentVAE
+from disent.models.vae import DisentVAE
 
 
 def _codes(n, seed, informative):

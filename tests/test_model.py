@@ -4,8 +4,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from disent.config import LossConfig
-from disent.models import DisentVAE, build_critics, build_discriminator
+from disent.models.loss_weights import LossWeights
+from disent.models.discriminator import build_critics, build_discriminator
+from disent.models.vae import DisentVAE
 from disent.models.objective import discriminator_losses, vae_losses
 from disent.train.engines import VAEObjective, frozen
 
@@ -34,7 +35,7 @@ def test_vae_step_never_updates_the_frozen_discriminator(mode, latent):
     torch.manual_seed(0)
     vae = DisentVAE(1, 28, 4, 4, 8)
     disc = build_critics(mode, 1, 28, 4, 8, z_dim=4, latent_critic=latent > 0)
-    cfg = LossConfig(reconstruct_x1_prime=True, reconstruct_x2=True, latent_adversarial=latent)
+    cfg = LossWeights(reconstruct_x1_prime=True, reconstruct_x2=True, latent_adversarial=latent)
     x1, x1p, x2, x2p, y2 = batch()
     with frozen(disc):
         total, terms, fakes = VAEObjective(vae)(x1, x1p, x2, x2p, y2, discriminator=disc, loss_cfg=cfg, step=0)
@@ -59,7 +60,7 @@ def test_vae_step_never_updates_the_frozen_discriminator(mode, latent):
 def test_adversarial_warmup_scales_only_the_adversarial_term():
     torch.manual_seed(0)
     vae, disc = DisentVAE(1, 28, 4, 4, 8), build_critics("pair", 1, 28, 4, 8, z_dim=4, latent_critic=False)
-    cfg = LossConfig(adversarial=1.0, adversarial_warmup_steps=10)
+    cfg = LossWeights(adversarial=1.0, adversarial_warmup_steps=10)
     args = batch()
     torch.manual_seed(1)
     at0, terms0, _ = vae_losses(vae, disc, *args, cfg, step=0)
@@ -72,7 +73,7 @@ def test_class_adversary_trains_its_critic_on_mu_and_pushes_the_encoder_to_a_uni
     torch.manual_seed(0)
     vae = DisentVAE(1, 28, 4, 4, 8, decoder="upsample")
     disc = build_critics("pair", 1, 28, 4, 8, z_dim=4, latent_critic=False, class_critic=True)
-    cfg = LossConfig(class_adversarial=1.0)
+    cfg = LossWeights(class_adversarial=1.0)
     x1, x1p, x2, x2p, y2 = batch()
     y1 = torch.randint(0, 4, (x1.shape[0],))
     with frozen(disc):
@@ -93,7 +94,7 @@ def test_reverse_cycle_and_specified_consistency_train_the_vae_only():
     torch.manual_seed(0)
     vae = DisentVAE(1, 28, 4, 4, 8)
     disc = build_critics("pair", 1, 28, 4, 8, z_dim=4, latent_critic=False)
-    cfg = LossConfig(reverse_cycle=1.0, specified_consistency=1.0)
+    cfg = LossWeights(reverse_cycle=1.0, specified_consistency=1.0)
     x1, x1p, x2, x2p, y2 = batch()
     y1 = torch.randint(0, 4, (x1.shape[0],))
     with frozen(disc):
@@ -105,7 +106,7 @@ def test_reverse_cycle_and_specified_consistency_train_the_vae_only():
     # The reverse cycle alone trains the encoder, never the decoder (which would learn to write a
     # private code for z into generated images).
     vae.zero_grad(set_to_none=True)
-    cycle_only = LossConfig(reconstruction=0, swap=0, adversarial=0, kl=0, reverse_cycle=1.0)
+    cycle_only = LossWeights(reconstruction=0, swap=0, adversarial=0, kl=0, reverse_cycle=1.0)
     with frozen(disc):
         total, _, _ = vae_losses(vae, disc, x1, x1p, x2, x2p, y2, cycle_only, step=0, y1=y1)
         total.backward()
@@ -138,7 +139,7 @@ def test_class_moments_term_trains_the_encoder_and_its_critic_only_in_the_discri
     torch.manual_seed(0)
     vae = DisentVAE(1, 28, 4, 4, 8)
     disc = build_critics("pair", 1, 28, 4, 8, z_dim=4, latent_critic=False, class_moment_critic=True)
-    cfg = LossConfig(class_moments=1.0)
+    cfg = LossWeights(class_moments=1.0)
     x1, x1p, x2, x2p, y2 = batch()
     y1 = torch.randint(0, 4, (x1.shape[0],))
     before = disc.class_moments.centroids.clone()

@@ -9,7 +9,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from disent.net import free_port
+from disent.host import free_port
 
 
 ROOT = Path(__file__).resolve().parents[1]

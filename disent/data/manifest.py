@@ -12,9 +12,9 @@ import json
 from dataclasses import dataclass, field
 from typing import Any
 
-from disent.data import storage
+from disent.io import storage
 from disent.data.errors import DataError, DataUnavailable
-from disent.data.s3 import S3Unavailable
+from disent.io.s3 import S3Unavailable
 
 FORMAT = "disent-groups/1"
 MANIFEST_NAME = "manifest.json"

@@ -24,7 +24,7 @@ from typing import Callable
 
 import numpy as np
 
-from disent.data import storage
+from disent.io import storage
 from disent.data.errors import DataError
 from disent.data.manifest import FORMAT, MANIFEST_NAME, Manifest, ShardInfo, manifest_url
 from disent.data.sources import Part, SourceData, SourceOptions, load_source

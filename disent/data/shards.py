@@ -2,7 +2,7 @@
 
 A shard is used whole or not at all: it is parsed completely (WebDataset's tar expander and
 key grouping over a stream from ``webdataset.gopen``, which opens ``s3://`` through
-:mod:`disent.data.s3`) and its groups are released only when the record count, sample count and
+:mod:`disent.io.s3`) and its groups are released only when the record count, sample count and
 byte size match the manifest, and, with ``verify_checksums``, the sha256 computed on the same
 pass. Anything else raises :class:`ShardError` naming the shard.
 """
@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from disent.data import s3  # noqa: F401  (registers the s3:// scheme in webdataset)
+from disent.io import s3  # noqa: F401  (registers the s3:// scheme in webdataset)
 from disent.data.errors import ShardError
 from disent.data.manifest import Manifest, ShardInfo
 

@@ -318,7 +318,7 @@ def resolve_num_workers(setting: int | str) -> int:
     OMP_NUM_THREADS do not count: they leave the other cores free for workers."""
     if setting != "auto":
         return int(setting)
-    from launcher.topology import available_cpus
+    from disent.host import available_cpus
 
     def positive(name: str) -> int | None:
         value = os.environ.get(name, "")

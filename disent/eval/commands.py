@@ -26,8 +26,8 @@ def load_trained(path: str | Path, overrides: list[str] = ()) -> TrainedModel:
     import torch
 
     from disent.config import from_dict
-    from disent.models import vae_from_config
-    from disent.train.checkpoint import VAE_WEIGHTS, CheckpointError, CheckpointManager
+    from disent.models.vae import vae_from_config
+    from disent.checkpoint import VAE_WEIGHTS, CheckpointError, CheckpointManager
 
     try:
         info = CheckpointManager.resolve(path)

@@ -182,3 +182,12 @@ def build_critics(mode: str, channels: int, image_size: int, num_classes: int, b
     return Critics(image, LatentCritic(z_dim) if latent_critic else None,
                    ClassCritic(z_dim, num_classes) if class_critic else None,
                    ClassMomentCritic(z_dim, num_classes) if class_moment_critic else None)
+
+
+def critics_from_config(cfg) -> Critics:
+    """The discriminator engine's module a config describes, with the critics its loss weights ask for."""
+    return build_critics(
+        cfg.model.discriminator, cfg.data.channels, cfg.data.image_size, cfg.data.num_classes, cfg.model.disc_channels,
+        cfg.model.z_dim, latent_critic=cfg.loss.latent_adversarial > 0, class_critic=cfg.loss.class_adversarial > 0,
+        class_moment_critic=cfg.loss.class_moments > 0,
+    )

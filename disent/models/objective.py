@@ -28,7 +28,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from disent.config import LossConfig
+from disent.models.loss_weights import LossWeights
 from disent.models.vae import DisentVAE, kl_to_standard_normal, reconstruction_loss
 
 
@@ -44,12 +44,12 @@ class Fakes:
     y1: torch.Tensor | None = None  # x1's class, for the class critic
 
 
-def kl_weight(cfg: LossConfig, z_dim: int, pixels: int) -> float:
+def kl_weight(cfg: LossWeights, z_dim: int, pixels: int) -> float:
     """Per-pixel reconstruction pairs with a KL scaled by z_dim / pixels (the authors' ratio)."""
     return cfg.kl * (z_dim / pixels if cfg.kl_scale_by_latent_ratio else 1.0)
 
 
-def adversarial_ramp(cfg: LossConfig, step: int) -> float:
+def adversarial_ramp(cfg: LossWeights, step: int) -> float:
     """Optional linear warm-up of the adversarial weight over the first steps."""
     if cfg.adversarial_warmup_steps <= 0:
         return 1.0
@@ -64,7 +64,7 @@ def vae_losses(
     x2: torch.Tensor,
     x2p: torch.Tensor,
     y2: torch.Tensor,
-    cfg: LossConfig,
+    cfg: LossWeights,
     step: int,
     y1: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor], Fakes]:
@@ -149,7 +149,7 @@ def discriminator_losses(
     x2p: torch.Tensor,
     y2: torch.Tensor,
     fakes: Fakes,
-    cfg: LossConfig,
+    cfg: LossWeights,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Real (x2, x2') against (x2, Dec(z1, s2)) and (x2, Dec(z_prior, s2)), plus the latent
     critic's same-class guesses when it exists; one backward for the sum."""

@@ -116,3 +116,9 @@ def kl_to_standard_normal(mu: torch.Tensor, logvar: torch.Tensor) -> torch.Tenso
 def reconstruction_loss(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     """Per-pixel binary cross-entropy against targets in [0, 1], averaged over pixels and batch."""
     return F.binary_cross_entropy_with_logits(logits, target)
+
+
+def vae_from_config(cfg) -> DisentVAE:
+    """The VAE a config describes: image shape from cfg.data, sizes and decoder from cfg.model."""
+    m = cfg.model
+    return DisentVAE(cfg.data.channels, cfg.data.image_size, m.s_dim, m.z_dim, m.base_channels, m.decoder)

@@ -98,7 +98,7 @@ def check_manifest(cfg: Config):
 
 def preflight(cfg: Config, world_size: int, device_type: str, resume: str | None):
     """All checks that need no process group. Raises ConfigError."""
-    from disent.train.checkpoint import CheckpointError, CheckpointManager
+    from disent.checkpoint import CheckpointError, CheckpointManager
     from disent.train.ds_config import deepspeed_config
 
     micro_batch_size(cfg, world_size)

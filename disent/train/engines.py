@@ -24,9 +24,10 @@ import torch
 import torch.nn as nn
 
 from disent.config import Config, ConfigError
-from disent.models import DisentVAE, critics_from_config, vae_from_config
+from disent.models.discriminator import critics_from_config
+from disent.models.vae import DisentVAE, vae_from_config
 from disent.models.objective import Fakes, vae_losses
-from disent.net import free_port
+from disent.host import free_port
 
 log = logging.getLogger(__name__)
 

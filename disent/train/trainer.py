@@ -32,7 +32,7 @@ import torch
 from disent.config import Config, flatten, micro_batch_size, run_name, to_dict, to_yaml
 from disent.errors import ExitCode
 from disent.models.objective import discriminator_losses
-from disent.train.checkpoint import CheckpointInfo, CheckpointManager, atomic_torch_save, atomic_write_bytes
+from disent.checkpoint import CheckpointInfo, CheckpointManager, atomic_torch_save, atomic_write_bytes
 from disent.train.engines import DistEnv, Engines, build_engines, frozen
 
 log = logging.getLogger(__name__)

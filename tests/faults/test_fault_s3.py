@@ -74,7 +74,7 @@ def test_5xx_on_a_shard_is_retried_with_backoff_and_the_stream_is_unchanged(flak
     local = PairLoader(cfg(fault_data), "train", 4, with_ids=True)
     expected = ids(take(local, local.batches_per_epoch))
     flaky.fail[shard_key(1)] = [500, 503]
-    caplog.set_level(logging.WARNING, logger="disent.data.s3")
+    caplog.set_level(logging.WARNING, logger="disent.io.s3")
     loader = PairLoader(cfg(), "train", 4, with_ids=True)
     assert ids(take(loader, loader.batches_per_epoch)) == expected
     assert requests_for(flaky, shard_key(1)) == 3  # two failures, then the object
@@ -157,7 +157,7 @@ def test_a_server_that_is_down_is_retried_then_fails_clearly(monkeypatch, caplog
     for k, v in {"AWS_ENDPOINT_URL": endpoint, "AWS_ACCESS_KEY_ID": "k", "AWS_SECRET_ACCESS_KEY": "s",
                  "AWS_DEFAULT_REGION": "us-east-1", "DISENT_S3_RETRIES": "2", "DISENT_S3_BACKOFF": "0.05"}.items():
         monkeypatch.setenv(k, v)
-    caplog.set_level(logging.WARNING, logger="disent.data.s3")
+    caplog.set_level(logging.WARNING, logger="disent.io.s3")
     start = time.monotonic()
     with pytest.raises(DataUnavailable) as info:  # retryable (exit 69), not an input error
         read_manifest(URL, "train")

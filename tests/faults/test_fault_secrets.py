@@ -23,7 +23,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from disent.train.checkpoint import CheckpointError, CheckpointManager, safe_torch_load
+from disent.checkpoint import CheckpointError, CheckpointManager, safe_torch_load
 from faultkit import BASE, base_env, launch, finish, mlflow_runs, stop
 from train_helpers import ROOT, tiny_overrides
 

@@ -38,7 +38,7 @@ from typing import Any, Callable
 
 import torch
 
-from disent.data.storage import write_bytes_atomic
+from disent.io.storage import write_bytes_atomic
 
 log = logging.getLogger(__name__)
 
@@ -346,6 +346,6 @@ class CheckpointManager:
 
 
 def _upload_file(local: Path, url: str) -> None:
-    from disent.data.s3 import upload_file
+    from disent.io.s3 import upload_file
 
     upload_file(str(local), url)

@@ -4,7 +4,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from disent.data import s3
+from disent.io import s3
 
 
 def join(base: str, *parts: str) -> str:

@@ -1,0 +1,34 @@
+"""The objective's weights, owned by the model. Plain Python (no torch), so the config schema
+can embed them without loading the model."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass
+class LossWeights:
+    """The weight of each term of the objective (`loss.*` in a config); 0 turns an extension off."""
+
+    reconstruction: float = 0.5
+    swap: float = 1.0
+    adversarial: float = 0.01
+    kl: float = 0.1
+    kl_scale_by_latent_ratio: bool = True  # authors' code: kl * z_dim / pixels
+    real_label: float = 0.95  # one-sided label smoothing for real pairs
+    reconstruct_x1_prime: bool = False
+    reconstruct_x2: bool = False
+    adversarial_warmup_steps: int = 0
+    # Extension beyond the paper: weight of the latent critic's term (0 = off, as in the paper).
+    latent_adversarial: float = 0.0
+    # Extension: weight of a label-aware adversary on the mean of z (0 = off): a classifier guesses the
+    # class from mu and the encoder is trained to leave it at a uniform guess.
+    class_adversarial: float = 0.0
+    # Extension (Cycle-VAE's reverse cycle): weight of |f_z(Dec(z_prior, s2)) - z_prior|, trained into
+    # the encoder only, so it reads z back the same way whatever the class.
+    reverse_cycle: float = 0.0
+    # Extension: weight of the class-moment critic's term (0 = off): running per-class means of the
+    # standardised mean of z and its square; the encoder is pushed to make them all equal.
+    class_moments: float = 0.0
+    # Extension: weight of the spread of s within a class relative to its spread across images,
+    # |s1 - s1'|^2 / |s1 - s2|^2, so s keeps what a class shares and nothing of the single image.
+    specified_consistency: float = 0.0
