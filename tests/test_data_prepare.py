@@ -12,12 +12,13 @@ import pytest
 
 from disent import cli
 from disent.config import DataConfig
-from disent.data import sprites, storage
+from disent.data import sprites
 from disent.data.errors import DataError
 from disent.data.manifest import read_manifest
 from disent.data.prepare import PrepareOptions, prepare
 from disent.data.sources import SourceOptions, parse_source, read_idx
 from disent.data.stream import iter_groups, load_split_arrays
+from disent.io import storage
 
 FASHION_DIR = Path("/usr/share/datasets/fashion-mnist")
 
