@@ -1,14 +1,26 @@
 """Atomic, multi-rank checkpoints with auto-resume, pruning and an optional copy to s3://.
 
+This module is the only code that knows the on-disk layout. The trainer hands
+:meth:`CheckpointManager.save` a dict of stateful parts (each DeepSpeed engine, the data loader,
+the trainer's own step and RNG) and gets them back, loaded in place, from
+:meth:`CheckpointManager.load`; evaluation, `disent swap`, the demo and the final-weights export
+read and write through :class:`CheckpointInfo` and :meth:`CheckpointManager.export_final`.
+
 Layout::
 
     run_dir/checkpoints/step-00000123/
-        vae/                    DeepSpeed checkpoint of the VAE engine (every rank writes its part)
-        disc/                   DeepSpeed checkpoint of the discriminator engine
-        trainer-rank{r}.pt      per rank: step, RNG states, data loader state
+        vae/                    a DeepSpeed engine part: its own checkpoint (every rank writes its share)
+        disc/                   the other engine
+        trainer-rank{r}.pt      per rank: {part name: state_dict()} of every other part (trainer, loader)
         meta.json               rank 0: step, MLflow run id, resolved config, world size
         vae_weights.pt          rank 0: the bare VAE's state_dict, for eval/swap (weights_only loading)
+        eval/                   `disent eval` of this checkpoint: eval.json and its PNG grids
         COMPLETE                written last, by rank 0, after every rank has finished
+    run_dir/final/{vae,disc}.pt the bare models' weights at the end of a finished run
+
+A part is an engine when it has both of DeepSpeed's ``save_checkpoint`` and ``load_checkpoint``; any other part
+needs ``state_dict()``/``load_state_dict()`` returning tensors and plain values. Adding a part to
+the dict the trainer passes is all a new checkpoint field takes.
 
 A checkpoint counts only once COMPLETE exists, so a crash during a save leaves the previous one
 in force. Our own files are written to a temporary name, fsynced and renamed.
@@ -34,7 +46,7 @@ import signal
 import threading
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Mapping
 
 import torch
 
@@ -45,6 +57,8 @@ log = logging.getLogger(__name__)
 COMPLETE = "COMPLETE"
 META = "meta.json"
 VAE_WEIGHTS = "vae_weights.pt"
+EVAL_DIR = "eval"
+FINAL_DIR = "final"
 STEP_DIR = re.compile(r"^step-(\d{8,})$")
 FAULT_KILL_ENV = "DISENT_FAULT_CHECKPOINT_KILL"  # test-only, see the module docstring
 
@@ -101,8 +115,20 @@ class CheckpointInfo:
     def complete(self) -> bool:
         return (self.path / COMPLETE).is_file()
 
+    @property
+    def eval_dir(self) -> Path:
+        """Where `disent eval` of this checkpoint puts eval.json and its grids."""
+        return self.path / EVAL_DIR
+
     def meta(self) -> dict:
         return json.loads((self.path / META).read_text())
+
+    def read_vae_weights(self) -> dict[str, torch.Tensor]:
+        """The bare VAE's state_dict (what eval and swap load), read with weights_only."""
+        weights = self.path / VAE_WEIGHTS
+        if not weights.is_file():
+            raise CheckpointError(f"checkpoint {self.path} has no {VAE_WEIGHTS}; it was written by an older disent")
+        return safe_torch_load(weights, map_location="cpu")
 
 
 def list_checkpoints(checkpoint_root: Path) -> list[CheckpointInfo]:
@@ -254,8 +280,9 @@ class CheckpointManager:
 
     # ------------------------------------------------------------------ saving
 
-    def save(self, step: int, engines, trainer_state: dict, meta: dict) -> Path:
-        """Every rank calls this. Returns the checkpoint directory once it is COMPLETE."""
+    def save(self, step: int, parts: Mapping[str, Any], meta: dict, vae: torch.nn.Module) -> Path:
+        """Every rank calls this with the same part names. `vae` is the bare VAE whose weights eval and
+        swap read. Returns the checkpoint directory once it is COMPLETE."""
         rank, world = _rank_and_world()
         path = self.root / step_dir_name(step)
         if rank == 0:
@@ -263,13 +290,13 @@ class CheckpointManager:
                 shutil.rmtree(path)
             path.mkdir(parents=True)
         _barrier()
-        engines.vae.save_checkpoint(str(path), tag="vae", client_state={}, save_latest=False)
-        engines.disc.save_checkpoint(str(path), tag="disc", client_state={}, save_latest=False)
+        engines, others = _split_parts(parts)
+        for name, engine in engines.items():
+            engine.save_checkpoint(str(path), tag=name, client_state={}, save_latest=False)
         _fault_kill_point(self.root, rank, step)
-        atomic_torch_save(trainer_state, path / trainer_file(rank))
+        atomic_torch_save({name: part.state_dict() for name, part in others.items()}, path / trainer_file(rank))
         if rank == 0:
-            weights = {k: v.detach().cpu() for k, v in engines.vae_model.state_dict().items()}
-            atomic_torch_save(weights, path / VAE_WEIGHTS)
+            atomic_torch_save(_cpu_state(vae), path / VAE_WEIGHTS)
             meta = {**meta, "step": step, "world_size": world}
             atomic_write_bytes(path / META, json.dumps(meta, indent=2, sort_keys=True).encode())
         _barrier()  # every rank has written (and closed) its files
@@ -282,6 +309,16 @@ class CheckpointManager:
         _barrier()  # nobody moves on (or exits) before the marker exists
         log.info("checkpoint %s complete", path)
         return path
+
+    def export_final(self, models: Mapping[str, torch.nn.Module]) -> list[Path]:
+        """Rank 0, at the end of a finished run: run_dir/final/{name}.pt, each a bare state_dict."""
+        final = self.run_dir / FINAL_DIR
+        final.mkdir(parents=True, exist_ok=True)
+        written = []
+        for name, model in models.items():
+            atomic_torch_save(_cpu_state(model), final / f"{name}.pt")
+            written.append(final / f"{name}.pt")
+        return written
 
     def prune(self) -> list[Path]:
         """Keep the newest `keep` complete checkpoints; drop incomplete ones older than the newest."""
@@ -299,8 +336,8 @@ class CheckpointManager:
 
     # ------------------------------------------------------------------ loading
 
-    def load(self, info: CheckpointInfo, engines) -> tuple[dict, dict]:
-        """Load both engines in place; returns (this rank's trainer state, meta)."""
+    def load(self, info: CheckpointInfo, parts: Mapping[str, Any]) -> dict:
+        """Load every part in place from a complete checkpoint; returns its meta."""
         rank, world = _rank_and_world()
         if not info.complete:
             raise CheckpointError(f"checkpoint {info.path} is incomplete")
@@ -310,13 +347,22 @@ class CheckpointManager:
                 f"checkpoint {info.path} was written by {meta.get('world_size')} ranks; this run has {world}. "
                 "Resume with the same number of processes."
             )
-        for name, engine in (("vae", engines.vae), ("disc", engines.disc)):
+        engines, others = _split_parts(parts)
+        for name, engine in engines.items():
             with _weights_only_engine_loads(engine):
                 loaded, _ = engine.load_checkpoint(str(info.path), tag=name)
             if loaded is None:
                 raise CheckpointError(f"DeepSpeed could not load the {name} engine from {info.path}")
-        state = safe_torch_load(info.path / trainer_file(rank), map_location="cpu")
-        return state, meta
+        states = _upgrade_part_states(safe_torch_load(info.path / trainer_file(rank), map_location="cpu"))
+        missing = sorted(set(others) - set(states))
+        if missing:
+            raise CheckpointError(
+                f"{info.path / trainer_file(rank)} holds no state for {', '.join(missing)} (it has "
+                f"{', '.join(sorted(states)) or 'nothing'}); it was written by another version of disent"
+            )
+        for name, part in others.items():
+            part.load_state_dict(states[name])
+        return meta
 
     # ------------------------------------------------------------------ s3
 
@@ -343,6 +389,25 @@ class CheckpointManager:
         for thread in self._upload_threads:
             thread.join(timeout)
         self._upload_threads = [t for t in self._upload_threads if t.is_alive()]
+
+
+def _split_parts(parts: Mapping[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(DeepSpeed engines, parts with state_dict/load_state_dict), each in the given order."""
+    engines = {name: part for name, part in parts.items()
+               if hasattr(part, "save_checkpoint") and hasattr(part, "load_checkpoint")}
+    return engines, {name: part for name, part in parts.items() if name not in engines}
+
+
+def _upgrade_part_states(states: dict) -> dict:
+    """Checkpoints written before the parts were named held the trainer's and the loader's state in
+    one flat dict ({step, rng, loader_json}); read them as the two parts they are now."""
+    if "loader_json" not in states:
+        return states
+    return {"trainer": {"step": states["step"], "rng": states["rng"]}, "loader": json.loads(states["loader_json"])}
+
+
+def _cpu_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.detach().cpu() for k, v in model.state_dict().items()}
 
 
 def _upload_file(local: Path, url: str) -> None:

@@ -480,3 +480,10 @@ def run_name(cfg: Config) -> str:
     noisy = ("tracking.", "run_dir", "data.url", "train.progress", "train.checkpoint_upload_url")
     keep = [o for o in cfg.overrides if not o.startswith(noisy)]
     return " ".join([cfg.name, *keep])
+
+
+def changed_keys(saved: dict, current: dict) -> list[str]:
+    """The dotted keys whose values differ between two config dicts (tracking.* and train.progress
+    aside: they do not change what a run computes)."""
+    a, b = flatten(saved), flatten(current)
+    return sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k) and not k.startswith(("tracking.", "train.progress")))

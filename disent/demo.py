@@ -66,8 +66,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from disent.checkpoint import CheckpointManager
 
-    checkpoint = CheckpointManager.resolve(RUN_DIR).path
-    report = json.loads((checkpoint / "eval" / "eval.json").read_text())
+    report = json.loads((CheckpointManager.resolve(RUN_DIR).eval_dir / "eval.json").read_text())
     run_id = report["mlflow_run_id"]
     experiment_id = MlflowClient(TRACKING_URI).get_run(run_id).info.experiment_id
     print(f"class from s: {report['class_from_s_mlp']:.3f} (MLP probe), {report['class_from_s_linear']:.3f} (linear)")

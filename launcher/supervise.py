@@ -19,8 +19,8 @@ import time
 from typing import Callable
 
 from disent.errors import ExitCode
-from launcher.topology import Topology
 from disent.host import free_port
+from launcher.topology import Topology
 
 FORWARDED = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT, signal.SIGHUP)
 POLL_S = 0.1
@@ -125,14 +125,7 @@ def run_group(
                 return 0
             rank, code = first_failure
             if received or code == ExitCode.PREEMPTED:
-                why = f"signal {signal.Signals(received[0]).name}" if received else f"rank {rank} exited {code}"
-                codes = sorted(set(group.codes.values()))
-                if all(c in (0, ExitCode.PREEMPTED) for c in codes):
-                    log(f"preempted ({why}): ranks stopped with {codes}; exit {int(ExitCode.PREEMPTED)} "
-                        "so the job is requeued")
-                    return ExitCode.PREEMPTED
-                log(f"stopped by {why}; ranks exited with {codes}")
-                return code
+                return _stopped(group, received, rank, code)
             global_rank = topology.node_rank * topology.nproc_per_node + rank
             if code == ExitCode.INPUT_ERROR:  # a config or input error: restarting cannot fix it
                 log(f"rank {global_rank} exited with code {int(ExitCode.INPUT_ERROR)}: its input was refused; "
@@ -152,6 +145,17 @@ def run_group(
             group.kill()
         for sig, handler in previous.items():
             signal.signal(sig, handler)
+
+
+def _stopped(group: Group, received: list[int], rank: int, code: int) -> int:
+    """A signal or a preempted rank ended the group: 75 (requeue) when every rank stopped cleanly."""
+    why = f"signal {signal.Signals(received[0]).name}" if received else f"rank {rank} exited {code}"
+    codes = sorted(set(group.codes.values()))
+    if all(c in (0, ExitCode.PREEMPTED) for c in codes):
+        log(f"preempted ({why}): ranks stopped with {codes}; exit {int(ExitCode.PREEMPTED)} so the job is requeued")
+        return ExitCode.PREEMPTED
+    log(f"stopped by {why}; ranks exited with {codes}")
+    return code
 
 
 def _watch(group: Group, grace_s: float, received: list[int]) -> tuple[int, int] | None:

@@ -1,11 +1,12 @@
 """The dependency direction of docs/architecture.md, checked on every import in the product code
-(module level and inside functions):
+(module level and inside functions), and the length of every function:
 
-    errors, host, io -> models -> config -> data -> checkpoint, tracking -> eval -> train -> cli, demo
+    errors, host, io, signals -> models -> config -> data -> checkpoint, tracking -> eval -> train -> cli, demo
 
 A module may import its own layer and the layers to its left. `launcher/` imports only
 `disent.errors` and `disent.host` (so it starts without torch), and nothing in `disent/` imports
-`launcher`.
+`launcher`. No function in either is longer than 60 lines unless its docstring says why
+("long because ...").
 """
 from __future__ import annotations
 
@@ -16,7 +17,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 LAYERS = [
-    {"errors", "host", "io"},
+    {"errors", "host", "io", "signals"},
     {"models"},
     {"config"},
     {"data"},
@@ -101,3 +102,32 @@ def test_the_check_catches_an_upward_import_and_a_launcher_import():
     assert upward_imports("disent.data.stream", "from launcher.topology import Topology\n")
     assert upward_imports("disent.checkpoint", "from .eval import evaluate\n")
     assert not upward_imports("disent.checkpoint", "from disent.io.storage import write_bytes_atomic\n")
+
+
+MAX_FUNCTION_LINES = 60
+LONG_REASON = "long because"  # a longer function says why in its docstring, in these words
+
+
+def long_functions(source: str, where: str) -> list[str]:
+    """Functions (and methods) of more than MAX_FUNCTION_LINES lines whose docstring gives no reason."""
+    found = []
+    for node in ast.walk(ast.parse(source)):
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+            lines = node.end_lineno - node.lineno + 1
+            reason = LONG_REASON in (ast.get_docstring(node) or "").lower()
+            if lines > MAX_FUNCTION_LINES and not reason:
+                found.append(f"{where}:{node.lineno} {node.name} is {lines} lines (over {MAX_FUNCTION_LINES}; split "
+                             f"it, or say why it is not in its docstring: '{LONG_REASON} ...')")
+    return found
+
+
+@pytest.mark.parametrize("path", PRODUCT + LAUNCHER, ids=lambda p: str(p.relative_to(ROOT)))
+def test_functions_are_short_or_say_why_not(path):
+    found = long_functions(path.read_text(), str(path.relative_to(ROOT)))
+    assert not found, "\n".join(found)
+
+
+def test_the_length_check_catches_a_long_function_and_accepts_a_reason():
+    body = "".join(f"    x{i} = {i}\n" for i in range(MAX_FUNCTION_LINES))
+    assert long_functions(f"def f():\n{body}", "m.py")
+    assert not long_functions(f'def f():\n    """Long because it is a table."""\n{body}', "m.py")

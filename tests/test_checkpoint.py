@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from disent.checkpoint import COMPLETE, CheckpointError, CheckpointManager, step_dir_name
-from disent.train.trainer import isolated_rng, rng_state, set_rng_state
+from disent.train.rng import isolated_rng, rng_state, set_rng_state
 
 
 class FakeEngine:
@@ -31,16 +31,27 @@ class FakeEngine:
         return str(Path(load_dir) / tag), {}
 
 
-class FakeEngines:
-    def __init__(self, fail_disc=False):
-        self.vae = FakeEngine(1.0)
-        self.disc = FakeEngine(2.0, fail=fail_disc)
-        self.vae_model = torch.nn.Linear(2, 1)  # the bare VAE: rank 0 saves its weights (vae_weights.pt)
+class FakeStateful:
+    def __init__(self, state=None):
+        self.state = state
+        self.loaded = None
+
+    def state_dict(self):
+        return self.state
+
+    def load_state_dict(self, state):
+        self.loaded = state
 
 
-def save(mgr, step, engines=None):
-    state = {"step": step, "loader_json": json.dumps({"epoch": 0, "batch": step}), "rng": rng_state()}
-    return mgr.save(step, engines or FakeEngines(), state, {"mlflow_run_id": "abc", "config": {"name": "t"}})
+def fake_parts(fail_disc=False):
+    return {"vae": FakeEngine(1.0), "disc": FakeEngine(2.0, fail=fail_disc), "trainer": FakeStateful()}
+
+
+def save(mgr, step, parts=None):
+    parts = parts or fake_parts()
+    parts["trainer"].state = {"step": step, "loader_json": json.dumps({"epoch": 0, "batch": step}), "rng": rng_state()}
+    vae = torch.nn.Linear(2, 1)  # the bare VAE: rank 0 saves its weights (vae_weights.pt)
+    return mgr.save(step, parts, {"mlflow_run_id": "abc", "config": {"name": "t"}}, vae)
 
 
 def test_layout_and_load_round_trip(tmp_path):
@@ -50,10 +61,11 @@ def test_layout_and_load_round_trip(tmp_path):
     assert {p.name for p in path.iterdir()} == {"vae", "disc", "trainer-rank0.pt", "meta.json", "vae_weights.pt", COMPLETE}
     meta = json.loads((path / "meta.json").read_text())
     assert meta == {"step": 7, "world_size": 1, "mlflow_run_id": "abc", "config": {"name": "t"}}
-    engines = FakeEngines()
-    engines.vae.value = engines.disc.value = None
-    state, meta = mgr.load(mgr.latest_complete(), engines)
-    assert engines.vae.loaded == 1.0 and engines.disc.loaded == 2.0
+    engines = fake_parts()
+    engines["vae"].value = engines["disc"].value = None
+    mgr.load(mgr.latest_complete(), engines)
+    state = engines["trainer"].loaded
+    assert engines["vae"].loaded == 1.0 and engines["disc"].loaded == 2.0
     assert state["step"] == 7 and json.loads(state["loader_json"])["batch"] == 7
     assert not list(path.rglob(".*tmp*"))
 
@@ -62,7 +74,7 @@ def test_incomplete_checkpoint_is_ignored_and_previous_stays_in_force(tmp_path):
     mgr = CheckpointManager(tmp_path, keep=3)
     save(mgr, 10)
     with pytest.raises(OSError, match="disk full"):
-        save(mgr, 20, FakeEngines(fail_disc=True))  # a crash during the save
+        save(mgr, 20, fake_parts(fail_disc=True))  # a crash during the save
     assert (tmp_path / "checkpoints" / "step-00000020").is_dir()
     assert mgr.latest_complete().step == 10
     with pytest.raises(CheckpointError, match="incomplete"):
@@ -97,7 +109,7 @@ def test_world_size_mismatch_is_refused(tmp_path):
     meta = json.loads((path / "meta.json").read_text())
     (path / "meta.json").write_text(json.dumps({**meta, "world_size": 4}))
     with pytest.raises(CheckpointError, match="written by 4 ranks"):
-        mgr.load(mgr.latest_complete(), FakeEngines())
+        mgr.load(mgr.latest_complete(), fake_parts())
 
 
 def test_upload_copies_every_file_and_the_marker_last(tmp_path):

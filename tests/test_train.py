@@ -15,7 +15,6 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from train_helpers import ROOT, make_tiny_data, tiny_overrides, torchrun
 
 pytestmark = pytest.mark.slow
@@ -207,7 +206,7 @@ def test_sigterm_two_ranks_checkpoint_then_auto_resume(tmp_path, tiny_data):
     assert 4 <= step < 100000
     leftovers = [p for p in (run / "checkpoints").iterdir() if p not in ckpts]
     assert not leftovers and not list(ckpts[0].rglob(".*.tmp*"))
-    assert torch.load(ckpts[0] / "trainer-rank1.pt", weights_only=True)["step"] == step
+    assert torch.load(ckpts[0] / "trainer-rank1.pt", weights_only=True)["trainer"]["step"] == step
 
     result = torchrun(["train", BASE, *tiny_overrides(run, tiny_data, **{**long, "train.steps": step + 2})], script=None)
     assert_ok(result)

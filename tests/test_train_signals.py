@@ -15,8 +15,8 @@ import pytest
 import torch
 from torch.utils.data import DataLoader, IterableDataset
 
+from disent.signals import PREEMPT_SIGNALS, PreemptionFlag, stop_signals_held
 from disent.train.engines import DistEnv
-from disent.train.trainer import PREEMPT_SIGNALS, PreemptionFlag, stop_signals_held
 
 
 @pytest.fixture

@@ -2,32 +2,41 @@
 from __future__ import annotations
 
 import argparse
+import textwrap
 
-SOURCE_HELP = """\
-SOURCE is one of
-  idx:DIR      MNIST-style IDX files (gzip or raw): train-images/labels and, if present,
-               t10k-images/labels (the test split; otherwise test is carved from train).
-               Fashion-MNIST: idx:/usr/share/datasets/fashion-mnist (apt-get install dataset-fashion-mnist)
-  folder:DIR   one sub-directory per class holding image files
-  npz:FILE     arrays images (N,H,W | N,H,W,C | N,C,H,W) and labels; optional factors,
-               factor_names, class_names, test_images/test_labels
-  sprites      procedural shapes with known factors (x, y, scale, rotation, hue)
-  glyphs       the 26 capitals rendered from real typefaces (Debian's fonts-urw-base35, or
-               --fonts DIR|GLOB) with known factors (font, size, rotation, x, y)
-A plain path is accepted where the kind is clear (a .npz file, a directory of IDX files or of
-class folders). OUT is a directory or s3://bucket/prefix; OUT/<split>/manifest.json and
+_OUT_HELP = """\
+OUT is a directory or s3://bucket/prefix; OUT/<split>/manifest.json and
 OUT/<split>/shard-NNNNNN.tar are written for the splits train, val and test.
 """
 
 
+def source_help() -> str:
+    """The epilog of `disent prepare --help`: every registered source (disent.data.sources) with its help."""
+    from disent.data.sources import SOURCES
+
+    width = max([12, *(len(s.syntax) for s in SOURCES.values())])
+    lines = ["SOURCE is one of"]
+    for source in SOURCES.values():
+        first, *more = source.help.splitlines()
+        lines.append(f"  {source.syntax:<{width}} {first}")
+        lines.extend(" " * (width + 3) + line for line in more)
+    plain = [s.claims_help for s in SOURCES.values() if s.claims is not None and s.claims_help]
+    if plain:
+        listed = plain[0] if len(plain) == 1 else f"{', '.join(plain[:-1])} or {plain[-1]}"
+        lines.append(textwrap.fill(f"A plain path is accepted where the kind is clear ({listed}).", width=94))
+    return "\n".join(lines) + "\n" + _OUT_HELP
+
+
 def register(subparsers, add_config_args) -> None:  # noqa: ARG001 - prepare takes no config
+    from disent.data.sources import source_syntaxes
+
     p = subparsers.add_parser(
         "prepare", help="turn a data source into pre-grouped WebDataset shards (local or s3://)",
         description="Write same-class groups of samples into shuffled WebDataset shards plus a manifest per "
         "split. All input checks run before the first shard is written.",
-        epilog=SOURCE_HELP, formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog=source_help(), formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    p.add_argument("source", metavar="SOURCE", help="idx:DIR, folder:DIR, npz:FILE, sprites or glyphs")
+    p.add_argument("source", metavar="SOURCE", help=source_syntaxes())
     p.add_argument("out", metavar="OUT", help="output directory or s3://bucket/prefix")
     p.add_argument("--group-size", type=int, default=4, metavar="K", help="same-class samples per record (default 4)")
     p.add_argument("--groups-per-shard", type=int, default=500, metavar="N", help="records per shard (default 500)")

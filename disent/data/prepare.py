@@ -24,10 +24,10 @@ from typing import Callable
 
 import numpy as np
 
-from disent.io import storage
 from disent.data.errors import DataError
 from disent.data.manifest import FORMAT, MANIFEST_NAME, Manifest, ShardInfo, manifest_url
 from disent.data.sources import Part, SourceData, SourceOptions, load_source
+from disent.io import storage
 
 SPLITS = ("train", "val", "test")
 SHARD_PATTERN = "shard-{:06d}.tar"
@@ -149,6 +149,28 @@ def prepare(
     """Validate the source, write shards for train/val/test, then the manifests. Returns them by split."""
     opts = opts or PrepareOptions()
     source_opts = source_opts or SourceOptions(seed=opts.seed)
+    _check_options(opts)
+    existing = _refuse_existing(out, opts)  # before the expensive load
+
+    t0 = time.time()
+    src = load_source(source, source_opts)  # every input check happens here, before any write
+    parts = carve_splits(src, opts)
+    plans = {split: _plan_shards(part, src.num_classes, opts, SPLITS.index(split)) for split, part in parts.items()}
+
+    # From here on we write. Old manifests go first: no manifest may ever name a shard being rewritten.
+    for url in existing:
+        storage.delete(url)
+    total_groups = sum(len(g) for shards in plans.values() for g in shards)
+    with _progress(total_groups, opts.progress) as bar:
+        manifests = {split: _write_split(out, split, parts[split], shards, src, opts, bar)
+                     for split, shards in plans.items()}
+    _write_manifests(out, manifests)
+    _remove_stale(out, manifests)
+    echo(summary(manifests, time.time() - t0))
+    return manifests
+
+
+def _check_options(opts: PrepareOptions) -> None:
     if opts.group_size < 1:
         raise DataError(f"--group-size must be >= 1, got {opts.group_size}")
     if opts.groups_per_shard < 1:
@@ -157,74 +179,67 @@ def prepare(
         if not 0.0 <= value < 1.0:
             raise DataError(f"{name} must be in [0, 1), got {value}")
 
-    # Refuse early (before the expensive load) when the output already holds prepared data.
+
+def _refuse_existing(out: str, opts: PrepareOptions) -> list[str]:
+    """The manifests already in ``out``; refused unless --overwrite (then prepare removes them before writing)."""
     existing = _existing_manifests(out)
     if existing and not opts.overwrite:
         raise DataError(
             f"{storage.describe(out)} already holds prepared data ({', '.join(storage.describe(e) for e in existing)}); "
             "pass --overwrite to replace it, or choose another output location"
         )
+    return existing
 
-    t0 = time.time()
-    src = load_source(source, source_opts)  # every input check happens here, before any write
-    parts = carve_splits(src, opts)
+
+def _plan_shards(part: Part, num_classes: int, opts: PrepareOptions, split_index: int) -> list[list[np.ndarray]]:
+    """The groups of one split, cut into shards of --groups-per-shard groups."""
+    rng = np.random.default_rng([opts.seed, 2, split_index])
+    groups = make_groups(part.labels, num_classes, opts.group_size, rng)
+    return [groups[i:i + opts.groups_per_shard] for i in range(0, len(groups), opts.groups_per_shard)]
+
+
+def _write_split(out: str, split: str, part: Part, shards: list[list[np.ndarray]], src: SourceData,
+                 opts: PrepareOptions, bar) -> Manifest:
+    """Write one split's shards; return its manifest (not yet written)."""
+    split_url = storage.join(out, split)
+    infos: list[ShardInfo] = []
+    first = 0
+    bar.set_description(f"writing {split}")
+    for index, groups in enumerate(shards):
+        data = _shard_bytes(part, part.ids, groups, first)
+        name = SHARD_PATTERN.format(index)
+        url = storage.join(split_url, name)
+        storage.write_bytes_atomic(url, data)
+        members = np.concatenate(groups)
+        infos.append(ShardInfo(
+            name=name, url=url, samples=int(members.size), groups=len(groups),
+            class_counts=np.bincount(part.labels[members], minlength=src.num_classes).tolist(),
+            bytes=len(data), sha256=hashlib.sha256(data).hexdigest(),
+        ))
+        first += len(groups)
+        bar.update(len(groups))
     c, h, w = src.train.images.shape[1:]
+    return Manifest(
+        split=split, url=storage.describe(manifest_url(out, split)), shards=infos,
+        image_shape=(int(c), int(h), int(w)), num_classes=src.num_classes,
+        factor_names=list(src.factor_names), source=dict(src.description, **{
+            "prepared_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            "val_fraction": opts.val_fraction,
+            "test_fraction": opts.test_fraction if src.test is None else None,
+            "test_from": "source" if src.test is not None else "carved from train",
+        }),
+        group_size=opts.group_size, num_samples=int(len(part.labels)), num_groups=first,
+        class_counts=np.bincount(part.labels, minlength=src.num_classes).tolist(),
+        class_names=src.class_names, seed=opts.seed, format=FORMAT,
+    )
 
-    plans: dict[str, list[list[np.ndarray]]] = {}
-    for split, part in parts.items():
-        rng = np.random.default_rng([opts.seed, 2, SPLITS.index(split)])
-        groups = make_groups(part.labels, src.num_classes, opts.group_size, rng)
-        plans[split] = [groups[i:i + opts.groups_per_shard] for i in range(0, len(groups), opts.groups_per_shard)]
 
-    # From here on we write. Old manifests go first: no manifest may ever name a shard being rewritten.
-    for url in existing:
-        storage.delete(url)
-
-    manifests: dict[str, Manifest] = {}
-    total_groups = sum(len(g) for shards in plans.values() for g in shards)
-    with _progress(total_groups, opts.progress) as bar:
-        for split, shards in plans.items():
-            part = parts[split]
-            ids = part.ids
-            split_url = storage.join(out, split)
-            infos: list[ShardInfo] = []
-            first = 0
-            bar.set_description(f"writing {split}")
-            for index, groups in enumerate(shards):
-                data = _shard_bytes(part, ids, groups, first)
-                name = SHARD_PATTERN.format(index)
-                url = storage.join(split_url, name)
-                storage.write_bytes_atomic(url, data)
-                members = np.concatenate(groups)
-                infos.append(ShardInfo(
-                    name=name, url=url, samples=int(members.size), groups=len(groups),
-                    class_counts=np.bincount(part.labels[members], minlength=src.num_classes).tolist(),
-                    bytes=len(data), sha256=hashlib.sha256(data).hexdigest(),
-                ))
-                first += len(groups)
-                bar.update(len(groups))
-            manifests[split] = Manifest(
-                split=split, url=storage.describe(manifest_url(out, split)), shards=infos,
-                image_shape=(int(c), int(h), int(w)), num_classes=src.num_classes,
-                factor_names=list(src.factor_names), source=dict(src.description, **{
-                    "prepared_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-                    "val_fraction": opts.val_fraction,
-                    "test_fraction": opts.test_fraction if src.test is None else None,
-                    "test_from": "source" if src.test is not None else "carved from train",
-                }),
-                group_size=opts.group_size, num_samples=int(len(part.labels)), num_groups=first,
-                class_counts=np.bincount(part.labels, minlength=src.num_classes).tolist(),
-                class_names=src.class_names, seed=opts.seed, format=FORMAT,
-            )
-
-    # Manifests last: each appears atomically (rename locally, one PUT on S3).
+def _write_manifests(out: str, manifests: dict[str, Manifest]) -> None:
+    """Manifests last: each appears atomically (rename locally, one PUT on S3)."""
     for split, manifest in manifests.items():
         data = manifest.to_bytes()
         storage.write_bytes_atomic(manifest_url(out, split), data)
         manifest.digest = hashlib.sha256(data).hexdigest()
-    _remove_stale(out, manifests)
-    echo(summary(manifests, time.time() - t0))
-    return manifests
 
 
 def _remove_stale(out: str, manifests: dict[str, Manifest]) -> None:

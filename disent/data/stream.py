@@ -52,6 +52,7 @@ from disent.config import ConfigError, DataConfig
 from disent.data.errors import DataError, ShardError
 from disent.data.manifest import Manifest, read_manifest
 from disent.data.shards import Group, read_shard
+from disent.signals import stop_signals_held
 
 log = logging.getLogger(__name__)
 
@@ -328,16 +329,7 @@ def resolve_num_workers(setting: int | str) -> int:
     return max(0, min(4, cores - 1))
 
 
-def _ignore_stop_signals(_worker_id: int) -> None:
-    """Workers leave preemption to the trainer: Slurm signals every process of a step, and a worker
-    that died of SIGTERM would crash the rank before it could write its checkpoint."""
-    import signal
-
-    for sig in (signal.SIGTERM, signal.SIGUSR1):
-        signal.signal(sig, signal.SIG_IGN)
-
-
-# Loaders whose workers may be running. Because the workers ignore SIGTERM, multiprocessing's exit
+# Loaders whose workers may be running. Because the workers block SIGTERM (disent.signals), multiprocessing's exit
 # hook (terminate, then join, every daemonic child) would wait on them forever; this hook, registered
 # after it and so run before it, stops them first.
 _loaders_with_workers: weakref.WeakSet[PairLoader] = weakref.WeakSet()
@@ -437,10 +429,11 @@ class PairLoader:
         kwargs: dict[str, Any] = {}
         if workers > 0:
             kwargs.update(prefetch_factor=self.data_cfg.prefetch_factor, persistent_workers=True,
-                          multiprocessing_context=_worker_context(), worker_init_fn=_ignore_stop_signals)
+                          multiprocessing_context=_worker_context())
         self._loader = DataLoader(_PairIterable(ds), batch_size=None, num_workers=workers,
                                   pin_memory=torch.cuda.is_available(), **kwargs)
-        self._iter = iter(self._loader)
+        with stop_signals_held():  # the workers start here and leave preemption to the trainer
+            self._iter = iter(self._loader)
         if workers > 0:
             _loaders_with_workers.add(self)
 
@@ -451,7 +444,7 @@ class PairLoader:
         if it is None or not hasattr(it, "_shutdown_workers"):
             return
         it._shutdown_workers()
-        # torch ends a worker that does not stop in time with SIGTERM, which ours ignore.
+        # torch ends a worker that does not stop in time with SIGTERM, which ours block.
         for worker in it._workers:
             if worker.is_alive():
                 worker.kill()

@@ -16,31 +16,34 @@ log = logging.getLogger(__name__)
 class TrainedModel:
     vae: object  # DisentVAE, in eval mode
     cfg: Config
-    checkpoint: Path
-    step: int
+    info: object  # disent.checkpoint.CheckpointInfo it was read from
     mlflow_run_id: str | None
+
+    @property
+    def checkpoint(self) -> Path:
+        return self.info.path
+
+    @property
+    def step(self) -> int:
+        return self.info.step
 
 
 def load_trained(path: str | Path, overrides: list[str] = ()) -> TrainedModel:
     """A run directory (its latest complete checkpoint) or one checkpoint directory."""
-    import torch
-
+    from disent.checkpoint import CheckpointError, CheckpointManager
     from disent.config import from_dict
     from disent.models.vae import vae_from_config
-    from disent.checkpoint import VAE_WEIGHTS, CheckpointError, CheckpointManager
 
     try:
         info = CheckpointManager.resolve(path)
+        meta = info.meta()
+        cfg = from_dict(meta["config"], list(overrides), origin=f"{info.path}/meta.json")
+        weights = info.read_vae_weights()
     except CheckpointError as exc:
         raise ConfigError(f"{exc}; pass a run directory (run_dir) or a checkpoints/step-* directory") from None
-    meta = info.meta()
-    cfg = from_dict(meta["config"], list(overrides), origin=f"{info.path}/meta.json")
-    weights = info.path / VAE_WEIGHTS
-    if not weights.is_file():
-        raise ConfigError(f"checkpoint {info.path} has no {VAE_WEIGHTS}; it was written by an older disent")
     vae = vae_from_config(cfg)
-    vae.load_state_dict(torch.load(weights, map_location="cpu", weights_only=True))
-    return TrainedModel(vae.eval(), cfg, info.path, info.step, meta.get("mlflow_run_id"))
+    vae.load_state_dict(weights)
+    return TrainedModel(vae.eval(), cfg, info, meta.get("mlflow_run_id"))
 
 
 def log_evaluation(cfg: Config, metrics: dict, out_dir: Path, step: int, run_id: str | None, child: bool) -> str | None:
@@ -69,7 +72,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     from disent.eval.evaluate import evaluate
 
     model = load_trained(args.path, args.overrides)
-    out_dir = Path(args.output) if args.output else model.checkpoint / "eval"
+    out_dir = Path(args.output) if args.output else model.info.eval_dir
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     metrics = evaluate(model.vae.to(device), model.cfg, out_dir, device)
     run_id = None

@@ -21,9 +21,8 @@ together relative to s1 and s2, so s cannot keep what is particular to one image
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import math
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -44,6 +43,9 @@ class Fakes:
     y1: torch.Tensor | None = None  # x1's class, for the class critic
 
 
+# --------------------------------------------------------------------------- weights
+
+
 def kl_weight(cfg: LossWeights, z_dim: int, pixels: int) -> float:
     """Per-pixel reconstruction pairs with a KL scaled by z_dim / pixels (the authors' ratio)."""
     return cfg.kl * (z_dim / pixels if cfg.kl_scale_by_latent_ratio else 1.0)
@@ -54,6 +56,113 @@ def adversarial_ramp(cfg: LossWeights, step: int) -> float:
     if cfg.adversarial_warmup_steps <= 0:
         return 1.0
     return min(1.0, step / cfg.adversarial_warmup_steps)
+
+
+def term_weights(cfg: LossWeights, z_dim: int, pixels: int, step: int) -> dict[str, float]:
+    """The weight of each VAE term, in the order the total adds them; the adversarial ones ramp up."""
+    ramp = adversarial_ramp(cfg, step)
+    return {
+        "reconstruction": cfg.reconstruction,
+        "kl": kl_weight(cfg, z_dim, pixels),
+        "swap": cfg.swap,
+        "adversarial": cfg.adversarial * ramp,
+        "latent_adversarial": cfg.latent_adversarial * ramp,
+        "class_adversarial": cfg.class_adversarial * ramp,
+        "specified_spread": cfg.specified_consistency,
+        "class_moment_leakage": cfg.class_moments,
+        "reverse_cycle": cfg.reverse_cycle,
+    }
+
+
+def weighted_sum(terms: dict[str, torch.Tensor], weights: dict[str, float]) -> torch.Tensor:
+    """sum_k w_k * term_k over the terms present, added in the order of `weights`."""
+    total = None
+    for name, weight in weights.items():
+        if name in terms:
+            total = weight * terms[name] if total is None else total + weight * terms[name]
+    return total
+
+
+# --------------------------------------------------------------------------- the batching trick
+
+
+def batched(fn, *calls: tuple[torch.Tensor, ...]):
+    """The batching trick: `fn` once over several same-sized calls, each of its arguments concatenated
+    along the batch (one pass through every layer instead of one per call). Returns fn's output(s)
+    over the whole batch; call i's share is `rows(out, i, b)` or `out.split(b)[i]`."""
+    return fn(*(torch.cat(args) for args in zip(*calls)))
+
+
+def rows(t: torch.Tensor, i: int, b: int) -> torch.Tensor:
+    """Call i's share of a batched output of b rows per call (a view, so gradients flow back).
+
+    Taken afresh at each use, not split once: one shared view of mu[b:2b] would change the order
+    in which autograd sums its gradients, and so their last bits."""
+    return t[i * b : (i + 1) * b]
+
+
+# --------------------------------------------------------------------------- the VAE's terms
+
+
+def reconstruction_term(logits: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """1. Dec(z1, s1) -> x1 (and, optionally, the same for x1' and x2)."""
+    return reconstruction_loss(logits, x)
+
+
+def resampled_reconstruction_term(vae: DisentVAE, mu: torch.Tensor, logvar: torch.Tensor, s: torch.Tensor,
+                                  x: torch.Tensor) -> torch.Tensor:
+    """Dec(z, s) -> x for x1' or x2 (loss.reconstruct_*): z ~ q(z | x) drawn now, its own decoder pass."""
+    return reconstruction_term(vae.decode(vae.sample(mu, logvar), s), x)
+
+
+def kl_term(mu1: torch.Tensor, logvar1: torch.Tensor) -> torch.Tensor:
+    """1. KL(q(z1 | x1, s1) || N(0, I))."""
+    return kl_to_standard_normal(mu1, logvar1)
+
+
+def swap_term(swap_logits: torch.Tensor, x1: torch.Tensor) -> torch.Tensor:
+    """2. Dec(z1, s1') -> x1: s must carry what x1 and x1' share (the class)."""
+    return reconstruction_loss(swap_logits, x1)
+
+
+def adversarial_terms(discriminator: torch.nn.Module, images: torch.Tensor, x2: torch.Tensor, y2: torch.Tensor,
+                      mu1: torch.Tensor, mu1p: torch.Tensor) -> dict[str, torch.Tensor]:
+    """3. Dec(z1, s2) and Dec(z_prior, s2) (`images`) must pass as real members of x2's class; with a
+    latent critic, (mu1, mu1') must also look like the codes of independent images."""
+    judged, same_class = discriminator(images, torch.cat([x2, x2]), torch.cat([y2, y2]), mu1, mu1p)
+    terms = {"adversarial": F.binary_cross_entropy_with_logits(judged, torch.ones_like(judged))}
+    if same_class is not None:
+        terms["latent_adversarial"] = F.binary_cross_entropy_with_logits(same_class, torch.zeros_like(same_class))
+    return terms
+
+
+def class_adversarial_term(discriminator: torch.nn.Module, mu1: torch.Tensor) -> torch.Tensor:
+    """The class critic's guess from mu1, held to uniform: cross-entropy against a uniform guess less
+    its floor log K, so 0 at best."""
+    class_logits = discriminator.guess_class(mu1)
+    return -F.log_softmax(class_logits, dim=1).mean(1).mean() - math.log(class_logits.shape[1])
+
+
+def specified_spread_term(s1: torch.Tensor, s1p: torch.Tensor, s2: torch.Tensor) -> torch.Tensor:
+    """|s1 - s1'|^2 / |s1 - s2|^2: a ratio, so shrinking s cannot satisfy it."""
+    within = (s1 - s1p).pow(2).sum(1).mean()
+    across = (s1 - s2).pow(2).sum(1).mean()
+    return within / across.clamp_min(1e-8)
+
+
+def class_moment_term(discriminator: torch.nn.Module, mu: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """The class-moment critic's leakage of the class into the mean of z (of x1, x1', x2)."""
+    return discriminator.class_moments.leakage(mu, labels)
+
+
+def reverse_cycle_term(vae: DisentVAE, fake_prior: torch.Tensor, z_prior: torch.Tensor) -> torch.Tensor:
+    """|f_z(Dec(z_prior, s2)) - z_prior|. Only the encoder learns from it (as in Cycle-VAE): through the
+    decoder too, the pair learns a private code for z that fake images carry and real ones do not."""
+    _, mu_cycle, _ = vae.encode(torch.sigmoid(fake_prior).detach())
+    return (mu_cycle - z_prior).abs().mean()
+
+
+# --------------------------------------------------------------------------- the VAE's loss
 
 
 def vae_losses(
@@ -71,76 +180,78 @@ def vae_losses(
     """The VAE's total loss, its terms (detached), and the fakes for the discriminator.
 
     `discriminator` is the bare `Critics` module with frozen parameters: gradients flow through
-    it into the VAE but never into its own weights.
+    it into the VAE but never into its own weights. x2' is the discriminator's alone.
     """
-    b = x1.shape[0]
-    # One encoder pass over x1, x1' and x2.
-    s, mu, logvar = vae.encode(torch.cat([x1, x1p, x2]))
-    s1, s1p, s2 = s[:b], s[b : 2 * b], s[2 * b : 3 * b]
-    mu1, logvar1 = mu[:b], logvar[:b]
-    z1 = vae.sample(mu1, logvar1)
-    z_prior = vae.prior(b, like=z1)
-
-    # One decoder pass: Dec(z1, s1), Dec(z1, s1'), Dec(z1, s2), Dec(z_prior, s2).
-    logits = vae.decode(torch.cat([z1, z1, z1, z_prior]), torch.cat([s1, s1p, s2, s2]))
-    recon1, swap1, fake_z1, fake_prior = logits.split(b)
-
-    terms = {"reconstruction": reconstruction_loss(recon1, x1)}
-    if cfg.reconstruct_x1_prime:
-        z1p = vae.sample(mu[b : 2 * b], logvar[b : 2 * b])
-        terms["reconstruction"] = terms["reconstruction"] + reconstruction_loss(vae.decode(z1p, s1p), x1p)
-    if cfg.reconstruct_x2:
-        z2 = vae.sample(mu[2 * b : 3 * b], logvar[2 * b : 3 * b])
-        terms["reconstruction"] = terms["reconstruction"] + reconstruction_loss(vae.decode(z2, s2), x2)
-    terms["kl"] = kl_to_standard_normal(mu1, logvar1)
-    terms["swap"] = reconstruction_loss(swap1, x1)
-
-    images = torch.sigmoid(torch.cat([fake_z1, fake_prior]))
-    mu1p, mu2 = mu[b : 2 * b], mu[2 * b : 3 * b]
-    judged, same_class = discriminator(images, torch.cat([x2, x2]), torch.cat([y2, y2]), mu1, mu1p)
-    terms["adversarial"] = F.binary_cross_entropy_with_logits(judged, torch.ones_like(judged))
-    if same_class is not None:  # make same-class codes look like codes of independent images
-        terms["latent_adversarial"] = F.binary_cross_entropy_with_logits(same_class, torch.zeros_like(same_class))
     for key in ("class_adversarial", "class_moments"):
         if getattr(cfg, key) > 0 and y1 is None:
             raise ValueError(f"loss.{key} > 0 needs the class of x1 (y1)")
-    class_logits = discriminator.guess_class(mu1) if cfg.class_adversarial > 0 else None
-    if class_logits is not None:  # cross-entropy against a uniform guess, less its floor log K: 0 at best
-        terms["class_adversarial"] = -F.log_softmax(class_logits, dim=1).mean(1).mean() - math.log(
-            class_logits.shape[1])
+    b = x1.shape[0]
+    s, mu, logvar = batched(vae.encode, (x1,), (x1p,), (x2,))  # one encoder pass
+    s1, s1p, s2 = rows(s, 0, b), rows(s, 1, b), rows(s, 2, b)
+    mu1, logvar1 = rows(mu, 0, b), rows(logvar, 0, b)
+    z1 = vae.sample(mu1, logvar1)
+    z_prior = vae.prior(b, like=z1)
+    # One decoder pass: Dec(z1, s1), Dec(z1, s1'), Dec(z1, s2), Dec(z_prior, s2).
+    recon1, swap1, fake_z1, fake_prior = batched(vae.decode, (z1, s1), (z1, s1p), (z1, s2), (z_prior, s2)).split(b)
 
-    if cfg.specified_consistency > 0:  # a ratio, so shrinking s cannot satisfy it
-        within = (s1 - s1p).pow(2).sum(1).mean()
-        across = (s1 - s2).pow(2).sum(1).mean()
-        terms["specified_spread"] = within / across.clamp_min(1e-8)
+    terms = {"reconstruction": reconstruction_term(recon1, x1)}
+    if cfg.reconstruct_x1_prime:
+        terms["reconstruction"] = terms["reconstruction"] + resampled_reconstruction_term(
+            vae, rows(mu, 1, b), rows(logvar, 1, b), s1p, x1p)
+    if cfg.reconstruct_x2:
+        terms["reconstruction"] = terms["reconstruction"] + resampled_reconstruction_term(
+            vae, rows(mu, 2, b), rows(logvar, 2, b), s2, x2)
+    terms["kl"] = kl_term(mu1, logvar1)
+    terms["swap"] = swap_term(swap1, x1)
+    images = torch.sigmoid(torch.cat([fake_z1, fake_prior]))
+    mu1p, mu2 = rows(mu, 1, b), rows(mu, 2, b)
+    terms.update(adversarial_terms(discriminator, images, x2, y2, mu1, mu1p))
+    if cfg.class_adversarial > 0:
+        terms["class_adversarial"] = class_adversarial_term(discriminator, mu1)
+    if cfg.specified_consistency > 0:
+        terms["specified_spread"] = specified_spread_term(s1, s1p, s2)
     if cfg.class_moments > 0:
-        terms["class_moment_leakage"] = discriminator.class_moments.leakage(mu, torch.cat([y1, y1, y2]))
+        terms["class_moment_leakage"] = class_moment_term(discriminator, mu, torch.cat([y1, y1, y2]))
     if cfg.reverse_cycle > 0:
-        # Only the encoder learns from it (as in Cycle-VAE): through the decoder too, the pair
-        # learns a private code for z that fake images carry and real ones do not.
-        _, mu_cycle, _ = vae.encode(torch.sigmoid(fake_prior).detach())
-        terms["reverse_cycle"] = (mu_cycle - z_prior).abs().mean()
+        terms["reverse_cycle"] = reverse_cycle_term(vae, fake_prior, z_prior)
 
-    pixels = x1[0].numel()
-    total = (
-        cfg.reconstruction * terms["reconstruction"]
-        + kl_weight(cfg, vae.z_dim, pixels) * terms["kl"]
-        + cfg.swap * terms["swap"]
-        + cfg.adversarial * adversarial_ramp(cfg, step) * terms["adversarial"]
-    )
-    if "latent_adversarial" in terms:
-        total = total + cfg.latent_adversarial * adversarial_ramp(cfg, step) * terms["latent_adversarial"]
-    if "class_adversarial" in terms:
-        total = total + cfg.class_adversarial * adversarial_ramp(cfg, step) * terms["class_adversarial"]
-    if "specified_spread" in terms:
-        total = total + cfg.specified_consistency * terms["specified_spread"]
-    if "class_moment_leakage" in terms:
-        total = total + cfg.class_moments * terms["class_moment_leakage"]
-    if "reverse_cycle" in terms:
-        total = total + cfg.reverse_cycle * terms["reverse_cycle"]
+    total = weighted_sum(terms, term_weights(cfg, vae.z_dim, x1[0].numel(), step))
     fakes = Fakes(from_z1=images[:b].detach(), from_prior=images[b:].detach(),
                   mu1=mu1.detach(), mu1p=mu1p.detach(), mu2=mu2.detach(), y1=y1)
     return total, {k: v.detach() for k, v in terms.items()}, fakes
+
+
+# --------------------------------------------------------------------------- the discriminator's loss
+
+
+def real_vs_fake_losses(real: torch.Tensor, fake: torch.Tensor, real_label: float) -> tuple[torch.Tensor, dict]:
+    """The pair discriminator: real (x2, x2') against the fakes. One-sided label smoothing: real
+    targets are `real_label` (0.95), fakes 0."""
+    loss_real = F.binary_cross_entropy_with_logits(real, torch.full_like(real, real_label))
+    loss_fake = F.binary_cross_entropy_with_logits(fake, torch.zeros_like(fake))
+    terms = {
+        "disc_real": loss_real.detach(),
+        "disc_fake": loss_fake.detach(),
+        "disc_acc_real": (real > 0).float().mean().detach(),
+        "disc_acc_fake": (fake < 0).float().mean().detach(),
+    }
+    return loss_real + loss_fake, terms
+
+
+def latent_critic_loss(same_class: torch.Tensor, b: int) -> tuple[torch.Tensor, dict]:
+    """The latent critic: (mu1, mu1') are one class (1), (mu1, mu2) independent images (0)."""
+    target = torch.cat([torch.ones(b), torch.zeros(b)]).to(same_class)
+    loss = F.binary_cross_entropy_with_logits(same_class, target)
+    acc = ((same_class > 0) == (target > 0.5)).float().mean().detach()
+    return loss, {"latent_critic": loss.detach(), "latent_critic_acc": acc}
+
+
+def class_critic_loss(discriminator: torch.nn.Module, mu1: torch.Tensor, y1: torch.Tensor) -> tuple[torch.Tensor, dict]:
+    """The class critic: x1's class from mu1."""
+    class_logits = discriminator.guess_class(mu1)
+    loss = F.cross_entropy(class_logits, y1)
+    acc = (class_logits.argmax(1) == y1).float().mean().detach()
+    return loss, {"class_critic": loss.detach(), "class_critic_acc": acc}
 
 
 def discriminator_losses(
@@ -157,29 +268,15 @@ def discriminator_losses(
     images = torch.cat([x2p, fakes.from_z1, fakes.from_prior])
     code_a, code_b = torch.cat([fakes.mu1, fakes.mu1]), torch.cat([fakes.mu1p, fakes.mu2])
     logits, same_class = discriminator(images, torch.cat([x2, x2, x2]), torch.cat([y2, y2, y2]), code_a, code_b)
-    real, fake = logits[:b], logits[b:]
-    # One-sided label smoothing: real targets are cfg.real_label (0.95), fakes 0.
-    loss_real = F.binary_cross_entropy_with_logits(real, torch.full_like(real, cfg.real_label))
-    loss_fake = F.binary_cross_entropy_with_logits(fake, torch.zeros_like(fake))
-    terms = {
-        "disc_real": loss_real.detach(),
-        "disc_fake": loss_fake.detach(),
-        "disc_acc_real": (real > 0).float().mean().detach(),
-        "disc_acc_fake": (fake < 0).float().mean().detach(),
-    }
-    total = loss_real + loss_fake
+    total, terms = real_vs_fake_losses(logits[:b], logits[b:], cfg.real_label)
     if same_class is not None:
-        target = torch.cat([torch.ones(b), torch.zeros(b)]).to(same_class)
-        loss_latent = F.binary_cross_entropy_with_logits(same_class, target)
-        terms["latent_critic"] = loss_latent.detach()
-        terms["latent_critic_acc"] = ((same_class > 0) == (target > 0.5)).float().mean().detach()
-        total = total + loss_latent
-    class_logits = discriminator.guess_class(fakes.mu1) if cfg.class_adversarial > 0 else None
-    if class_logits is not None:
-        loss_class = F.cross_entropy(class_logits, fakes.y1)
-        terms["class_critic"] = loss_class.detach()
-        terms["class_critic_acc"] = (class_logits.argmax(1) == fakes.y1).float().mean().detach()
-        total = total + loss_class
+        loss, critic_terms = latent_critic_loss(same_class, b)
+        total = total + loss
+        terms.update(critic_terms)
+    if cfg.class_adversarial > 0:
+        loss, critic_terms = class_critic_loss(discriminator, fakes.mu1, fakes.y1)
+        total = total + loss
+        terms.update(critic_terms)
     if discriminator.class_moments is not None:  # exact running averages, no gradient
         discriminator.class_moments.update(torch.cat([fakes.mu1, fakes.mu1p, fakes.mu2]), torch.cat([fakes.y1, fakes.y1, y2]))
         terms["class_moment_gap"] = discriminator.class_moments.gap().detach()

@@ -141,9 +141,9 @@ def train_in_group(cfg: Config, env, resume=None, auto_resume=True, loader_facto
     engines are built or the checkpoint is loaded still ends in a checkpoint and 75), and ignored once
     the last checkpoint is complete (see Trainer.train(exiting=True)).
     """
-    from disent.train.trainer import PreemptionFlag, Trainer
-
+    from disent.signals import PreemptionFlag
     from disent.train.engines import is_lost_peer
+    from disent.train.trainer import Trainer
 
     preemption = PreemptionFlag()
     preemption.install()
@@ -165,8 +165,8 @@ def train_in_group(cfg: Config, env, resume=None, auto_resume=True, loader_facto
             print(f"disent: preempted at step {result.step}; checkpoint {result.checkpoint}; "
                   f"exit {int(ExitCode.PREEMPTED)} (requeue to resume)", file=sys.stderr)
         else:
-            from disent.tracking import tracking_uri
             from disent.config import redact_url_credentials
+            from disent.tracking import tracking_uri
 
             uri = redact_url_credentials(tracking_uri(cfg))
             print(f"disent: trained {result.step} steps; MLflow run {result.run_id}")

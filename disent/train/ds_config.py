@@ -40,7 +40,6 @@ def deepspeed_config(
             "train.precision=fp16 needs a GPU (its loss scaling is a CUDA path); this run is on CPU. "
             "Use train.precision=bf16 or fp32 on CPU."
         )
-    opt = getattr(cfg.optim, engine)
     ds = {
         "train_batch_size": cfg.train.global_batch_size,
         "train_micro_batch_size_per_gpu": micro_batch_size(cfg, world_size),
@@ -49,6 +48,23 @@ def deepspeed_config(
         "steps_per_print": 10**9,  # progress and metrics go through our logger, not DeepSpeed's prints
         "wall_clock_breakdown": False,
         "zero_optimization": {"stage": cfg.train.zero_stage},
+        **_optimizer_and_schedule(getattr(cfg.optim, engine), device_type),
+        # bf16 is autocast: fp32 weights and optimizer state, matmuls and convs in bf16. The GAN-style
+        # objective keeps its losses in fp32 (autocast does that for the BCE terms), and the same path
+        # runs on CPU, so it is tested here.
+        "torch_autocast": {"enabled": cfg.train.precision == "bf16", "dtype": "bfloat16"},
+        "fp16": {"enabled": cfg.train.precision == "fp16", "loss_scale": 0, "initial_scale_power": 16},
+    }
+    if cfg.train.zero_stage > 0 and num_params is not None:
+        size = bucket_size(num_params)
+        ds["zero_optimization"].update({"reduce_bucket_size": size, "allgather_bucket_size": size})
+    merged = deep_merge(ds, getattr(cfg.deepspeed, engine))
+    _check_allgather_bucket(merged, getattr(cfg.deepspeed, engine), engine)
+    return merged
+
+
+def _optimizer_and_schedule(opt, device_type: str) -> dict:
+    return {
         "optimizer": {
             "type": "AdamW",
             "params": {
@@ -72,17 +88,11 @@ def deepspeed_config(
                 "warmup_type": "linear",
             },
         },
-        # bf16 is autocast: fp32 weights and optimizer state, matmuls and convs in bf16. The GAN-style
-        # objective keeps its losses in fp32 (autocast does that for the BCE terms), and the same path
-        # runs on CPU, so it is tested here.
-        "torch_autocast": {"enabled": cfg.train.precision == "bf16", "dtype": "bfloat16"},
-        "fp16": {"enabled": cfg.train.precision == "fp16", "loss_scale": 0, "initial_scale_power": 16},
     }
-    if cfg.train.zero_stage > 0 and num_params is not None:
-        size = bucket_size(num_params)
-        ds["zero_optimization"].update({"reduce_bucket_size": size, "allgather_bucket_size": size})
-    merged = deep_merge(ds, getattr(cfg.deepspeed, engine))
-    given = getattr(cfg.deepspeed, engine).get("zero_optimization", {}).get("allgather_bucket_size")
+
+
+def _check_allgather_bucket(merged: dict, given_section: dict, engine: str) -> None:
+    given = given_section.get("zero_optimization", {}).get("allgather_bucket_size")
     if merged["zero_optimization"].get("stage", 0) in (1, 2) and given is not None and (
         not isinstance(given, (int, float)) or given <= 0 or int(given) != given
         or int(given) % NCCL_START_ALIGNMENT_FACTOR
@@ -91,7 +101,6 @@ def deepspeed_config(
             f"config key 'deepspeed.{engine}.zero_optimization.allgather_bucket_size' is {given!r}; ZeRO 1/2 need "
             f"a positive multiple of {NCCL_START_ALIGNMENT_FACTOR} (DeepSpeed's nccl_start_alignment_factor)"
         )
-    return merged
 
 
 # Where each part of a derived DeepSpeed config comes from, to name the setting when DeepSpeed refuses.

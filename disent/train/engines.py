@@ -24,10 +24,10 @@ import torch
 import torch.nn as nn
 
 from disent.config import Config, ConfigError
-from disent.models.discriminator import critics_from_config
-from disent.models.vae import DisentVAE, vae_from_config
-from disent.models.objective import Fakes, vae_losses
 from disent.host import free_port
+from disent.models.discriminator import critics_from_config
+from disent.models.objective import Fakes, vae_losses
+from disent.models.vae import DisentVAE, vae_from_config
 
 log = logging.getLogger(__name__)
 
@@ -269,3 +269,13 @@ def build_engines(cfg: Config, env: DistEnv) -> Engines:
         for engine in (vae_engine, disc_engine):
             engine.enable_backward_allreduce = False
     return Engines(vae=vae_engine, disc=disc_engine, configs=configs)
+
+
+def stage0_grad_norm(engine) -> float | None:
+    """ZeRO 0 in fp32 clips without keeping the norm; compute it (after the all-reduce) ourselves."""
+    if engine.zero_optimization_stage() != 0 or engine.fp16_enabled() or engine.bfloat16_enabled():
+        return None
+    grads = [p.grad.detach().float() for p in engine.module.parameters() if p.grad is not None]
+    if not grads:
+        return None
+    return float(torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads])))

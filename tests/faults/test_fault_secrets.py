@@ -22,10 +22,10 @@ from pathlib import Path
 
 import pytest
 import torch
+from faultkit import BASE, base_env, finish, launch, mlflow_runs, stop
+from train_helpers import ROOT, tiny_overrides
 
 from disent.checkpoint import CheckpointError, CheckpointManager, safe_torch_load
-from faultkit import BASE, base_env, launch, finish, mlflow_runs, stop
-from train_helpers import ROOT, tiny_overrides
 
 MARK = uuid.uuid4().hex[:10]
 SESSION_TOKEN = f"SESSIONTOKENMARKER{MARK}"
@@ -166,13 +166,13 @@ def test_a_tampered_checkpoint_file_is_refused_and_never_run(tmp_path):
     assert not marker.exists()
 
     # a complete checkpoint whose trainer file is tampered with
-    from test_checkpoint import FakeEngines, save
+    from test_checkpoint import fake_parts, save
 
     mgr = CheckpointManager(tmp_path / "run")
     path = save(mgr, 3)
     torch.save({"step": _Evil(marker)}, path / "trainer-rank0.pt")
     with pytest.raises(CheckpointError, match="trainer-rank0.pt cannot be loaded safely"):
-        mgr.load(mgr.latest_complete(), FakeEngines())
+        mgr.load(mgr.latest_complete(), fake_parts())
     assert not marker.exists()
 
 
