@@ -174,3 +174,16 @@ def test_evaluate_reports_the_strict_metrics_and_a_categorical_factor(tmp_path):
                 "dci_completeness", "mig"):
         assert key in metrics, key
     assert "factor_r2_font_from_z" not in metrics  # a category is not regressed
+
+
+def test_metric_registry_refuses_a_key_two_metrics_return_and_builds_the_headline():
+    from disent.eval.metrics import Metric, headline, registered_metrics, run_metrics
+
+    names = [m.name for m in registered_metrics()]
+    assert names[0] == "class_probes" and len(names) == len(set(names))
+    first = Metric("first", lambda ctx: {"shared": 1.0}, ())
+    second = Metric("second", lambda ctx: {"shared": 2.0}, ())
+    with pytest.raises(ValueError, match="'first' and 'second' both return the key 'shared'"):
+        run_metrics(None, [first, second])
+    line = headline({"class_from_s_mlp": 0.9123, "chance": 0.1, "unlisted": 5.0})
+    assert line == "class_from_s_mlp 0.912, chance 0.100"

@@ -1,4 +1,8 @@
-"""Disentanglement evaluation on the held-out split: probes, factor read-out, errors, grids."""
+"""Disentanglement evaluation on the held-out split: probes, factor read-out, errors, grids.
+
+Each metric is a function registered with `@register_metric` (see disent/eval/metrics.py);
+evaluate() encodes both splits once and runs them all in the order they are defined here.
+"""
 from __future__ import annotations
 
 import dataclasses
@@ -13,6 +17,7 @@ import torch.nn.functional as F
 
 from disent.config import Config
 from disent.eval import grids
+from disent.eval.metrics import EvalContext, register_metric, run_metrics
 from disent.eval.probes import (
     chance_accuracy,
     classification_probe,
@@ -145,46 +150,82 @@ def factor_matrix(train: Split, test: Split, train_codes: dict, test_codes: dict
     return out
 
 
+# --------------------------------------------------------------------------- the metrics, in the order they run
+
+
+@register_metric("class_probes", headline=("class_from_s_mlp", "class_from_z_mean_mlp", "class_from_z_sample_mlp", "chance"))
+def class_probes(ctx: EvalContext) -> dict:
+    """The class read from s, the mean of z and a sampled z, by a linear and an MLP probe."""
+    train, test = ctx.train, ctx.test
+    out: dict = {"chance": chance_accuracy(test.labels), "num_train": len(train.labels), "num_test": len(test.labels)}
+    for code, name in (("s", "s"), ("mu", "z_mean"), ("z", "z_sample")):
+        for kind in ("linear", "mlp"):
+            out[f"class_from_{name}_{kind}"] = classification_probe(
+                ctx.train_codes[code], train.labels, ctx.test_codes[code], test.labels, ctx.classes, kind, ctx.epochs, ctx.seed)
+    return out
+
+
+@register_metric("reconstruction", headline=("z_gain",))
+def reconstruction(ctx: EvalContext) -> dict:
+    return reconstruction_errors(ctx.vae, ctx.test, ctx.test_codes, ctx.device, ctx.seed)
+
+
+@register_metric("z_snr", headline=("z_snr",))
+def z_snr(ctx: EvalContext) -> dict:
+    return {"z_snr": signal_to_noise(ctx.test_codes["mu"], ctx.test_codes["logvar"])}
+
+
+@register_metric("published_probes")
+def published_probes(ctx: EvalContext) -> dict:
+    """The published protocols, beside ours: Jha et al.'s MLP on sampled z, OverLORD's logistic
+    regression on the (standardised) mean of z; accuracy on train and on test."""
+    train, test, train_codes, test_codes = ctx.train, ctx.test, ctx.train_codes, ctx.test_codes
+    out: dict = {}
+    out["jha_class_from_z_sample_train"], out["jha_class_from_z_sample"] = jha_probe(
+        train_codes["z"], train.labels, test_codes["z"], test.labels, ctx.classes, ctx.epochs, ctx.seed)
+    out["logreg_class_from_z_mean_train"], out["logreg_class_from_z_mean"] = logistic_probe(
+        train_codes["mu"], train.labels, test_codes["mu"], test.labels)
+    return out
+
+
+@register_metric("factors")
+def factors(ctx: EvalContext) -> dict:
+    """With known factors: each read from s and z, MIG, DCI, and the code dimension that best tells each."""
+    test, test_codes = ctx.test, ctx.test_codes
+    if not test.factor_names:
+        return {}
+    out = factor_matrix(ctx.train, test, ctx.train_codes, test_codes, ctx.epochs, ctx.seed)
+    all_codes = np.concatenate([test_codes["s"], test_codes["mu"]], axis=1)
+    out["mig"], best = mutual_information_gap(all_codes, test.factors)
+    out.update(dci(all_codes, test.factors, [f in test.categorical for f in test.factor_names], ctx.seed))
+    s_dim = test_codes["s"].shape[1]
+    for factor, dim in zip(test.factor_names, best):
+        out[f"factor_top_code_{factor}"] = f"s[{dim}]" if dim < s_dim else f"z[{dim - s_dim}]"
+    return out
+
+
+@register_metric("grids")
+def grid_images(ctx: EvalContext) -> dict:
+    return {"grids": save_grids(ctx.vae, ctx.test, ctx.out_dir, ctx.cfg.eval.grid_size, ctx.device, ctx.seed)}
+
+
+# --------------------------------------------------------------------------- running them
+
+
 def evaluate(vae: DisentVAE, cfg: Config, out_dir: Path, device: torch.device | str = "cpu",
              train: Split | None = None, test: Split | None = None) -> dict:
-    """All metrics (flat dict, JSON-able) plus the grid PNG paths under 'grids'; writes eval.json."""
+    """Every registered metric (flat dict, JSON-able; the grid PNG paths under 'grids'); writes eval.json."""
     device = torch.device(device)
     was_training = vae.training
     vae.eval()
     try:
         train = train or load_split(cfg, cfg.data.train_split, cfg.eval.max_train_samples)
         test = test or load_split(cfg, cfg.data.eval_split, cfg.eval.max_test_samples)
-        seed, epochs, classes = cfg.seed, cfg.eval.probe_epochs, cfg.data.num_classes
-        train_codes = encode_all(vae, train.images, device, seed=seed)
-        test_codes = encode_all(vae, test.images, device, seed=seed + 1)
-
-        metrics: dict = {"chance": chance_accuracy(test.labels), "num_train": len(train.labels), "num_test": len(test.labels)}
-        for code, name in (("s", "s"), ("mu", "z_mean"), ("z", "z_sample")):
-            for kind in ("linear", "mlp"):
-                metrics[f"class_from_{name}_{kind}"] = classification_probe(
-                    train_codes[code], train.labels, test_codes[code], test.labels, classes, kind, epochs, seed)
-        metrics.update(reconstruction_errors(vae, test, test_codes, device, seed))
-        metrics["z_snr"] = signal_to_noise(test_codes["mu"], test_codes["logvar"])
-        # the published protocols, beside ours: Jha et al.'s MLP on sampled z, OverLORD's logistic
-        # regression on the (standardised) mean of z
-        metrics["jha_class_from_z_sample_train"], metrics["jha_class_from_z_sample"] = jha_probe(
-            train_codes["z"], train.labels, test_codes["z"], test.labels, classes, epochs, seed)
-        metrics["logreg_class_from_z_mean_train"], metrics["logreg_class_from_z_mean"] = logistic_probe(
-            train_codes["mu"], train.labels, test_codes["mu"], test.labels)
-
-        if test.factor_names:
-            metrics.update(factor_matrix(train, test, train_codes, test_codes, epochs, seed))
-            all_codes = np.concatenate([test_codes["s"], test_codes["mu"]], axis=1)
-            mig, best = mutual_information_gap(all_codes, test.factors)
-            metrics["mig"] = mig
-            metrics.update(dci(all_codes, test.factors, [f in test.categorical for f in test.factor_names], seed))
-            s_dim = test_codes["s"].shape[1]
-            for factor, dim in zip(test.factor_names, best):
-                metrics[f"factor_top_code_{factor}"] = f"s[{dim}]" if dim < s_dim else f"z[{dim - s_dim}]"
-
+        train_codes = encode_all(vae, train.images, device, seed=cfg.seed)
+        test_codes = encode_all(vae, test.images, device, seed=cfg.seed + 1)
         out_dir = Path(out_dir)
         out_dir.mkdir(parents=True, exist_ok=True)
-        metrics["grids"] = save_grids(vae, test, out_dir, cfg.eval.grid_size, device, seed)
+        metrics = run_metrics(EvalContext(vae, cfg, train, test, train_codes, test_codes, device, out_dir))
         (out_dir / "eval.json").write_text(json.dumps(metrics, indent=2, sort_keys=True))
         return metrics
     finally:

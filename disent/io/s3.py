@@ -5,18 +5,25 @@ Importing this module registers :func:`gopen_s3` in ``webdataset.gopen.gopen_sch
 
 Clients come from boto3's standard credential chain (environment, ``AWS_PROFILE``, shared
 config files, instance/container roles). ``AWS_ENDPOINT_URL_S3`` or ``AWS_ENDPOINT_URL``
-selects an S3-compatible server (path-style addressing is then used). Every call is retried
-with exponential backoff and jitter on throttling, 5xx responses and connection errors;
-reads that fail part-way resume with a ranged GET from the byte already received.
+selects an S3-compatible server (path-style addressing is then used). Every call is retried by
+botocore's "standard" retry mode (throttling, 5xx responses and connection errors, capped
+exponential backoff with jitter); each retry is logged as a warning naming the object. Reads
+that fail part-way resume with a ranged GET from the byte already received.
 
 Credentials are never logged or put into error messages: messages name the URL and, for
 custom servers, the endpoint only.
 
-Tuning through the environment: ``DISENT_S3_RETRIES`` (attempts after the first, default 6),
-``DISENT_S3_BACKOFF`` (first delay in seconds, default 0.5; doubled each retry, capped at 20 s).
+Tuning through the environment: ``DISENT_S3_RETRIES`` (attempts after the first, default 10;
+botocore's ``max_attempts``, which also bounds the resumes of one broken read; botocore's jittered
+delays of up to 0.05 s x 2^n, capped at 20 s, make 10 retries ride out an outage of roughly
+15-30 s before the rank fails with a retryable error),
+``DISENT_S3_BACKOFF`` (first delay in seconds before resuming a broken read, default 0.5; doubled
+each time, capped at 20 s). botocore's own backoff cannot be configured, so this knob applies to
+the ranged resume only.
 """
 from __future__ import annotations
 
+import functools
 import io
 import logging
 import os
@@ -99,12 +106,13 @@ def client():
     from botocore.config import Config
 
     ep = endpoint_url()
+    retries, _ = _retry_settings()
     # The cache key holds which settings are in force, not secrets themselves: a changed
     # key id or secret (tests switch servers) yields a different client.
     key = (
         os.getpid(), ep, os.environ.get("AWS_PROFILE"),
         os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION"),
-        hash(os.environ.get("AWS_ACCESS_KEY_ID")), hash(os.environ.get("AWS_SECRET_ACCESS_KEY")),
+        hash(os.environ.get("AWS_ACCESS_KEY_ID")), hash(os.environ.get("AWS_SECRET_ACCESS_KEY")), retries,
     )
     with _clients_lock:
         found = _clients.get(key)
@@ -113,22 +121,62 @@ def client():
         session = boto3.session.Session(profile_name=os.environ.get("AWS_PROFILE") or None)
         region = session.region_name or "us-east-1"
         config = Config(
-            # Our own loop retries (with a ranged resume for reads); one attempt per call here.
-            retries={"total_max_attempts": 1, "mode": "standard"},
+            # botocore's max_attempts counts the retries after the first attempt, as DISENT_S3_RETRIES does.
+            retries={"mode": "standard", "max_attempts": retries},
             connect_timeout=10,
             read_timeout=60,
             s3={"addressing_style": "path"} if ep else {},
             max_pool_connections=16,
         )
         made = session.client("s3", endpoint_url=ep, region_name=region, config=config)
+        _log_retries(made, retries)
         _clients[key] = made
         return made
 
 
 def _retry_settings() -> tuple[int, float]:
-    retries = int(os.environ.get("DISENT_S3_RETRIES", "6"))
+    retries = int(os.environ.get("DISENT_S3_RETRIES", "10"))
     backoff = float(os.environ.get("DISENT_S3_BACKOFF", "0.5"))
     return max(0, retries), max(0.0, backoff)
+
+
+# botocore logs its retries at debug level only and without the object; these handlers put one
+# warning per retry, naming s3://bucket/key and the failure, on this module's logger.
+
+
+def _log_retries(made, retries: int) -> None:
+    events = made.meta.events
+    events.register("before-parameter-build.s3", _remember_url)
+    # Runs after botocore's own needs-retry handler and returns None, so botocore's decision stands.
+    events.register("needs-retry.s3", _remember_failure)
+    # A request built for attempt 2 or later is a retry botocore decided on (after its backoff).
+    events.register("request-created.s3", functools.partial(_warn_retry, retries))
+
+
+def _remember_url(params, context, **_) -> None:
+    bucket = params.get("Bucket")
+    if bucket:
+        context["disent_url"] = f"s3://{bucket}/{params.get('Key') or params.get('Prefix') or ''}"
+
+
+def _remember_failure(request_dict, response=None, caught_exception=None, **_) -> None:
+    if caught_exception is not None:
+        failure = _describe(caught_exception)
+    elif response is not None:
+        http_response, parsed = response
+        code = (parsed.get("Error") or {}).get("Code") if isinstance(parsed, dict) else None
+        failure = f"{code or 'error'} (HTTP {http_response.status_code})"
+    else:
+        return
+    request_dict["context"]["disent_failure"] = failure
+
+
+def _warn_retry(retries: int, request, operation_name: str, **_) -> None:
+    context = getattr(request, "context", None) or {}
+    attempt = context.get("retries", {}).get("attempt", 1)
+    if attempt > 1:
+        log.warning("S3 %s of %s failed (%s); retry %d/%d", operation_name, context.get("disent_url", "?"),
+                    context.get("disent_failure", "unknown error"), attempt - 1, retries)
 
 
 def _status_and_code(exc: BaseException) -> tuple[int | None, str | None]:
@@ -141,7 +189,9 @@ def _status_and_code(exc: BaseException) -> tuple[int | None, str | None]:
 
 
 def is_retryable(exc: BaseException) -> bool:
-    """Throttling, 5xx and connection-level failures are retried; 4xx answers are final."""
+    """Throttling, 5xx and connection-level failures: what botocore retries, and what a broken read
+    resumes from. Once the retries are spent these mean the endpoint is unavailable (S3Unavailable);
+    4xx answers are final."""
     from botocore import exceptions as bex
 
     if isinstance(exc, bex.ClientError):
@@ -188,23 +238,14 @@ def _final_error(exc: BaseException, url: str, action: str) -> S3Error:
     return kind(f"{url}: could not {action}{_where()}: {_describe(exc)}")
 
 
-def with_retries(fn: Callable[[], Any], url: str, action: str, *, sleep: Callable[[float], None] = time.sleep) -> Any:
-    """Call ``fn()``; retry with exponential backoff and full jitter on retryable failures."""
-    retries, backoff = _retry_settings()
-    attempt = 0
-    while True:
-        try:
-            return fn()
-        except Exception as exc:  # noqa: BLE001 - classified below
-            if attempt >= retries or not is_retryable(exc):
-                if isinstance(exc, S3Error):
-                    raise
-                raise _final_error(exc, url, action) from exc
-            delay = min(20.0, backoff * (2 ** attempt)) * (0.5 + random.random() / 2)
-            log.warning("S3 %s of %s failed (%s); retry %d/%d in %.2fs", action, url, _describe(exc),
-                        attempt + 1, retries, delay)
-            sleep(delay)
-            attempt += 1
+def _call(fn: Callable[[], Any], url: str, action: str) -> Any:
+    """``fn()`` (one client call, which botocore retries); a failure it gives up on becomes an S3Error naming ``url``."""
+    try:
+        return fn()
+    except S3Error:
+        raise
+    except Exception as exc:  # noqa: BLE001 - classified by _final_error
+        raise _final_error(exc, url, action) from exc
 
 
 # --------------------------------------------------------------------------- reading
@@ -237,7 +278,7 @@ class S3Reader(io.RawIOBase):
                     kwargs["IfMatch"] = self.etag  # never splice two versions of an object
             return client().get_object(**kwargs)
 
-        response = with_retries(get, self.url, "read")
+        response = _call(get, self.url, "read")
         if self.size is None:
             self.size = int(response.get("ContentLength", 0))
             self.etag = response.get("ETag")
@@ -255,25 +296,28 @@ class S3Reader(io.RawIOBase):
         while True:
             try:
                 if self._body is None:
-                    self._open()
+                    self._open()  # a ranged GET past byte 0; botocore retries the request itself
                 data = self._body.read(len(view))
                 if not data and self.size is not None and self.pos < self.size:
                     raise ConnectionError(f"stream ended at byte {self.pos} of {self.size}")
-                n = len(data)
-                view[:n] = data
-                self.pos += n
-                return n
+            except S3Error:
+                raise
             except Exception as exc:  # noqa: BLE001
                 if attempt >= retries or not is_retryable(exc):
-                    if isinstance(exc, S3Error):
-                        raise
                     raise _final_error(exc, self.url, "read") from exc
+                # The body broke mid-stream (botocore does not retry reads of a returned body):
+                # resume from self.pos with the same bound as botocore's attempts.
                 self._discard_body()
-                delay = min(20.0, backoff * (2 ** attempt)) * (0.5 + random.random() / 2)
-                log.warning("S3 read of %s broke at byte %d (%s); resuming in %.2fs", self.url, self.pos,
-                            _describe(exc), delay)
-                time.sleep(delay)
                 attempt += 1
+                delay = min(20.0, backoff * (2 ** (attempt - 1))) * (0.5 + random.random() / 2)
+                log.warning("S3 read of %s broke at byte %d (%s); resuming, retry %d/%d in %.2fs", self.url,
+                            self.pos, _describe(exc), attempt, retries, delay)
+                time.sleep(delay)
+                continue
+            n = len(data)
+            view[:n] = data
+            self.pos += n
+            return n
 
     def _discard_body(self) -> None:
         body, self._body = self._body, None
@@ -377,7 +421,7 @@ def upload_fileobj(fileobj, url: str) -> None:
         else:
             client().upload_fileobj(fileobj, bucket, key)
 
-    with_retries(put, url, "upload")
+    _call(put, url, "upload")
 
 
 def upload_bytes(data: bytes, url: str) -> None:
@@ -405,7 +449,7 @@ def list_prefix(url: str) -> list[ObjectInfo]:
         kwargs: dict[str, Any] = {"Bucket": bucket, "Prefix": prefix}
         if token:
             kwargs["ContinuationToken"] = token
-        page = with_retries(lambda: client().list_objects_v2(**kwargs), url, "list")
+        page = _call(lambda: client().list_objects_v2(**kwargs), url, "list")
         for item in page.get("Contents", []):
             out.append(ObjectInfo(url=f"s3://{bucket}/{item['Key']}", key=item["Key"], size=int(item["Size"])))
         if not page.get("IsTruncated"):
@@ -416,7 +460,7 @@ def list_prefix(url: str) -> list[ObjectInfo]:
 def exists(url: str) -> bool:
     bucket, key = parse_s3_url(url)
     try:
-        with_retries(lambda: client().head_object(Bucket=bucket, Key=key), url, "inspect")
+        _call(lambda: client().head_object(Bucket=bucket, Key=key), url, "inspect")
         return True
     except S3NotFound:
         return False
@@ -429,7 +473,7 @@ def exists(url: str) -> bool:
 
 def delete(url: str) -> None:
     bucket, key = parse_s3_url(url)
-    with_retries(lambda: client().delete_object(Bucket=bucket, Key=key), url, "delete")
+    _call(lambda: client().delete_object(Bucket=bucket, Key=key), url, "delete")
 
 
 def create_bucket(name: str) -> None:
@@ -437,7 +481,7 @@ def create_bucket(name: str) -> None:
     from botocore import exceptions as bex
 
     try:
-        with_retries(lambda: client().create_bucket(Bucket=name), f"s3://{name}", "create the bucket")
+        _call(lambda: client().create_bucket(Bucket=name), f"s3://{name}", "create the bucket")
     except S3Error as exc:
         cause = exc.__cause__
         if isinstance(cause, bex.ClientError) and _status_and_code(cause)[1] in (

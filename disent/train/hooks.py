@@ -15,6 +15,7 @@ import torch
 
 from disent.eval import grids
 from disent.eval.evaluate import Split, evaluate, load_split, numeric_metrics, same_class_partners
+from disent.eval.metrics import headline
 
 log = logging.getLogger(__name__)
 
@@ -51,8 +52,4 @@ class EvaluationHook:
             vae.train(was_training)
         trainer.tracker.log_metrics(numeric_metrics(metrics), step=step)
         trainer.tracker.log_artifact(out, f"eval/step-{step:08d}")
-        log.info(
-            "eval at step %d: class from s %.3f, from mean z %.3f, from sampled z %.3f (chance %.3f); z_gain %.3f, "
-            "z_snr %.2f; grids in %s", step, metrics["class_from_s_mlp"], metrics["class_from_z_mean_mlp"],
-            metrics["class_from_z_sample_mlp"], metrics["chance"], metrics["z_gain"], metrics["z_snr"], out,
-        )
+        log.info("eval at step %d: %s; grids in %s", step, headline(metrics), out)

@@ -1,0 +1,175 @@
+"""One MLflow run seen from rank 0: the client, creating or resuming the run, sending queued ops to
+it, and MLflow's system-metrics monitor for it. Also the run id's broadcast to every rank."""
+from __future__ import annotations
+
+import logging
+import os
+from typing import Any
+
+from disent.config import redact_url_credentials
+from disent.tracking.sendqueue import Op
+
+log = logging.getLogger(__package__)
+
+DEFAULT_URI = "sqlite:///mlflow.db"
+
+
+def tracking_uri(cfg=None) -> str:
+    """cfg.tracking.uri, else $MLFLOW_TRACKING_URI, else the local sqlite:///mlflow.db store."""
+    uri = getattr(getattr(cfg, "tracking", None), "uri", None)
+    return uri or os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_URI
+
+
+def make_client(uri: str):
+    # MLflow prints run URLs built from the tracking URI, credentials included; ours are redacted.
+    os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
+    if uri.startswith(("http://", "https://")):
+        # We retry ourselves, in the background; MLflow's own retries would stall for minutes.
+        os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "1")
+        os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "20")
+    from mlflow.tracking import MlflowClient
+
+    return MlflowClient(tracking_uri=uri)
+
+
+class SystemMetrics:
+    """MLflow's system-metrics monitor (CPU, GPU, memory) for the run, when enabled; off on any error."""
+
+    def __init__(self, uri: str, enabled: bool):
+        self.uri = uri
+        self.enabled = enabled
+        self._monitor = None
+
+    def start(self, run_id: str | None, resumed: bool) -> None:
+        if not self.enabled or self._monitor is not None or run_id is None:
+            return
+        try:
+            from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
+
+            self._monitor = SystemMetricsMonitor(run_id, resume_logging=resumed, tracking_uri=self.uri)
+            self._monitor.start()
+        except Exception as exc:
+            log.warning("MLflow system metrics are off: %s", exc)
+            self._monitor = None
+
+    def finish(self) -> None:
+        if self._monitor is None:
+            return
+        try:
+            self._monitor.finish()
+        except Exception as exc:  # pragma: no cover
+            log.debug("system metrics monitor: %s", exc)
+        self._monitor = None
+
+
+class MLflowRun:
+    """The run in experiment `experiment` at `uri`, and how each kind of queued op reaches it."""
+
+    def __init__(self, uri: str, experiment: str, system: SystemMetrics):
+        self.uri = uri
+        self.experiment = experiment
+        self.system = system
+        self.run_id: str | None = None
+        self.resumed = False
+        self.known_params: set[str] = set()  # params the run has (or has queued): never logged twice
+        self._client = None
+
+    @property
+    def client(self):
+        if self._client is None:
+            self._client = make_client(self.uri)
+        return self._client
+
+    def new_params(self, params: dict[str, str]) -> dict[str, str]:
+        """The params the run does not have yet, now counted as logged (a resumed run keeps its first values)."""
+        fresh = {k: v for k, v in params.items() if k not in self.known_params}
+        self.known_params.update(fresh)
+        return fresh
+
+    def open(self, run_id: str | None, run_name: str | None) -> str:
+        """Resume run_id (a new run when the store does not have it), or create a run; its id."""
+        if run_id is not None:
+            try:
+                return self._resume(run_id)
+            except Exception as exc:
+                if getattr(exc, "error_code", None) != "RESOURCE_DOES_NOT_EXIST":
+                    raise
+                # e.g. a checkpoint copied to another tracking store: start a new run there
+                log.warning("MLflow run %s from the checkpoint does not exist at %s; starting a new run", run_id,
+                            redact_url_credentials(self.uri))
+                self.resumed = False
+        run = self.client.create_run(self._experiment_id(), run_name=run_name)
+        log.info("created MLflow run %s (%s)", run.info.run_id, run_name)
+        return run.info.run_id
+
+    def _resume(self, run_id: str) -> str:
+        run = self.client.get_run(run_id)
+        self.known_params = set(run.data.params)
+        if run.info.status != "RUNNING":
+            self.client.update_run(run_id, status="RUNNING")
+        log.info("resuming MLflow run %s", run_id)
+        return run_id
+
+    def _experiment_id(self) -> str:
+        experiment = self.client.get_experiment_by_name(self.experiment)
+        if experiment is not None:
+            return experiment.experiment_id
+        try:
+            return self.client.create_experiment(self.experiment)
+        except Exception:  # created by someone else meanwhile
+            experiment = self.client.get_experiment_by_name(self.experiment)
+            if experiment is None:
+                raise
+            return experiment.experiment_id
+
+    def send(self, batch: list[Op]) -> None:
+        """Send one batch from the queue (all ops of one kind; raises when it did not arrive)."""
+        from mlflow.entities import Metric, Param, RunTag
+
+        head = batch[0]
+        if head.kind == "create":
+            self.run_id = self.open(*head.payload)
+            self.system.start(self.run_id, self.resumed)
+            return
+        if self.run_id is None:
+            raise RuntimeError("the MLflow run does not exist yet")
+        if head.kind == "metrics":
+            metrics = [Metric(k, v, t, s) for op in batch for (k, v, t, s) in op.payload]
+            self.client.log_batch(self.run_id, metrics=metrics, synchronous=True)
+        elif head.kind == "params":
+            self.client.log_batch(self.run_id, params=[Param(k, v) for k, v in head.payload.items()], synchronous=True)
+        elif head.kind == "tags":
+            self.client.log_batch(self.run_id, tags=[RunTag(k, v) for k, v in head.payload.items()], synchronous=True)
+        elif head.kind == "artifact":
+            self._send_artifact(*head.payload)
+        elif head.kind == "status":
+            self._send_status(head.payload)
+        else:  # pragma: no cover
+            raise ValueError(head.kind)
+
+    def _send_artifact(self, path: str, artifact_path: str | None) -> None:
+        if not os.path.exists(path):
+            log.warning("artifact %s no longer exists; not logged", path)
+        elif os.path.isdir(path):
+            self.client.log_artifacts(self.run_id, path, artifact_path)
+        else:
+            self.client.log_artifact(self.run_id, path, artifact_path)
+
+    def _send_status(self, status: str) -> None:
+        if status in ("FINISHED", "FAILED", "KILLED"):
+            self.client.set_terminated(self.run_id, status)
+        else:
+            self.client.update_run(self.run_id, status=status)
+
+
+def broadcast(value: Any) -> Any:
+    """rank 0's value on every rank (a no-op without a process group)."""
+    try:
+        import torch.distributed as dist
+    except ImportError:  # pragma: no cover
+        return value
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return value
+    box = [value]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
