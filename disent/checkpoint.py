@@ -17,6 +17,8 @@ Layout::
         eval/                   `disent eval` of this checkpoint: eval.json and its PNG grids
         COMPLETE                written last, by rank 0, after every rank has finished
     run_dir/final/{vae,disc}.pt the bare models' weights at the end of a finished run
+    run_dir/.universal/         transient: ZeRO 1/2 engine states converted while resuming on another
+                                number of ranks (needs run_dir on a filesystem every node sees)
 
 A part is an engine when it has both of DeepSpeed's ``save_checkpoint`` and ``load_checkpoint``; any other part
 needs ``state_dict()``/``load_state_dict()`` returning tensors and plain values. Adding a part to
@@ -58,6 +60,7 @@ COMPLETE = "COMPLETE"
 META = "meta.json"
 VAE_WEIGHTS = "vae_weights.pt"
 EVAL_DIR = "eval"
+UNIVERSAL_DIR = ".universal"  # under run_dir: ZeRO 1/2 engine states converted for another world size
 FINAL_DIR = "final"
 STEP_DIR = re.compile(r"^step-(\d{8,})$")
 FAULT_KILL_ENV = "DISENT_FAULT_CHECKPOINT_KILL"  # test-only, see the module docstring
@@ -337,32 +340,58 @@ class CheckpointManager:
     # ------------------------------------------------------------------ loading
 
     def load(self, info: CheckpointInfo, parts: Mapping[str, Any]) -> dict:
-        """Load every part in place from a complete checkpoint; returns its meta."""
+        """Load every part in place from a complete checkpoint; returns its meta.
+
+        The checkpoint may have been written by another number of ranks (meta["world_size"]): ZeRO 0
+        engines load their replicated state as it is; ZeRO 1/2 engines load from a universal
+        checkpoint that rank 0 converts into run_dir/.universal first (DeepSpeed's ds_to_universal).
+        Each other part gets the state of rank r mod the old world size; a part whose state is per rank
+        (the trainer's RNG) compares meta["world_size"] with the new one itself.
+        """
         rank, world = _rank_and_world()
         if not info.complete:
             raise CheckpointError(f"checkpoint {info.path} is incomplete")
         meta = info.meta()
-        if meta.get("world_size") != world:
-            raise CheckpointError(
-                f"checkpoint {info.path} was written by {meta.get('world_size')} ranks; this run has {world}. "
-                "Resume with the same number of processes."
-            )
+        written_by = int(meta.get("world_size") or 0)
+        if written_by < 1:
+            raise CheckpointError(f"{info.path / META} names no world_size; it was not written by disent")
         engines, others = _split_parts(parts)
+        universal = self._universal_copies(info, engines) if written_by != world else {}
         for name, engine in engines.items():
-            with _weights_only_engine_loads(engine):
-                loaded, _ = engine.load_checkpoint(str(info.path), tag=name)
-            if loaded is None:
-                raise CheckpointError(f"DeepSpeed could not load the {name} engine from {info.path}")
-        states = _upgrade_part_states(safe_torch_load(info.path / trainer_file(rank), map_location="cpu"))
+            _load_engine(engine, name, info.path, universal.get(name))
+        if universal:
+            _barrier()  # every rank has read the converted copies
+            if rank == 0:
+                shutil.rmtree(self.run_dir / UNIVERSAL_DIR, ignore_errors=True)
+        states_file = info.path / trainer_file(rank % written_by)
+        states = _upgrade_part_states(safe_torch_load(states_file, map_location="cpu"))
         missing = sorted(set(others) - set(states))
         if missing:
             raise CheckpointError(
-                f"{info.path / trainer_file(rank)} holds no state for {', '.join(missing)} (it has "
+                f"{states_file} holds no state for {', '.join(missing)} (it has "
                 f"{', '.join(sorted(states)) or 'nothing'}); it was written by another version of disent"
             )
         for name, part in others.items():
             part.load_state_dict(states[name])
+        if written_by != world and rank == 0:
+            log.warning("checkpoint %s was written by %d ranks; resharded onto %d (engines: %s)", info.path,
+                        written_by, world, ", ".join(f"{n} {'universal' if n in universal else 'as saved'}"
+                                                      for n in engines))
         return meta
+
+    def _universal_copies(self, info: CheckpointInfo, engines: Mapping[str, Any]) -> dict[str, Path]:
+        """Rank 0 converts each ZeRO 1/2 engine's checkpoint to DeepSpeed's universal format (which any
+        world size loads) under run_dir/.universal; every rank gets the paths once they exist."""
+        partitioned = [name for name, engine in engines.items() if _zero_stage(engine) in (1, 2)]
+        if not partitioned:
+            return {}
+        root = self.run_dir / UNIVERSAL_DIR / info.path.name
+        if _rank_and_world()[0] == 0:
+            shutil.rmtree(root, ignore_errors=True)  # never trust an earlier conversion
+            for name in partitioned:
+                _convert_to_universal(info.path / name, root / name)
+        _barrier()
+        return {name: root / name for name in partitioned}
 
     # ------------------------------------------------------------------ s3
 
@@ -389,6 +418,43 @@ class CheckpointManager:
         for thread in self._upload_threads:
             thread.join(timeout)
         self._upload_threads = [t for t in self._upload_threads if t.is_alive()]
+
+
+def _zero_stage(engine) -> int:
+    stage = getattr(engine, "zero_optimization_stage", None)
+    return int(stage()) if callable(stage) else 0
+
+
+def _load_engine(engine, name: str, path: Path, universal: Path | None) -> None:
+    """engine.load_checkpoint of step-N/name, or of its universal copy (DeepSpeed reads that mode from
+    its config at load time, so it is switched on for this one call)."""
+    load_dir, config = (universal.parent, engine._config) if universal is not None else (path, None)
+    previous = getattr(config, "load_universal_checkpoint", False)
+    if config is not None:
+        config.load_universal_checkpoint = True
+    try:
+        with _weights_only_engine_loads(engine):
+            loaded, _ = engine.load_checkpoint(str(load_dir), tag=name)
+    finally:
+        if config is not None:
+            config.load_universal_checkpoint = previous
+    if loaded is None:
+        raise CheckpointError(f"DeepSpeed could not load the {name} engine from {path}")
+
+
+def _convert_to_universal(source: Path, target: Path) -> None:
+    """DeepSpeed's ds_to_universal, on files checked first: it unpickles without weights_only."""
+    import argparse
+
+    from deepspeed.checkpoint.ds_to_universal import main as ds_to_universal
+
+    for file in sorted(source.rglob("*.pt")):
+        safe_torch_load(file, map_location="cpu")  # raises CheckpointError on anything but plain data
+    args = argparse.Namespace(input_folder=str(source), output_folder=str(target), num_extract_workers=1,
+                              num_merge_workers=1, keep_temp_folder=False, strict=True, inject_missing_state=True)
+    with contextlib.redirect_stdout(io.StringIO()):  # its progress prints; our log line says what happened
+        ds_to_universal(args)
+    log.info("converted %s to DeepSpeed's universal checkpoint format in %s", source, target)
 
 
 def _split_parts(parts: Mapping[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:

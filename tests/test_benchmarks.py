@@ -30,6 +30,16 @@ def shards(tmp_path_factory):
     return make_tiny_data(tmp_path_factory.mktemp("bench-data"))
 
 
+def test_data_measures_the_pipeline_against_memcpy_and_the_tar_read(shards):
+    out = bench("bench_data.py", "--url", str(shards), "--workers", "0", "1", "--batches", "5", "--warmup", "2",
+                "--batch-size", "8")
+    (result,) = out["results"]
+    assert result["memcpy"]["pairs_per_s"] > 0 and result["sequential_tar_read"]["pairs_per_s"] > 0
+    assert [run["workers"] for run in result["pipeline"]] == [0, 1]
+    for run in result["pipeline"]:
+        assert run["pairs_per_s_per_core"] > 0 and run["per_core_to_memcpy"] > 0 and run["to_sequential"] > 0
+
+
 def test_overhead_alternates_bare_and_framework(shards):
     out = bench("bench_overhead.py", "--config", "configs/base.yaml", "--url", str(shards), "--steps", "6",
                 "--rounds", "2", "--bare-keeps-freed-memory", *TINY_MODEL)

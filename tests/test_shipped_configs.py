@@ -114,9 +114,10 @@ def test_every_shipped_config_derives_aligned_buckets_at_its_real_size(tmp_path)
 
 
 @pytest.mark.slow
-def test_every_shipped_config_trains_under_zero_0_1_2_on_two_ranks(tmp_path):
+def test_every_shipped_config_trains_under_zero_0_1_2_on_two_ranks_and_resumes_on_one(tmp_path):
     """All cases in one 2-rank process group (one start-up); each case builds both engines at the
-    config's real size, trains STEPS steps and writes a complete checkpoint."""
+    config's real size, trains STEPS steps and writes a complete checkpoint; then all of them resume
+    on one rank."""
     configs = shipped_configs(tmp_path)
     shards: dict[tuple, Path] = {}
     cases, expected = [], []
@@ -154,6 +155,22 @@ def test_every_shipped_config_trains_under_zero_0_1_2_on_two_ranks(tmp_path):
                 assert ds["zero_optimization"]["allgather_bucket_size"] == bucket_size(params), label
         saved = yaml.safe_load((run_dir / "config.yaml").read_text())
         assert saved["model"] == dataclasses.asdict(load_config(configs[name]).model), label  # the real size
+
+    # The same cases resumed on one rank for one more step: every engine of every shipped config, at its
+    # real size, reshards (ZeRO 1/2 through DeepSpeed's universal checkpoint conversion).
+    one_more = [case.replace(f"train.steps={STEPS}", f"train.steps={STEPS + 1}") for case in cases]
+    args = ["--no-hooks", f"run_dir={tmp_path / 'cases'}"]
+    for case in one_more:
+        args += ["--case", case]
+    result = torchrun(args, nproc=1, timeout=1200, env={"OMP_NUM_THREADS": "1"})
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-6000:]
+    assert result.stderr.count("written by 2 ranks; resharded onto 1") == len(cases), result.stderr[-6000:]
+    for i, (name, stage, _, _) in enumerate(expected):
+        run_dir = tmp_path / "cases" / f"case{i}" / f"case{i}"
+        assert (run_dir / "checkpoints" / f"step-{STEPS + 1:08d}" / "COMPLETE").exists(), f"{name} ZeRO {stage}"
+        lines = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+        assert [m["step"] for m in lines] == list(range(1, STEPS + 2)), f"{name} ZeRO {stage}"
+        assert math.isfinite(lines[-1]["vae_loss"]), f"{name} ZeRO {stage}"
 
 
 @pytest.mark.slow

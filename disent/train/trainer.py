@@ -94,6 +94,7 @@ class Trainer:
         self.preemption = preemption or PreemptionFlag()
         self.checkpoints = CheckpointManager(self.run_dir, cfg.train.keep_checkpoints, cfg.train.checkpoint_upload_url)
         self._last_checkpoint_step: int | None = None
+        self.world_size_change: tuple[int, int] | None = None  # (written by, now) when resumed on another world size
         self._last_checkpoint: Path | None = None
 
         # Same weights on every rank (DeepSpeed broadcasts rank 0's anyway); per-rank noise after.
@@ -133,9 +134,19 @@ class Trainer:
         return path
 
     def restore(self, info: CheckpointInfo) -> dict:
-        """Load every part from a checkpoint; returns its meta."""
+        """Load every part from a checkpoint; returns its meta. A checkpoint written by another number
+        of ranks continues here: the engines are resharded, the RNG is seeded afresh per rank (the
+        written ranks' streams do not map onto the new ones) and the change is recorded in MLflow."""
         meta = self.checkpoints.load(info, self.checkpoint_parts)
         self._last_checkpoint_step, self._last_checkpoint = self.step, info.path
+        written_by = int(meta["world_size"])
+        if written_by != self.env.world_size:
+            seed_everything(self.cfg.seed + 1_000_003 * self.env.rank + 7_919 * self.step)
+            self.world_size_change = (written_by, self.env.world_size)
+            if self.env.is_main:
+                log.warning("resuming at step %d on %d ranks from a checkpoint written by %d: same weights and "
+                            "optimizer state, a new data order and noise from here on", self.step,
+                            self.env.world_size, written_by)
         changed = changed_keys(meta.get("config", {}), to_dict(self.cfg))
         if self.env.is_main and changed:
             log.warning("resuming with a config that differs from the checkpoint's in: %s", ", ".join(changed))
@@ -336,6 +347,9 @@ class Trainer:
             "config_source": self.cfg.source,
             "overrides": " ".join(self.cfg.overrides) or None,
         }
+        if self.world_size_change is not None:
+            before, after = self.world_size_change
+            tags[f"world_size_change.step_{self.step}"] = f"{before} -> {after}"
         if tags["git_commit"]:
             tags["mlflow.source.git.commit"] = tags["git_commit"].removesuffix("-dirty")
         return tags
