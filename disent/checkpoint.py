@@ -153,6 +153,17 @@ def _barrier() -> None:
         dist.barrier()
 
 
+def _from_rank_zero(value: Any) -> Any:
+    """Rank 0's value on every rank (a collective; also the barrier after rank 0's work)."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return value
+    box = [value]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
 def _rank_and_world() -> tuple[int, int]:
     import torch.distributed as dist
 
@@ -386,11 +397,19 @@ class CheckpointManager:
         if not partitioned:
             return {}
         root = self.run_dir / UNIVERSAL_DIR / info.path.name
+        failure = None
         if _rank_and_world()[0] == 0:
             shutil.rmtree(root, ignore_errors=True)  # never trust an earlier conversion
-            for name in partitioned:
-                _convert_to_universal(info.path / name, root / name)
-        _barrier()
+            try:
+                for name in partitioned:
+                    _convert_to_universal(info.path / name, root / name)
+            except CheckpointError as exc:
+                failure = str(exc)
+            except Exception as exc:  # the converter's own errors: a checkpoint it cannot read
+                failure = f"DeepSpeed's universal conversion of {info.path} failed: {type(exc).__name__}: {exc}"
+        failure = _from_rank_zero(failure)  # every rank learns the outcome: none waits for a peer that gave up
+        if failure:
+            raise CheckpointError(failure)
         return {name: root / name for name in partitioned}
 
     # ------------------------------------------------------------------ s3
@@ -440,6 +459,24 @@ def _load_engine(engine, name: str, path: Path, universal: Path | None) -> None:
             config.load_universal_checkpoint = previous
     if loaded is None:
         raise CheckpointError(f"DeepSpeed could not load the {name} engine from {path}")
+    if universal is not None:
+        _load_buffers(engine, path / name)
+
+
+def _load_buffers(engine, saved: Path) -> None:
+    """A universal load restores parameters from the fp32 master copies and skips the module's state
+    dict, so buffers (the class-moment critic's running means) come from the saved model states."""
+    buffers = {name for name, _ in engine.module.named_buffers()}
+    if not buffers:
+        return
+    (states,) = sorted(saved.glob("mp_rank_*_model_states.pt"))[:1] or [None]
+    if states is None:
+        raise CheckpointError(f"{saved} has no mp_rank_*_model_states.pt to restore the module's buffers from")
+    module = safe_torch_load(states, map_location="cpu")["module"]
+    missing = sorted(buffers - set(module))
+    if missing:
+        raise CheckpointError(f"{states} holds no value for the buffers {', '.join(missing)}")
+    engine.module.load_state_dict({name: module[name] for name in buffers}, strict=False)
 
 
 def _convert_to_universal(source: Path, target: Path) -> None:

@@ -268,7 +268,8 @@ def _toy_engine(stage: int):
     import deepspeed
 
     torch.manual_seed(0)
-    model = torch.nn.Sequential(torch.nn.Linear(6, 10), torch.nn.Tanh(), torch.nn.Linear(10, 3))
+    # BatchNorm: buffers (running statistics), which a universal load must bring back too
+    model = torch.nn.Sequential(torch.nn.Linear(6, 10), torch.nn.BatchNorm1d(10), torch.nn.Tanh(), torch.nn.Linear(10, 3))
     config = {"train_batch_size": 4, "train_micro_batch_size_per_gpu": 4, "steps_per_print": 10**9,
               "optimizer": {"type": "AdamW", "params": {"lr": 1e-2, "torch_adam": True}},
               "zero_optimization": {"stage": stage}}
@@ -295,7 +296,8 @@ def test_a_partitioned_optimizer_state_comes_back_exactly_through_the_universal_
                                                                                          stage):
     """The resharding path of CheckpointManager.load on a real DeepSpeed engine: a checkpoint that names
     another world size is converted (ds_to_universal) and loaded; weights, master weights and Adam's
-    moments are those saved, bit for bit, and the conversion is cleaned up."""
+    moments, and the module's buffers (BatchNorm statistics) are those saved, bit for bit, and the
+    conversion is cleaned up."""
     from disent.checkpoint import CheckpointManager
 
     class Steps:
@@ -329,6 +331,32 @@ def test_a_partitioned_optimizer_state_comes_back_exactly_through_the_universal_
     assert_state_dicts_equal(moments, _adam_state(loaded))
     assert not (tmp_path / ".universal").exists()
     assert loaded._config.load_universal_checkpoint is False  # switched on for the one load only
+
+
+class _RunsCode:
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+def test_a_tampered_partitioned_checkpoint_is_refused_before_the_conversion_reads_it(tmp_path, one_rank_group):
+    """ds_to_universal unpickles without weights_only; every file is checked first, and the refusal is an
+    error (the same on every rank), not a hang or a run of the file's code."""
+    from disent.checkpoint import CheckpointError, CheckpointManager
+
+    engine = _toy_engine(1)
+    manager = CheckpointManager(tmp_path)
+    path = manager.save(1, {"vae": engine}, {"config": {}}, vae=engine.module)
+    meta = json.loads((path / "meta.json").read_text())
+    (path / "meta.json").write_text(json.dumps({**meta, "world_size": 2}))
+    marker = tmp_path / "pwned"
+    (optim,) = (path / "vae").glob("zero_pp_rank_0_*optim_states.pt")
+    torch.save({"optimizer_state_dict": _RunsCode(marker)}, optim)
+    with pytest.raises(CheckpointError, match="cannot be loaded safely"):
+        manager.load(manager.latest_complete(), {"vae": _toy_engine(1)})
+    assert not marker.exists()
 
 
 # --------------------------------------------------------------------------- preemption

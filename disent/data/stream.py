@@ -17,7 +17,8 @@ How batches are made (see docs/data.md for the full account):
   slot's share of the split) refilled from its shard sequence. ``(x1, x1')`` are two distinct
   samples drawn at random from one class's pool (class chosen in proportion to its pool size)
   and removed from it, so pairs cross group boundaries and change from epoch to epoch;
-  ``(x2, x2')`` are drawn the same way with an independent random stream and not removed.
+  ``(x2, x2')`` are drawn the same way with an independent random stream and not removed. A
+  batch is drawn at once, with numpy (``_SlotStream``, ``_Store``).
 * Rank ``r`` yields exactly ``batches_per_epoch = max(1, (N // 2) // (B * world_size))`` batches
   per epoch (``N`` = samples in the split): batch ``k`` of a rank (counted from the first epoch)
   belongs to epoch ``k // P`` and is made by the slot of worker ``k mod W``. Equal counts on every
@@ -38,7 +39,6 @@ from __future__ import annotations
 import atexit
 import logging
 import os
-import random
 import time
 import warnings
 import weakref
@@ -131,7 +131,13 @@ def epoch_shard_order(num_shards: int, seed: int, epoch: int) -> np.ndarray:
 
 
 class _SlotStream:
-    """Batches of one slot for one epoch: an infinite, deterministic generator of pair batches."""
+    """Batches of one slot for one epoch: an infinite, deterministic generator of pair batches.
+
+    The samples read and not yet drawn as x1/x1' sit in one contiguous store (:class:`_Store`), and
+    each class keeps a shuffled queue of its samples' places there: drawing a same-class pair without
+    replacement is taking the next two of its queue. A whole batch is drawn at once with a few numpy
+    calls (classes in proportion to their pool sizes), so the cost per pair is not per-sample Python.
+    """
 
     def __init__(self, manifest: Manifest, source: _ShardSource, batch_size: int, shuffle_buffer: int,
                  seed: int, epoch: int, slot: int, num_slots: int, with_ids: bool):
@@ -139,16 +145,19 @@ class _SlotStream:
         self.source = source
         self.batch_size = batch_size
         self.with_ids = with_ids
-        n = len(manifest.shards)
-        self.order = epoch_shard_order(n, seed, epoch)
+        self.order = epoch_shard_order(len(manifest.shards), seed, epoch)
         self.slot, self.num_slots = slot, num_slots
         self.next_in_sequence = 0
-        self.rng1 = random.Random(_seed_int(seed, epoch, slot, 1))  # (x1, x1') draws
-        self.rng2 = random.Random(_seed_int(seed, epoch, slot, 2))  # (x2, x2') draws: independent
+        self.rng1 = np.random.default_rng(_seed_int(seed, epoch, slot, 1))  # (x1, x1') draws
+        self.rng2 = np.random.default_rng(_seed_int(seed, epoch, slot, 2))  # (x2, x2') draws: independent
         share = max(2, manifest.num_samples // (2 * num_slots))
-        self.target = max(2, min(shuffle_buffer * manifest.group_size, share))
-        self.pool: list[list[tuple[Group, int]]] = [[] for _ in range(manifest.num_classes)]
-        self.total = 0
+        self.target = max(2 * batch_size, min(shuffle_buffer * manifest.group_size, share))
+        self.queues = [np.empty(0, np.int64) for _ in range(manifest.num_classes)]  # store places, shuffled
+        self.store = _Store(manifest.image_shape, len(manifest.factor_names))
+        self.stalled = 0  # shards read in a row that added no sample
+
+    def sizes(self) -> np.ndarray:
+        return np.array([len(q) for q in self.queues], np.int64)
 
     def _next_shard(self) -> None:
         n = len(self.order)
@@ -156,68 +165,121 @@ class _SlotStream:
             index = int(self.order[(self.slot + self.next_in_sequence * self.num_slots) % n])
             self.next_in_sequence += 1
             groups = self.source.read(index)
-            if groups is None:
-                continue
-            for g in groups:
-                self.pool[g.label].extend((g, j) for j in range(len(g.ids)))
-                self.total += len(g.ids)
-            return
-
-    def _fill(self) -> None:
-        while self.total < self.target:
-            self._next_shard()
-
-    def _pick_class(self, rnd: random.Random) -> int:
-        while True:
-            eligible = self.total - sum(len(p) for p in self.pool if len(p) < 2)
-            if eligible > 0:
-                r = rnd.randrange(eligible)
-                for c, p in enumerate(self.pool):
-                    if len(p) >= 2:
-                        if r < len(p):
-                            return c
-                        r -= len(p)
-            self._next_shard()  # only singletons left: read on
-
-    def _draw(self, rnd: random.Random, remove: bool) -> tuple[tuple[Group, int], tuple[Group, int]]:
-        c = self._pick_class(rnd)
-        p = self.pool[c]
-        i = rnd.randrange(len(p))
-        for _ in range(8):  # a shard read twice in one epoch (tiny splits) may put a sample in twice
-            j = rnd.randrange(len(p) - 1)
-            j = j + 1 if j >= i else j
-            if p[i][0].ids[p[i][1]] != p[j][0].ids[p[j][1]]:
+            if groups:
                 break
-        a, b = p[i], p[j]
-        if remove:
-            for k in sorted((i, j), reverse=True):  # swap-remove, larger index first
-                p[k] = p[-1]
-                p.pop()
-            self.total -= 2
-        return a, b
+        if self.store.needs_room(sum(len(g.ids) for g in groups)):
+            remap = self.store.compact(np.concatenate(self.queues))
+            self.queues = [remap[q] for q in self.queues]
+        places = self.store.add(groups)
+        labels = self.store.labels[places]
+        for c in np.unique(labels):
+            new = places[labels == c]
+            # a shard read twice in one epoch (tiny splits) must not put a sample in the pool twice
+            new = new[~np.isin(self.store.ids[new], self.store.ids[self.queues[c]])]
+            self.queues[c] = self.rng1.permutation(np.concatenate([self.queues[c], new]))
 
-    def refs(self) -> list[tuple]:
-        """The next batch as sample references (no pixels copied): B x (a, a', b, b')."""
-        out = []
-        for _ in range(self.batch_size):
-            self._fill()
-            a, ap = self._draw(self.rng1, remove=True)
-            b, bp = self._draw(self.rng2, remove=False)
-            out.append((a, ap, b, bp))
+    def _read_more(self) -> None:
+        """Read the next shard; a whole cycle of shards that adds nothing means the split cannot serve."""
+        before = int(self.sizes().sum())
+        self._next_shard()
+        self.stalled = 0 if self.sizes().sum() > before else self.stalled + 1
+        if self.stalled > len(self.order):
+            raise DataError(
+                f"{self.manifest.url}: the samples this loader slot reads ({before}) cannot fill batches of "
+                f"{self.batch_size} same-class pairs; use a smaller batch per rank, fewer ranks or loader workers, "
+                "or more data"
+            )
+
+    def _classes(self, rng: np.random.Generator, need_two_each: bool) -> np.ndarray:
+        """batch_size class draws in proportion to pool size; with need_two_each, every class drawn k times
+        holds 2k samples (redrawn a few times, then more is read)."""
+        while True:
+            sizes = self.sizes().astype(np.float64)
+            sizes[sizes < 2] = 0
+            for _ in range(8 if sizes.sum() > 0 else 0):
+                picks = rng.choice(len(sizes), size=self.batch_size, p=sizes / sizes.sum())
+                if not need_two_each or np.all(2 * np.bincount(picks, minlength=len(sizes)) <= sizes):
+                    return picks
+            self._read_more()
+
+    def refs(self) -> np.ndarray:
+        """The next batch as places in the store (no pixels copied): [4, B] for x1, x1', x2, x2'."""
+        while self.sizes().sum() < self.target and self.stalled <= len(self.order) // 2:
+            self._read_more()
+        picks1 = self._classes(self.rng1, need_two_each=True)
+        picks2 = self._classes(self.rng2, need_two_each=False)  # every read happens before any draw
+        out = np.empty((4, self.batch_size), np.int64)
+        # x2, x2': two distinct samples of the class, left in the pool
+        sizes = self.sizes()
+        flat, starts = np.concatenate(self.queues), np.cumsum(sizes) - sizes
+        n = sizes[picks2]
+        a = (self.rng2.random(self.batch_size) * n).astype(np.int64)
+        b = (self.rng2.random(self.batch_size) * (n - 1)).astype(np.int64)
+        b += b >= a
+        out[2], out[3] = flat[starts[picks2] + a], flat[starts[picks2] + b]
+        # x1, x1': the next two of the class's shuffled queue, taken out of the pool
+        counts = np.bincount(picks1, minlength=len(self.queues))
+        taken = []
+        for c in np.flatnonzero(counts):
+            taken.append(self.queues[c][: 2 * counts[c]])
+            self.queues[c] = self.queues[c][2 * counts[c]:]
+        rows = np.argsort(picks1, kind="stable")  # the batch rows of class 0's draws, then class 1's, ...
+        pairs = np.concatenate(taken).reshape(-1, 2)
+        out[0, rows], out[1, rows] = pairs[:, 0], pairs[:, 1]
         return out
 
-    def assemble(self, refs: list[tuple]) -> dict[str, np.ndarray]:
+    def assemble(self, refs: np.ndarray) -> dict[str, np.ndarray]:
         """Packed arrays (few large tensors cross the worker boundary cheaply); PairLoader unpacks
         them into x1, x1p, ... views."""
-        cols = [[r[col] for r in refs] for col in range(4)]
-        out = {
-            "x": np.stack([np.stack([g.images[j] for g, j in picks]) for picks in cols]),
-            "f": np.stack([np.stack([g.factors[j] for g, j in picks]) for picks in cols]).astype(np.float32, copy=False),
-            "y": np.array([[r[0][0].label for r in refs], [r[2][0].label for r in refs]], np.int64),
-        }
+        out = {"x": self.store.images[refs], "f": self.store.factors[refs], "y": self.store.labels[refs[[0, 2]]]}
         if self.with_ids:
-            out["id"] = np.array([[g.ids[j] for g, j in picks] for picks in cols], np.int64)
+            out["id"] = self.store.ids[refs]
         return out
+
+
+class _Store:
+    """The samples of a slot's pool in contiguous arrays (one fancy index gathers a batch). Rows of drawn
+    samples are reclaimed by compaction when new ones do not fit: the live rows move to the front."""
+
+    def __init__(self, image_shape: tuple[int, ...], num_factors: int):
+        self.image_shape, self.num_factors = tuple(image_shape), num_factors
+        self.size = 0
+        self._allocate(0)
+
+    def _allocate(self, capacity: int) -> None:
+        self.images = np.empty((capacity, *self.image_shape), np.uint8)
+        self.factors = np.empty((capacity, self.num_factors), np.float32)
+        self.ids = np.empty(capacity, np.int64)
+        self.labels = np.empty(capacity, np.int64)
+
+    def needs_room(self, count: int) -> bool:
+        return self.size + count > len(self.ids)
+
+    def compact(self, live: np.ndarray) -> np.ndarray:
+        """Keep only the rows `live` (in that order), with room for as many again; returns old -> new row."""
+        old = (self.images[live], self.factors[live], self.ids[live], self.labels[live])
+        self._allocate(max(2 * len(live), 4096))
+        for array, rows in zip((self.images, self.factors, self.ids, self.labels), old):
+            array[: len(live)] = rows
+        remap = np.full(self.size, -1, np.int64)
+        remap[live] = np.arange(len(live))
+        self.size = len(live)
+        return remap
+
+    def add(self, groups: list[Group]) -> np.ndarray:
+        count = sum(len(g.ids) for g in groups)
+        if self.needs_room(count):  # still no room after compaction: grow
+            keep = (self.images[: self.size], self.factors[: self.size], self.ids[: self.size], self.labels[: self.size])
+            self._allocate(2 * (self.size + count))
+            for array, rows in zip((self.images, self.factors, self.ids, self.labels), keep):
+                array[: self.size] = rows
+        start = self.size
+        for g in groups:
+            k = len(g.ids)
+            at = slice(self.size, self.size + k)
+            self.images[at], self.factors[at], self.ids[at], self.labels[at] = g.images, g.factors, g.ids, g.label
+            self.size += k
+        return np.arange(start, self.size, dtype=np.int64)
 
 
 _NAMES = (("x1", "f1", "id1"), ("x1p", "f1p", "id1p"), ("x2", "f2", "id2"), ("x2p", "f2p", "id2p"))

@@ -16,7 +16,9 @@ custom servers, the endpoint only.
 Tuning through the environment: ``DISENT_S3_RETRIES`` (attempts after the first, default 10;
 botocore's ``max_attempts``, which also bounds the resumes of one broken read; botocore's jittered
 delays of up to 0.05 s x 2^n, capped at 20 s, make 10 retries ride out an outage of roughly
-15-30 s before the rank fails with a retryable error),
+15-30 s before the rank fails with a retryable error; botocore's standard mode also keeps a retry
+budget per client, which a long outage can spend, after which calls fail at once, still as
+S3Unavailable, exit 69, for the launcher to restart),
 ``DISENT_S3_BACKOFF`` (first delay in seconds before resuming a broken read, default 0.5; doubled
 each time, capped at 20 s). botocore's own backoff cannot be configured, so this knob applies to
 the ranged resume only.
