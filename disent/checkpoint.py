@@ -22,7 +22,8 @@ Layout::
 
 A part is an engine when it has both of DeepSpeed's ``save_checkpoint`` and ``load_checkpoint``; any other part
 needs ``state_dict()``/``load_state_dict()`` returning tensors and plain values. Adding a part to
-the dict the trainer passes is all a new checkpoint field takes.
+the dict the trainer passes is all a new checkpoint field takes (checkpoints written before it are
+refused, naming it, unless :func:`_upgrade_part_states` gives them a value).
 
 A checkpoint counts only once COMPLETE exists, so a crash during a save leaves the previous one
 in force. Our own files are written to a temporary name, fsynced and renamed.
@@ -469,13 +470,13 @@ def _load_buffers(engine, saved: Path) -> None:
     buffers = {name for name, _ in engine.module.named_buffers()}
     if not buffers:
         return
-    (states,) = sorted(saved.glob("mp_rank_*_model_states.pt"))[:1] or [None]
-    if states is None:
+    found = sorted(saved.glob("mp_rank_*_model_states.pt"))
+    if not found:
         raise CheckpointError(f"{saved} has no mp_rank_*_model_states.pt to restore the module's buffers from")
-    module = safe_torch_load(states, map_location="cpu")["module"]
+    module = safe_torch_load(found[0], map_location="cpu")["module"]
     missing = sorted(buffers - set(module))
     if missing:
-        raise CheckpointError(f"{states} holds no value for the buffers {', '.join(missing)}")
+        raise CheckpointError(f"{found[0]} holds no value for the buffers {', '.join(missing)}")
     engine.module.load_state_dict({name: module[name] for name in buffers}, strict=False)
 
 

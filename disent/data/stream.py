@@ -246,33 +246,36 @@ class _Store:
         self.size = 0
         self._allocate(0)
 
+    FIELDS = ("images", "factors", "ids", "labels")
+
     def _allocate(self, capacity: int) -> None:
         self.images = np.empty((capacity, *self.image_shape), np.uint8)
         self.factors = np.empty((capacity, self.num_factors), np.float32)
         self.ids = np.empty(capacity, np.int64)
         self.labels = np.empty(capacity, np.int64)
 
+    def _keep(self, rows: np.ndarray, capacity: int) -> None:
+        """Only `rows` (in that order) stay, at the front of new arrays of `capacity` rows."""
+        kept = [getattr(self, field)[rows] for field in self.FIELDS]
+        self._allocate(capacity)
+        for field, values in zip(self.FIELDS, kept):
+            getattr(self, field)[: len(rows)] = values
+        self.size = len(rows)
+
     def needs_room(self, count: int) -> bool:
         return self.size + count > len(self.ids)
 
     def compact(self, live: np.ndarray) -> np.ndarray:
         """Keep only the rows `live` (in that order), with room for as many again; returns old -> new row."""
-        old = (self.images[live], self.factors[live], self.ids[live], self.labels[live])
-        self._allocate(max(2 * len(live), 4096))
-        for array, rows in zip((self.images, self.factors, self.ids, self.labels), old):
-            array[: len(live)] = rows
         remap = np.full(self.size, -1, np.int64)
         remap[live] = np.arange(len(live))
-        self.size = len(live)
+        self._keep(live, max(2 * len(live), 4096))
         return remap
 
     def add(self, groups: list[Group]) -> np.ndarray:
         count = sum(len(g.ids) for g in groups)
         if self.needs_room(count):  # still no room after compaction: grow
-            keep = (self.images[: self.size], self.factors[: self.size], self.ids[: self.size], self.labels[: self.size])
-            self._allocate(2 * (self.size + count))
-            for array, rows in zip((self.images, self.factors, self.ids, self.labels), keep):
-                array[: self.size] = rows
+            self._keep(np.arange(self.size), 2 * (self.size + count))
         start = self.size
         for g in groups:
             k = len(g.ids)

@@ -101,7 +101,7 @@ class Trainer:
         seed_everything(cfg.seed)
         torch.use_deterministic_algorithms(True, warn_only=True)
         self.engines: Engines = build_engines(cfg, env)
-        seed_everything(cfg.seed + 1_000_003 * env.rank)
+        self._seed_this_rank(step=0)
         self.loader = self.loader_factory(
             cfg.data, cfg.data.train_split, self.micro_batch, env.rank, env.world_size, cfg.seed
         )
@@ -117,6 +117,10 @@ class Trainer:
     def state_dict(self) -> dict:
         """The trainer's own part of a checkpoint: the step and every RNG (the loader is a part of its own)."""
         return {"step": self.step, "rng": rng_state()}
+
+    def _seed_this_rank(self, step: int) -> None:
+        """Per-rank noise: distinct on every rank, and fresh at the step a resume on another world size starts."""
+        seed_everything(self.cfg.seed + 1_000_003 * self.env.rank + 7_919 * step)
 
     def load_state_dict(self, state: dict) -> None:
         self.step = int(state["step"])
@@ -140,13 +144,12 @@ class Trainer:
         meta = self.checkpoints.load(info, self.checkpoint_parts)
         self._last_checkpoint_step, self._last_checkpoint = self.step, info.path
         written_by = int(meta["world_size"])
-        if written_by != self.env.world_size:
-            seed_everything(self.cfg.seed + 1_000_003 * self.env.rank + 7_919 * self.step)
+        if written_by != self.env.world_size:  # the manager has logged the resharding itself
+            self._seed_this_rank(self.step)
             self.world_size_change = (written_by, self.env.world_size)
             if self.env.is_main:
-                log.warning("resuming at step %d on %d ranks from a checkpoint written by %d: same weights and "
-                            "optimizer state, a new data order and noise from here on", self.step,
-                            self.env.world_size, written_by)
+                log.info("RNG seeded afresh per rank at step %d: the data order and noise differ from here on",
+                         self.step)
         changed = changed_keys(meta.get("config", {}), to_dict(self.cfg))
         if self.env.is_main and changed:
             log.warning("resuming with a config that differs from the checkpoint's in: %s", ", ".join(changed))
