@@ -163,7 +163,14 @@ def main() -> int:
     ap.add_argument("--warmup", type=int, default=10)
     ap.add_argument("--workers", type=int, nargs="+", default=[0, 1, 2])
     ap.add_argument("--passes", type=int, default=1, help="sequential passes over the split")
+    ap.add_argument("--default-malloc", action="store_true",
+                    help="leave glibc's malloc thresholds alone (disent train fixes them, so by default this does too)")
     args = ap.parse_args()
+    malloc_fixed = False
+    if not args.default_malloc:
+        from disent.train.engines import keep_freed_memory_for_reuse
+
+        malloc_fixed = keep_freed_memory_for_reuse()
     if args.url and args.url.startswith("s3://"):
         raise SystemExit("bench_data.py: the memcpy and tar baselines read local files; pass a local --url")
 
@@ -173,7 +180,8 @@ def main() -> int:
         else:
             results = [measure(prepare_data(name, Path(tmp)), DATA_SETS[name][3], args) for name in args.data]
     print(table(results), file=sys.stderr)
-    print(json.dumps({"batch_size": args.batch_size, "cpus": os.cpu_count(), "results": results}, indent=2))
+    print(json.dumps({"batch_size": args.batch_size, "cpus": os.cpu_count(), "malloc_thresholds_fixed": malloc_fixed,
+                      "results": results}, indent=2))
     return 0
 
 

@@ -41,7 +41,8 @@ class DataConfig:
     image_size: int = 28
     channels: int = 1
     num_classes: int = 10
-    shuffle_buffer: int = 512  # groups held for re-pairing across groups
+    shuffle_buffer: int = 8192  # samples each stream's pool is refilled to, for re-pairing across groups
+    streams: int | Literal["auto"] = "auto"  # canonical streams that make the epoch's order; see resolve_num_streams
     num_workers: int | Literal["auto"] = "auto"  # DataLoader workers per rank; auto: see resolve_num_workers
     prefetch_factor: int = 4
     on_error: Literal["raise", "skip"] = "raise"
@@ -391,6 +392,8 @@ def validate(cfg: Config, world_size: int | None = None) -> None:
         raise ConfigError(f"config key 'data.channels' must be 1 or 3, got {cfg.data.channels}")
     if cfg.data.num_workers != "auto" and cfg.data.num_workers < 0:
         raise ConfigError(f"config key 'data.num_workers' must be >= 0 or auto, got {cfg.data.num_workers}")
+    if cfg.data.streams != "auto" and cfg.data.streams < 1:
+        raise ConfigError(f"config key 'data.streams' must be >= 1 or auto, got {cfg.data.streams}")
     if cfg.model.base_channels % 8:
         raise ConfigError(
             f"config key 'model.base_channels' must be a multiple of 8 (GroupNorm uses 8 groups), "

@@ -62,3 +62,12 @@ def test_growth_reports_time_and_memory_per_configuration():
     for row in out["rows"]:
         assert row["step_ms"] > 0 and row["peak_rss_mib"] > row["step_rss_mib"] >= 0
     assert out["rows"][0]["step_time_ratio"] > 0
+
+
+def test_gpu_benchmark_skips_cleanly_without_cuda():
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is here: run benchmarks/bench_gpu.py itself")
+    out = bench("bench_gpu.py", "--steps", "5")
+    assert out == {"benchmark": "one GPU: train step vs loader", "skipped": "no CUDA device"}

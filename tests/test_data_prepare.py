@@ -277,7 +277,7 @@ def test_unreadable_files(tmp_path):
 def test_rerun_refuses_then_overwrite_replaces(tmp_path, capsys):
     out = tmp_path / "out"
     src = make_npz(tmp_path / "d.npz", n=200)
-    assert cli.main(["prepare", f"npz:{src}", str(out), "--groups-per-shard", "3", "--no-progress"]) == 0
+    assert cli.main(["prepare", f"npz:{src}", str(out), "--group-size", "4", "--groups-per-shard", "3", "--no-progress"]) == 0
     printed = capsys.readouterr().out
     assert "train" in printed and "class" in printed  # the summary of counts per split and class
     before = read_manifest(str(out), "train")
@@ -286,7 +286,7 @@ def test_rerun_refuses_then_overwrite_replaces(tmp_path, capsys):
     assert "--overwrite" in err and "manifest.json" in err
     assert read_manifest(str(out), "train").digest == before.digest  # untouched
     # Overwrite with bigger shards: fewer shards; stale ones are removed.
-    assert cli.main(["prepare", f"npz:{src}", str(out), "--groups-per-shard", "50", "--overwrite",
+    assert cli.main(["prepare", f"npz:{src}", str(out), "--group-size", "4", "--groups-per-shard", "50", "--overwrite",
                      "--seed", "9", "--no-progress"]) == 0
     after = read_manifest(str(out), "train")
     assert after.digest != before.digest and len(after.shards) < len(before.shards)

@@ -28,7 +28,7 @@ def bucket(s3_env):
 
 def cfg_from(m, url, **kw):
     return DataConfig(url=url, image_size=m.image_shape[1], channels=m.image_shape[0], num_classes=m.num_classes,
-                      shuffle_buffer=16, **kw)
+                      shuffle_buffer=64, **kw)
 
 
 @pytest.mark.parametrize("kind", ["idx", "folder", "npz", "sprites"])

@@ -31,7 +31,7 @@ def make_tiny_data(out: Path, samples: int = 600, classes: int = 4, seed: int = 
         images[i, y * band : (y + 1) * band, :] = 230
     np.savez(out / "tiny.npz", images=images, labels=labels)
     data = out / "shards"
-    rc = disent_main(["prepare", f"npz:{out / 'tiny.npz'}", str(data), "--no-progress", "--groups-per-shard", "20",
+    rc = disent_main(["prepare", f"npz:{out / 'tiny.npz'}", str(data), "--no-progress", "--group-size", "4", "--groups-per-shard", "20",
                       "--overwrite", "--seed", str(seed)])
     assert rc == 0
     return data

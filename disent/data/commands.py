@@ -38,8 +38,9 @@ def register(subparsers, add_config_args) -> None:  # noqa: ARG001 - prepare tak
     )
     p.add_argument("source", metavar="SOURCE", help=source_syntaxes())
     p.add_argument("out", metavar="OUT", help="output directory or s3://bucket/prefix")
-    p.add_argument("--group-size", type=int, default=4, metavar="K", help="same-class samples per record (default 4)")
-    p.add_argument("--groups-per-shard", type=int, default=500, metavar="N", help="records per shard (default 500)")
+    p.add_argument("--group-size", type=int, default=256, metavar="K",
+                   help="same-class samples per record (default 256: few large tar members read fast)")
+    p.add_argument("--groups-per-shard", type=int, default=8, metavar="N", help="records per shard (default 8)")
     p.add_argument("--val-fraction", type=float, default=0.1, metavar="F",
                    help="fraction of each class moved from train to val (default 0.1; 0: no val split)")
     p.add_argument("--test-fraction", type=float, default=0.1, metavar="F",

@@ -35,8 +35,8 @@ SHARD_PATTERN = "shard-{:06d}.tar"
 
 @dataclass
 class PrepareOptions:
-    group_size: int = 4
-    groups_per_shard: int = 500
+    group_size: int = 256  # large records: a tar member's header is read once per 256 samples
+    groups_per_shard: int = 8
     val_fraction: float = 0.1
     test_fraction: float = 0.1  # only when the source provides no test set
     seed: int = 0

@@ -1,15 +1,17 @@
 """Reading one shard through WebDataset into checked groups, all or nothing.
 
-A shard is used whole or not at all: it is parsed completely (WebDataset's tar expander and
-key grouping over a stream from ``webdataset.gopen``, which opens ``s3://`` through
-:mod:`disent.io.s3`) and its groups are released only when the record count, sample count and
-byte size match the manifest, and, with ``verify_checksums``, the sha256 computed on the same
-pass. Anything else raises :class:`ShardError` naming the shard.
+A shard is used whole or not at all: its bytes are read completely (``webdataset.gopen``, which
+opens ``s3://`` through :mod:`disent.io.s3`), their size (and, with ``verify_checksums``, their
+sha256) checked against the manifest, its tar members indexed in place (Python's tarfile over the
+bytes in memory, grouped into records by WebDataset's key rule) and decoded as views of those
+bytes with ``np.frombuffer``, no copy; its groups are released only when the record and sample
+counts match the manifest too. Anything else raises :class:`ShardError` naming the shard.
 """
 from __future__ import annotations
 
 import hashlib
 import io
+import tarfile
 from dataclasses import dataclass
 
 import numpy as np
@@ -29,37 +31,36 @@ class Group:
     shard: str = ""
 
 
-class _HashingReader(io.RawIOBase):
-    """Counts (and optionally hashes) every byte that passes through."""
+def _read_whole(raw, size_hint: int) -> bytes:
+    """Every byte of an opened shard, in large reads (one or a few for a local file or an S3 object)."""
+    chunks, chunk = [], max(1 << 20, size_hint + 1)
+    while True:
+        data = raw.read(chunk)
+        if not data:
+            return b"".join(chunks) if len(chunks) != 1 else chunks[0]
+        chunks.append(data)
 
-    def __init__(self, raw, hashing: bool):
-        super().__init__()
-        self.raw = raw
-        self.hash = hashlib.sha256() if hashing else None
-        self.count = 0
 
-    def readable(self) -> bool:
-        return True
+def _records(data: bytes, url: str) -> list[dict]:
+    """The shard's records, WebDataset's way (members grouped by the key before the first dot of the
+    file name), each entry a zero-copy view into `data`."""
+    from webdataset.tariterators import base_plus_ext
 
-    def readinto(self, buffer) -> int:
-        view = memoryview(buffer).cast("B")
-        data = self.raw.read(len(view))
-        n = len(data)
-        view[:n] = data
-        self.count += n
-        if self.hash is not None and n:
-            self.hash.update(data)
-        return n
-
-    def drain(self) -> None:
-        while self.readinto(bytearray(1 << 16)):
-            pass
-
-    def close(self) -> None:
-        try:
-            self.raw.close()
-        finally:
-            super().close()
+    view = memoryview(data)
+    records: list[dict] = []
+    with tarfile.open(fileobj=io.BytesIO(data), mode="r:") as archive:
+        for member in archive:
+            if not member.isreg():
+                continue
+            key, suffix = base_plus_ext(member.name)
+            if key is None:
+                continue
+            if not records or records[-1]["__key__"] != key:
+                records.append({"__key__": key, "__url__": url})
+            if member.offset_data + member.size > len(data):
+                raise tarfile.ReadError(f"member {member.name} ends past the end of the file")
+            records[-1][suffix] = view[member.offset_data:member.offset_data + member.size]
+    return records
 
 
 _NPY_HEADERS: dict[bytes, tuple[np.dtype, tuple[int, ...], int]] = {}
@@ -95,7 +96,7 @@ def _load_npy(data: bytes) -> np.ndarray:
 def _decode(sample: dict, manifest: Manifest, url: str) -> Group:
     key = sample.get("__key__", "?")
     try:
-        label = int(sample["cls"])
+        label = int(bytes(sample["cls"]))
         images = _load_npy(sample["images.npy"])
         ids = _load_npy(sample["ids.npy"])
         nf = len(manifest.factor_names)
@@ -119,7 +120,6 @@ def _decode(sample: dict, manifest: Manifest, url: str) -> Group:
 def read_shard(info: ShardInfo, manifest: Manifest, verify_checksum: bool = False) -> list[Group]:
     """All groups of one shard, checked against the manifest; ShardError names the shard otherwise."""
     import webdataset as wds
-    from webdataset import tariterators
 
     url = info.url
     try:
@@ -129,29 +129,32 @@ def read_shard(info: ShardInfo, manifest: Manifest, verify_checksum: bool = Fals
                          "re-run `disent prepare`", url) from None
     except OSError as exc:
         raise ShardError(f"shard {url} cannot be opened: {exc}", url) from None
-    reader = _HashingReader(raw, verify_checksum)
-    stream = io.BufferedReader(reader, buffer_size=1 << 20)
-    groups: list[Group] = []
     try:
-        files = tariterators.tar_file_expander([{"url": url, "stream": stream}], handler=wds.reraise_exception)
-        for sample in tariterators.group_by_keys(files, handler=wds.reraise_exception):
-            groups.append(_decode(sample, manifest, url))
-        reader.drain()
-    except ShardError:
-        raise
-    except Exception as exc:  # noqa: BLE001 - tarfile, S3 and decode errors all mean "this shard is bad"
-        reason = str(exc.args[0]) if getattr(exc, "args", None) else type(exc).__name__
-        raise ShardError(f"shard {url} is unreadable or truncated ({type(exc).__name__}: {reason})", url) from None
+        data = _read_whole(raw, info.bytes)
+    except Exception as exc:  # noqa: BLE001 - local and S3 read errors both mean "this shard is bad"
+        raise ShardError(f"shard {url} is unreadable ({type(exc).__name__}: {_reason(exc)})", url) from None
     finally:
-        stream.close()
-    samples = sum(len(g.ids) for g in groups)
-    if reader.count != info.bytes or len(groups) != info.groups or samples != info.samples:
-        raise ShardError(
-            f"shard {url} does not match its manifest: {reader.count} bytes, {len(groups)} groups, {samples} "
-            f"samples; expected {info.bytes} bytes, {info.groups} groups, {info.samples} samples "
-            "(truncated or replaced)", url)
+        raw.close()
+    if len(data) != info.bytes:
+        raise ShardError(f"shard {url} is unreadable or truncated: {len(data)} bytes where its manifest says "
+                         f"{info.bytes} (truncated or replaced; restore it or re-run `disent prepare`)", url)
     if verify_checksum:
-        digest = reader.hash.hexdigest()  # type: ignore[union-attr]
+        digest = hashlib.sha256(data).hexdigest()
         if digest != info.sha256:
             raise ShardError(f"shard {url} fails its checksum: sha256 {digest}, manifest says {info.sha256}", url)
+    try:
+        groups = [_decode(record, manifest, url) for record in _records(data, url)]
+    except ShardError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - tarfile and decode errors both mean "this shard is bad"
+        raise ShardError(f"shard {url} is unreadable or truncated ({type(exc).__name__}: {_reason(exc)})", url) from None
+    samples = sum(len(g.ids) for g in groups)
+    if len(groups) != info.groups or samples != info.samples:
+        raise ShardError(
+            f"shard {url} does not match its manifest: {len(groups)} groups, {samples} samples; expected "
+            f"{info.groups} groups, {info.samples} samples (truncated or replaced)", url)
     return groups
+
+
+def _reason(exc: BaseException) -> str:
+    return str(exc.args[0]) if getattr(exc, "args", None) else type(exc).__name__

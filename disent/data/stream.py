@@ -7,37 +7,32 @@ Every batch is a dict of torch tensors::
     f1, f1p, f2, f2p   float32 [B, F]         factors of each image (F = 0 when unknown)
     (with with_ids=True also id1, id1p, id2, id2p: int64 [B], each image's index in its source)
 
-How batches are made (see docs/data.md for the full account):
+How batches are made (``disent.data.pairing`` defines the order; docs/data.md has the full account):
 
-* Epoch ``e`` has a shard order shared by every rank: a permutation seeded by (seed, e).
-* There are ``S = world_size * W`` slots, one per (rank, DataLoader worker) (``W`` = max(1,
-  num_workers)). Slot ``s`` reads shards ``order[s], order[s+S], order[s+2S], ...`` cyclically
-  (wrapping around), so a slot never runs dry, whatever the number or size of shards.
-* A slot keeps a per-class pool of samples (``data.shuffle_buffer`` groups worth, capped by the
-  slot's share of the split) refilled from its shard sequence. ``(x1, x1')`` are two distinct
-  samples drawn at random from one class's pool (class chosen in proportion to its pool size)
-  and removed from it, so pairs cross group boundaries and change from epoch to epoch;
-  ``(x2, x2')`` are drawn the same way with an independent random stream and not removed. A
-  batch is drawn at once, with numpy (``_SlotStream``, ``_Store``).
-* Rank ``r`` yields exactly ``batches_per_epoch = max(1, (N // 2) // (B * world_size))`` batches
-  per epoch (``N`` = samples in the split): batch ``k`` of a rank (counted from the first epoch)
-  belongs to epoch ``k // P`` and is made by the slot of worker ``k mod W``. Equal counts on every
-  rank mean DDP/DeepSpeed collectives never wait for a rank that ran out of data.
+* An epoch's *global* batches (the rows of all ranks together) are made by ``data.streams``
+  canonical streams, each with its own shards, pool and random streams; stream ``v`` fills the
+  same rows of every global batch. Rank ``r`` takes rows ``[r*B, (r+1)*B)``; its DataLoader
+  workers split its streams between them and each hands over its rows for a chunk of batches.
+* Every rank yields exactly ``batches_per_epoch = max(1, (N // 2) // (B * world_size))`` batches
+  per epoch (``N`` = samples in the split), so DDP/DeepSpeed collectives never wait for a rank
+  that ran out of data.
 
-Resume guarantee: ``state_dict()`` records how many batches the *consumer* took (``epoch``,
-``batch``). A loader built with the same manifest (same digest), seed, batch size, world size
-and ``num_workers`` that loads this state yields, from its next batch on, exactly the batches
-the original loader would have yielded next (bit-identical), because every batch is a pure
-function of (seed, rank, epoch, slot, position). Work that was prefetched but not consumed is
-redone, not lost. Loaded with different settings, the loader continues at the same epoch and
-batch number (the epoch still has exactly ``batches_per_epoch`` batches) but the sample order
-differs. Exactness also assumes shards read the same way: with ``on_error: skip`` a shard that
-fails in one run and not in the other changes what follows.
+Resume guarantee: ``state_dict()`` records the global position (``epoch``, ``batch``: batches the
+*consumer* took) and what the order depends on. A loader with the same manifest (digest), seed,
+global batch (``B * world_size``) and number of streams that loads this state yields, from its next
+batch on, exactly the rows the original run would have yielded next, whatever the number of ranks
+and workers now: the content of a global batch does not depend on them. Work that was prefetched
+but not consumed is redone, not lost. Loaded with other settings, the loader continues at the same
+epoch and batch number (the epoch still has exactly ``batches_per_epoch`` batches) but the sample
+order differs. Exactness also assumes shards read the same way: with ``on_error: skip`` a shard
+that fails in one run and not in the other changes what follows.
 """
 from __future__ import annotations
 
 import atexit
+import collections
 import logging
+import multiprocessing
 import os
 import time
 import warnings
@@ -51,6 +46,8 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from disent.config import ConfigError, DataConfig
 from disent.data.errors import DataError, ShardError
 from disent.data.manifest import Manifest, read_manifest
+from disent.data.pairing import (PairStream, StreamCursor, StreamPart, draw_sizes, item_shapes, rank_parts,
+                                 split_among_workers, take_rows)
 from disent.data.shards import Group, read_shard
 from disent.signals import stop_signals_held
 
@@ -118,245 +115,129 @@ class _ShardSource:
         return groups
 
 
-# --------------------------------------------------------------------------- one slot's batches
+# --------------------------------------------------------------------------- the torch dataset
+
+ITEM_BYTES = 4 << 20  # pixels per item a worker hands over: fewer, larger transfers amortise the IPC
 
 
-def _seed_int(*words: int) -> int:
-    return int(np.random.SeedSequence([int(w) & 0xFFFFFFFF for w in words]).generate_state(2, np.uint64)[0])
-
-
-def epoch_shard_order(num_shards: int, seed: int, epoch: int) -> np.ndarray:
-    """The shard order of an epoch, the same on every rank and worker."""
-    return np.random.default_rng(_seed_int(seed, epoch, 0x5A4D)).permutation(num_shards)
-
-
-class _SlotStream:
-    """Batches of one slot for one epoch: an infinite, deterministic generator of pair batches.
-
-    The samples read and not yet drawn as x1/x1' sit in one contiguous store (:class:`_Store`), and
-    each class keeps a shuffled queue of its samples' places there: drawing a same-class pair without
-    replacement is taking the next two of its queue. A whole batch is drawn at once with a few numpy
-    calls (classes in proportion to their pool sizes), so the cost per pair is not per-sample Python.
-    """
-
-    def __init__(self, manifest: Manifest, source: _ShardSource, batch_size: int, shuffle_buffer: int,
-                 seed: int, epoch: int, slot: int, num_slots: int, with_ids: bool):
-        self.manifest = manifest
-        self.source = source
-        self.batch_size = batch_size
-        self.with_ids = with_ids
-        self.order = epoch_shard_order(len(manifest.shards), seed, epoch)
-        self.slot, self.num_slots = slot, num_slots
-        self.next_in_sequence = 0
-        self.rng1 = np.random.default_rng(_seed_int(seed, epoch, slot, 1))  # (x1, x1') draws
-        self.rng2 = np.random.default_rng(_seed_int(seed, epoch, slot, 2))  # (x2, x2') draws: independent
-        share = max(2, manifest.num_samples // (2 * num_slots))
-        self.target = max(2 * batch_size, min(shuffle_buffer * manifest.group_size, share))
-        self.queues = [np.empty(0, np.int64) for _ in range(manifest.num_classes)]  # store places, shuffled
-        self.store = _Store(manifest.image_shape, len(manifest.factor_names))
-        self.stalled = 0  # shards read in a row that added no sample
-
-    def sizes(self) -> np.ndarray:
-        return np.array([len(q) for q in self.queues], np.int64)
-
-    def _next_shard(self) -> None:
-        n = len(self.order)
-        while True:
-            index = int(self.order[(self.slot + self.next_in_sequence * self.num_slots) % n])
-            self.next_in_sequence += 1
-            groups = self.source.read(index)
-            if groups:
-                break
-        if self.store.needs_room(sum(len(g.ids) for g in groups)):
-            remap = self.store.compact(np.concatenate(self.queues))
-            self.queues = [remap[q] for q in self.queues]
-        places = self.store.add(groups)
-        labels = self.store.labels[places]
-        for c in np.unique(labels):
-            new = places[labels == c]
-            # a shard read twice in one epoch (tiny splits) must not put a sample in the pool twice
-            new = new[~np.isin(self.store.ids[new], self.store.ids[self.queues[c]])]
-            self.queues[c] = self.rng1.permutation(np.concatenate([self.queues[c], new]))
-
-    def _read_more(self) -> None:
-        """Read the next shard; a whole cycle of shards that adds nothing means the split cannot serve."""
-        before = int(self.sizes().sum())
-        self._next_shard()
-        self.stalled = 0 if self.sizes().sum() > before else self.stalled + 1
-        if self.stalled > len(self.order):
-            raise DataError(
-                f"{self.manifest.url}: the samples this loader slot reads ({before}) cannot fill batches of "
-                f"{self.batch_size} same-class pairs; use a smaller batch per rank, fewer ranks or loader workers, "
-                "or more data"
-            )
-
-    def _classes(self, rng: np.random.Generator, need_two_each: bool) -> np.ndarray:
-        """batch_size class draws in proportion to pool size; with need_two_each, every class drawn k times
-        holds 2k samples (redrawn a few times, then more is read)."""
-        while True:
-            sizes = self.sizes().astype(np.float64)
-            sizes[sizes < 2] = 0
-            for _ in range(8 if sizes.sum() > 0 else 0):
-                picks = rng.choice(len(sizes), size=self.batch_size, p=sizes / sizes.sum())
-                if not need_two_each or np.all(2 * np.bincount(picks, minlength=len(sizes)) <= sizes):
-                    return picks
-            self._read_more()
-
-    def refs(self) -> np.ndarray:
-        """The next batch as places in the store (no pixels copied): [4, B] for x1, x1', x2, x2'."""
-        while self.sizes().sum() < self.target and self.stalled <= len(self.order) // 2:
-            self._read_more()
-        picks1 = self._classes(self.rng1, need_two_each=True)
-        picks2 = self._classes(self.rng2, need_two_each=False)  # every read happens before any draw
-        out = np.empty((4, self.batch_size), np.int64)
-        # x2, x2': two distinct samples of the class, left in the pool
-        sizes = self.sizes()
-        flat, starts = np.concatenate(self.queues), np.cumsum(sizes) - sizes
-        n = sizes[picks2]
-        a = (self.rng2.random(self.batch_size) * n).astype(np.int64)
-        b = (self.rng2.random(self.batch_size) * (n - 1)).astype(np.int64)
-        b += b >= a
-        out[2], out[3] = flat[starts[picks2] + a], flat[starts[picks2] + b]
-        # x1, x1': the next two of the class's shuffled queue, taken out of the pool
-        counts = np.bincount(picks1, minlength=len(self.queues))
-        taken = []
-        for c in np.flatnonzero(counts):
-            taken.append(self.queues[c][: 2 * counts[c]])
-            self.queues[c] = self.queues[c][2 * counts[c]:]
-        rows = np.argsort(picks1, kind="stable")  # the batch rows of class 0's draws, then class 1's, ...
-        pairs = np.concatenate(taken).reshape(-1, 2)
-        out[0, rows], out[1, rows] = pairs[:, 0], pairs[:, 1]
-        return out
-
-    def assemble(self, refs: np.ndarray) -> dict[str, np.ndarray]:
-        """Packed arrays (few large tensors cross the worker boundary cheaply); PairLoader unpacks
-        them into x1, x1p, ... views."""
-        out = {"x": self.store.images[refs], "f": self.store.factors[refs], "y": self.store.labels[refs[[0, 2]]]}
-        if self.with_ids:
-            out["id"] = self.store.ids[refs]
-        return out
-
-
-class _Store:
-    """The samples of a slot's pool in contiguous arrays (one fancy index gathers a batch). Rows of drawn
-    samples are reclaimed by compaction when new ones do not fit: the live rows move to the front."""
-
-    def __init__(self, image_shape: tuple[int, ...], num_factors: int):
-        self.image_shape, self.num_factors = tuple(image_shape), num_factors
-        self.size = 0
-        self._allocate(0)
-
-    FIELDS = ("images", "factors", "ids", "labels")
-
-    def _allocate(self, capacity: int) -> None:
-        self.images = np.empty((capacity, *self.image_shape), np.uint8)
-        self.factors = np.empty((capacity, self.num_factors), np.float32)
-        self.ids = np.empty(capacity, np.int64)
-        self.labels = np.empty(capacity, np.int64)
-
-    def _keep(self, rows: np.ndarray, capacity: int) -> None:
-        """Only `rows` (in that order) stay, at the front of new arrays of `capacity` rows."""
-        kept = [getattr(self, field)[rows] for field in self.FIELDS]
-        self._allocate(capacity)
-        for field, values in zip(self.FIELDS, kept):
-            getattr(self, field)[: len(rows)] = values
-        self.size = len(rows)
-
-    def needs_room(self, count: int) -> bool:
-        return self.size + count > len(self.ids)
-
-    def compact(self, live: np.ndarray) -> np.ndarray:
-        """Keep only the rows `live` (in that order), with room for as many again; returns old -> new row."""
-        remap = np.full(self.size, -1, np.int64)
-        remap[live] = np.arange(len(live))
-        self._keep(live, max(2 * len(live), 4096))
-        return remap
-
-    def add(self, groups: list[Group]) -> np.ndarray:
-        count = sum(len(g.ids) for g in groups)
-        if self.needs_room(count):  # still no room after compaction: grow
-            self._keep(np.arange(self.size), 2 * (self.size + count))
-        start = self.size
-        for g in groups:
-            k = len(g.ids)
-            at = slice(self.size, self.size + k)
-            self.images[at], self.factors[at], self.ids[at], self.labels[at] = g.images, g.factors, g.ids, g.label
-            self.size += k
-        return np.arange(start, self.size, dtype=np.int64)
+def unpack(packed: dict[str, Any]) -> list[dict[str, Any]]:
+    """The batches of an item (arrays [4, batches, B, ...], [2, ...] for y) as dicts of named views:
+    x1, x1p, ..., y1, y2."""
+    columns: dict[str, Any] = {}
+    for col, names in enumerate(_NAMES):
+        for name, field in zip(names, ("x", "f", "id")):
+            if field in packed:
+                columns[name] = packed[field][col].unbind(0)
+    columns["y1"], columns["y2"] = packed["y"][0].unbind(0), packed["y"][1].unbind(0)
+    return [dict(zip(columns, values)) for values in zip(*columns.values())]
 
 
 _NAMES = (("x1", "f1", "id1"), ("x1p", "f1p", "id1p"), ("x2", "f2", "id2"), ("x2p", "f2p", "id2p"))
 
 
-def unpack(packed: dict[str, Any]) -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for col, (x, f, i) in enumerate(_NAMES):
-        out[x] = packed["x"][col]
-        out[f] = packed["f"][col]
-        if "id" in packed:
-            out[i] = packed["id"][col]
-    out["y1"], out["y2"] = packed["y"][0], packed["y"][1]
-    return out
-
-
-# --------------------------------------------------------------------------- the torch dataset
-
-
-def _ordinal(k: int, epoch_start: int, virtual_worker: int, workers: int) -> int:
-    """Position of global batch k among the batches of virtual_worker in its epoch."""
-    first = epoch_start + ((virtual_worker - epoch_start) % workers)
-    return (k - first) // workers
-
-
 class _PairDataset:
-    """What each DataLoader worker (or the main process, with 0 workers) iterates."""
+    """What each DataLoader worker (or the main process, with 0 workers) iterates: items holding the
+    rows of its streams for `chunk` consecutive batches (the rank's other workers hold the other rows
+    of the same batches)."""
 
-    def __init__(self, manifest: Manifest, data_cfg: DataConfig, batch_size: int, rank: int, world_size: int,
-                 seed: int, workers: int, batches_per_epoch: int, start: int, with_ids: bool):
+    def __init__(self, manifest: Manifest, data_cfg: DataConfig, parts_by_worker: list[list[StreamPart]],
+                 num_streams: int, seed: int, batches_per_epoch: int, chunk: int, start: int, with_ids: bool):
         self.manifest = manifest
         self.cfg = data_cfg
-        self.batch_size = batch_size
-        self.rank, self.world = rank, world_size
+        self.parts_by_worker = parts_by_worker
+        self.num_streams = num_streams
         self.seed = seed
-        self.workers = max(1, workers)
         self.batches_per_epoch = batches_per_epoch
+        self.chunk = chunk
         self.start = start
         self.with_ids = with_ids
+        self.draw, self.pool_target = draw_sizes(manifest.num_samples, num_streams, data_cfg.shuffle_buffer)
 
-    def batches(self, worker: int) -> Iterator[dict[str, Any]]:
-        workers, per_epoch = self.workers, self.batches_per_epoch
-        # The worker of the uninterrupted run that made these batches (a resume may start mid-cycle).
-        virtual_worker = (worker + self.start) % workers
-        slot = self.rank * workers + virtual_worker
+    def _cursors(self, parts: list[StreamPart], source: _ShardSource, epoch: int, batch: int,
+                 before: list[StreamCursor]) -> list[StreamCursor]:
+        cursors = []
+        for i, part in enumerate(parts):
+            stream = PairStream(self.manifest, source, self.pool_target, self.seed, epoch, part.stream,
+                                self.num_streams, self.with_ids, before[i].stream.store if before else None)
+            cursor = StreamCursor(stream, self.draw, self.batches_per_epoch * part.rows)
+            cursor.skip(batch * part.rows)  # a resume mid-epoch: drawn again, pixels not copied
+            cursors.append(cursor)
+        return cursors
+
+    def items(self, worker: int, handoff: _HandOff | None = None) -> Iterator[dict[str, Any]]:
+        parts = self.parts_by_worker[worker]
+        rows = sum(p.keep_to - p.keep_from for p in parts)
         source = _ShardSource(self.manifest, self.cfg.on_error, self.cfg.verify_checksums)
-        k = self.start + worker
+        k = self.start
+        cursors: list[StreamCursor] = []
         while True:
-            epoch = k // per_epoch
-            stream = _SlotStream(self.manifest, source, self.batch_size, self.cfg.shuffle_buffer, self.seed, epoch, slot,
-                                 self.world * workers, self.with_ids)
-            for _ in range(_ordinal(k, epoch * per_epoch, virtual_worker, workers)):  # fast-forward (resume): draw, do not copy pixels
-                stream.refs()
-            while k < (epoch + 1) * per_epoch:
-                batch = stream.assemble(stream.refs())
-                batch["_k"] = k
-                batch["_worker"] = worker
-                batch["_skipped"] = source.skipped
-                batch["_first_error"] = source.first_error
-                yield batch
-                k += workers
+            epoch, batch = divmod(k, self.batches_per_epoch)
+            cursors = self._cursors(parts, source, epoch, batch, cursors)
+            while batch < self.batches_per_epoch:
+                count = min(self.chunk, self.batches_per_epoch - batch)
+                shapes = item_shapes(self.manifest.image_shape, len(self.manifest.factor_names), count, rows,
+                                     self.with_ids)
+                tensors = handoff.next_slot(shapes) if handoff is not None else None
+                slot = handoff.slot if handoff is not None else -1
+                arrays = take_rows(cursors, parts, count, None if tensors is None else
+                                   {name: t.numpy() for name, t in tensors.items()})
+                item: dict[str, Any] = dict(tensors or arrays)
+                item.update(_k=k, _count=count, _worker=worker, _slot=slot, _skipped=source.skipped,
+                            _first_error=source.first_error)
+                yield item
+                batch += count
+                k += count
 
 
 class _PairIterable(IterableDataset):
     """The torch face of _PairDataset (module level, so spawn/forkserver workers can pickle it)."""
 
-    def __init__(self, inner: _PairDataset):
+    def __init__(self, inner: _PairDataset, released=None, slots: int = 0):
         self.inner = inner
+        self.released, self.slots = released, slots  # the workers' hand-off (None with no worker)
 
     def __iter__(self):
         info = get_worker_info()
         worker = info.id if info is not None else 0
-        for batch in self.inner.batches(worker):
-            yield {k: (torch.from_numpy(v) if isinstance(v, np.ndarray) else v) for k, v in batch.items()}
+        handoff = _HandOff(self.released, worker, self.slots) if info is not None and self.released is not None else None
+        if handoff is not None:
+            # slots go out by shared-memory name: the consumer maps each once and finds it in torch's cache
+            # after that (the default, by file descriptor, costs a socket round trip per tensor and item)
+            torch.multiprocessing.set_sharing_strategy("file_system")
+        for item in self.inner.items(worker, handoff):
+            yield {k: (torch.from_numpy(v) if isinstance(v, np.ndarray) else v) for k, v in item.items()}
+
+
+class _HandOff:
+    """A worker's items go out in shared-memory slots that it reuses round robin. Torch sends a tensor that
+    is already shared without copying it, so an item costs the worker no fresh shared memory (making it
+    runs at about 1 GB/s: page faults and zeroing, the larger part of a worker's time for 64x64 colour
+    images). The consumer copies each item out and then counts it in `released`; the worker writes
+    into a slot only once the item that used it before is released."""
+
+    def __init__(self, released, worker: int, slots: int):
+        self.released, self.worker, self.slots = released, worker, slots
+        self.sent = 0
+        self.slot = -1  # the slot of the last item
+        self._storage: dict[str, torch.Tensor] = {}
+
+    def next_slot(self, shapes: dict[str, tuple[tuple[int, ...], np.dtype]]) -> dict[str, torch.Tensor]:
+        slot = self.slot = self.sent % self.slots
+        while self.released[self.worker] < self.sent - self.slots + 1:
+            time.sleep(0.0005)  # rare: the consumer is more than `slots` items behind
+        self.sent += 1
+        out = {}
+        for name, (shape, dtype) in shapes.items():
+            numel = int(np.prod(shape))
+            key = f"{name}{slot}"
+            storage = self._storage.get(key)
+            if storage is None or storage.numel() < numel:
+                storage = self._storage[key] = torch.empty(numel, dtype=_TORCH_DTYPES[dtype]).share_memory_()
+            out[name] = storage[:numel].view(shape)
+        return out
+
+
+_TORCH_DTYPES = {np.dtype(np.uint8): torch.uint8, np.dtype(np.float32): torch.float32, np.dtype(np.int64): torch.int64}
 
 
 def _worker_context() -> str | None:
@@ -433,15 +314,23 @@ class PairLoader:
         self.split = split
         self.batch_size = batch_size
         self.rank, self.world_size = rank, world_size
+        self.global_batch = batch_size * world_size
         self.seed = seed
         self.with_ids = with_ids
         self.num_workers = resolve_num_workers(data_cfg.num_workers)
         self.manifest = open_split(data_cfg, split)
-        self.batches_per_epoch = max(1, (self.manifest.num_samples // 2) // (batch_size * world_size))
+        self.num_streams = resolve_num_streams(data_cfg.streams, self.global_batch, world_size, self.num_workers,
+                                               len(self.manifest.shards))
+        self.batches_per_epoch = max(1, (self.manifest.num_samples // 2) // self.global_batch)
         self.wait_seconds = 0.0
         self._k = 0  # batches consumed so far, across epochs
+        self._pending: collections.deque[dict[str, Any]] = collections.deque()  # batches of items received
         self._iter: Iterator | None = None
         self._loader = None
+        self._item_sources = 1  # items per chunk of batches: one per worker that holds streams
+        self._released = None  # per worker: items copied out of its hand-off slots
+        self._slot_tensors: dict[tuple[int, int], dict] = {}
+        self._pin = torch.cuda.is_available()
         self._skipped_by_worker: dict[int, int] = {}
         self._warned = False
 
@@ -461,11 +350,15 @@ class PairLoader:
 
     # -- state
     def state_dict(self) -> dict[str, Any]:
+        """The global position (the same on every rank) and what the order depends on; world_size and
+        num_workers are recorded for the log only."""
         return {
             "epoch": self._k // self.batches_per_epoch,
             "batch": self._k % self.batches_per_epoch,
             "seed": self.seed,
             "batches_per_epoch": self.batches_per_epoch,
+            "global_batch": self.global_batch,
+            "streams": self.num_streams,
             "batch_size": self.batch_size,
             "world_size": self.world_size,
             "num_workers": self.num_workers,
@@ -474,29 +367,51 @@ class PairLoader:
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         epoch, batch = int(state["epoch"]), int(state["batch"])
-        same = (state.get("seed", self.seed) == self.seed
+        saved_streams = state.get("streams")
+        if saved_streams is not None and self.data_cfg.streams == "auto" and saved_streams <= self.global_batch:
+            self.num_streams = int(saved_streams)  # the run's order was defined with these
+        same = (saved_streams == self.num_streams
+                and state.get("seed", self.seed) == self.seed
+                and state.get("global_batch", self.global_batch) == self.global_batch
                 and state.get("batches_per_epoch", self.batches_per_epoch) == self.batches_per_epoch
-                and state.get("world_size", self.world_size) == self.world_size
-                and state.get("num_workers", self.num_workers) == self.num_workers
                 and state.get("manifest_digest", self.manifest.digest) == self.manifest.digest)
         if not same:
-            log.warning("data loader state was saved with other settings (seed, batch size, world size, workers "
-                        "or data); resuming at epoch %d batch %d, but the sample order will differ", epoch, batch)
+            log.warning("data loader state was saved with another order (seed, global batch, data.streams, data or an "
+                        "older loader): %s; resuming at epoch %d batch %d, but the sample order will differ",
+                        {k: state.get(k) for k in ("seed", "global_batch", "streams", "manifest_digest")}, epoch, batch)
         batch = min(batch, self.batches_per_epoch)
         self._k = epoch * self.batches_per_epoch + batch
         self.close()
 
     # -- iteration
+    def _chunk(self) -> int:
+        """Batches per item: items of about ITEM_BYTES of pixels, never past an epoch."""
+        per_batch = 4 * self.batch_size * int(np.prod(self.manifest.image_shape))
+        return max(1, min(self.batches_per_epoch, ITEM_BYTES // per_batch))
+
     def _start(self) -> None:
-        workers = self.num_workers
-        ds = _PairDataset(self.manifest, self.data_cfg, self.batch_size, self.rank, self.world_size, self.seed,
-                          workers, self.batches_per_epoch, self._k, self.with_ids)
+        parts = rank_parts(self.global_batch, self.num_streams, self.rank, self.batch_size)
+        parts_by_worker = split_among_workers(parts, self.num_workers)
+        workers = len(parts_by_worker) if self.num_workers > 0 else 0
+        if workers < self.num_workers:
+            log.info("data loader: %d worker(s), not %d: this rank's rows come from %d of the %d data.streams",
+                     workers, self.num_workers, len(parts), self.num_streams)
+        if workers == 0:
+            parts_by_worker = [parts]
+        self._item_sources = max(1, workers)
+        ds = _PairDataset(self.manifest, self.data_cfg, parts_by_worker, self.num_streams, self.seed,
+                          self.batches_per_epoch, self._chunk(), self._k, self.with_ids)
         kwargs: dict[str, Any] = {}
+        self._released = None
         if workers > 0:
+            context = multiprocessing.get_context(_worker_context())
+            self._released = context.Array("q", workers, lock=False)
             kwargs.update(prefetch_factor=self.data_cfg.prefetch_factor, persistent_workers=True,
-                          multiprocessing_context=_worker_context())
-        self._loader = DataLoader(_PairIterable(ds), batch_size=None, num_workers=workers,
-                                  pin_memory=torch.cuda.is_available(), **kwargs)
+                          multiprocessing_context=context)
+        # slots: the DataLoader keeps at most prefetch_factor items of a worker in flight, plus one being copied
+        slots = self.data_cfg.prefetch_factor + 2
+        self._loader = DataLoader(_PairIterable(ds, self._released, slots), batch_size=None, num_workers=workers,
+                                  **kwargs)  # pinned by _copy_out, in the copy it makes anyway
         with stop_signals_held():  # the workers start here and leave preemption to the trainer
             self._iter = iter(self._loader)
         if workers > 0:
@@ -505,6 +420,8 @@ class PairLoader:
     def close(self) -> None:
         """Stop the worker processes (iteration restarts them where it left off)."""
         it, self._iter, self._loader = self._iter, None, None
+        self._pending.clear()
+        self._slot_tensors.clear()
         _loaders_with_workers.discard(self)
         if it is None or not hasattr(it, "_shutdown_workers"):
             return
@@ -523,35 +440,77 @@ class PairLoader:
         return self.next()
 
     def next(self) -> dict[str, Any]:
+        if not self._pending:
+            t0 = time.perf_counter()
+            self._receive()
+            self.wait_seconds += time.perf_counter() - t0
+        self._k += 1
+        return self._pending.popleft()
+
+    def _receive(self) -> None:
+        """The next chunk of batches: one item from each worker (in worker order, as the DataLoader
+        yields them), their rows side by side."""
         if self._iter is None:
             self._start()
-        t0 = time.perf_counter()
         try:
-            batch = next(self._iter)  # type: ignore[arg-type]
+            items = [next(self._iter) for _ in range(self._item_sources)]  # type: ignore[arg-type]
         except ShardError as exc:
             raise _as_raised_in_worker(exc) from None
-        self.wait_seconds += time.perf_counter() - t0
-        k = batch.pop("_k")
-        k = int(k)
-        if k != self._k:  # cannot happen with in-order DataLoader; guards the resume arithmetic
-            raise RuntimeError(f"data loader produced batch {k} where {self._k} was expected")
-        worker = int(batch.pop("_worker"))
-        skipped = int(batch.pop("_skipped"))
-        first_error = batch.pop("_first_error")
-        batch = unpack(batch)
+        k, count = int(items[0]["_k"]), int(items[0]["_count"])
+        if k != self._k or any(int(i["_k"]) != k or int(i["_count"]) != count for i in items):
+            # cannot happen with the in-order DataLoader; guards the resume arithmetic
+            raise RuntimeError(f"data loader produced batches {[int(i['_k']) for i in items]} where {self._k} "
+                               "was expected")
+        packed = items[0] if self._released is None and not self._pin else self._copy_out(items)
+        for item in items:
+            worker = int(item["_worker"])
+            if self._released is not None:
+                self._released[worker] += 1
+                # holding the slot's tensors keeps their mapping in torch's cache: the next item in this slot
+                # arrives without a new mmap and its page faults
+                self._slot_tensors[(worker, int(item["_slot"]))] = item
+            self._note_skips(worker, int(item["_skipped"]), item["_first_error"])
+        self._pending.extend(unpack(packed))
+
+    def _copy_out(self, items: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
+        """The items' rows side by side in new tensors, pinned on a CUDA machine: out of the workers' slots,
+        which they reuse, in one copy. numpy copies: a torch op here would wake the consumer's OpenMP
+        threads, which spin on the cores the workers need."""
+        packed = {}
+        for name in (n for n in items[0] if not n.startswith("_")):
+            parts = [item[name].numpy() for item in items]
+            shape = (*parts[0].shape[:2], sum(p.shape[2] for p in parts), *parts[0].shape[3:])
+            out = torch.empty(shape, dtype=items[0][name].dtype, pin_memory=self._pin)
+            np.concatenate(parts, axis=2, out=out.numpy())
+            packed[name] = out
+        return packed
+
+    def _note_skips(self, worker: int, skipped: int, first_error: str) -> None:
         self._skipped_by_worker[worker] = max(skipped, self._skipped_by_worker.get(worker, 0))
         if skipped and not self._warned:
             self._warned = True
             warnings.warn(f"data.on_error=skip: skipped a bad shard: {first_error}. Further skipped shards are "
-                          "only counted (PairLoader.skipped_shards).", RuntimeWarning, stacklevel=2)
-        self._k += 1
-        return batch
+                          "only counted (PairLoader.skipped_shards).", RuntimeWarning, stacklevel=4)
 
     def __del__(self):
         try:
             self.close()
         except Exception:  # noqa: BLE001
             pass
+
+
+def resolve_num_streams(setting: int | str, global_batch: int, world_size: int, num_workers: int,
+                        num_shards: int) -> int:
+    """``data.streams``: ``auto`` gives one stream per (rank, worker) of this run's first start, at most
+    one per shard (a stream with no shard of its own would re-read another's) and one per row of the
+    global batch. A resumed run keeps the number it started with (PairLoader.load_state_dict)."""
+    if setting == "auto":
+        return max(1, min(world_size * max(1, num_workers), num_shards, global_batch))
+    streams = int(setting)
+    if not 1 <= streams <= global_batch:
+        raise ConfigError(f"config key 'data.streams' must be auto or 1..{global_batch} (the pairs per loader step "
+                          f"over all ranks), got {setting}")
+    return streams
 
 
 def _as_raised_in_worker(exc: ShardError) -> ShardError:
@@ -588,25 +547,24 @@ def load_split_arrays(data_cfg: DataConfig, split: str, limit: int | None = None
                       ) -> tuple[np.ndarray, np.ndarray, np.ndarray, list[str]]:
     """(images uint8 [N,C,H,W], labels int64 [N], factors float32 [N,F], factor_names), N <= limit.
 
-    Groups of all classes are shuffled across shards at prepare time, so the first ``limit``
-    samples are a class-mixed subset, the same on every call.
+    With a limit smaller than the split, a uniform random subset (seeded, the same on every call,
+    in split order) of the whole split: a prefix would hold only the few classes of its first
+    records, because a record is a large group of one class.
     """
     manifest = manifest or open_split(data_cfg, split)
     images, labels, factors = [], [], []
-    n = 0
     for g in iter_groups(data_cfg, split, manifest):
-        take = len(g.ids) if limit is None else min(len(g.ids), limit - n)
-        if take <= 0:
-            break
-        images.append(g.images[:take])
-        labels.append(np.full(take, g.label, np.int64))
-        factors.append(g.factors[:take])
-        n += take
-        if limit is not None and n >= limit:
-            break
+        images.append(g.images)
+        labels.append(np.full(len(g.ids), g.label, np.int64))
+        factors.append(g.factors)
     C, H, W = manifest.image_shape
     F = len(manifest.factor_names)
     if not images:
         return (np.zeros((0, C, H, W), np.uint8), np.zeros(0, np.int64), np.zeros((0, F), np.float32),
                 list(manifest.factor_names))
-    return np.concatenate(images), np.concatenate(labels), np.concatenate(factors), list(manifest.factor_names)
+    n = sum(len(y) for y in labels)
+    if limit is None or limit >= n:
+        return np.concatenate(images), np.concatenate(labels), np.concatenate(factors), list(manifest.factor_names)
+    keep = np.sort(np.random.default_rng(0x5EED).choice(n, size=max(0, limit), replace=False))
+    return (np.concatenate(images)[keep], np.concatenate(labels)[keep], np.concatenate(factors)[keep],
+            list(manifest.factor_names))

@@ -148,7 +148,8 @@ class Trainer:
             self._seed_this_rank(self.step)
             self.world_size_change = (written_by, self.env.world_size)
             if self.env.is_main:
-                log.info("RNG seeded afresh per rank at step %d: the data order and noise differ from here on",
+                log.info("RNG seeded afresh per rank at step %d: the model's noise differs from here on (the data "
+                         "order does not: it is global)",
                          self.step)
         changed = changed_keys(meta.get("config", {}), to_dict(self.cfg))
         if self.env.is_main and changed:

@@ -50,7 +50,7 @@ def flaky(fault_data, monkeypatch):
 
 
 def cfg(url=URL, **kw) -> DataConfig:
-    return DataConfig(url=str(url), image_size=28, channels=1, num_classes=4, shuffle_buffer=16, num_workers=0, **kw)
+    return DataConfig(url=str(url), image_size=28, channels=1, num_classes=4, shuffle_buffer=64, num_workers=0, **kw)
 
 
 def shard_key(index: int, split: str = "train") -> str:
