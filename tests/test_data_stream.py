@@ -396,3 +396,21 @@ def test_a_resume_on_another_world_size_continues_the_same_global_order(dataset,
     np.testing.assert_array_equal(counts, uses(straight))
     assert counts.sum() == 2 * 12 * P and counts.max() <= 2
     assert (counts > 0).sum() >= 0.8 * n and (counts > 1).sum() <= 0.2 * n, ((counts > 0).sum(), (counts > 1).sum())
+
+
+def test_an_eval_subset_is_uniform_over_the_split_not_its_first_records(tmp_path):
+    # 64-sample records: the first 100 samples would be two records, at most two classes.
+    src = make_npz(tmp_path / "src.npz", n=960, classes=N_CLASSES, size=8, factors=2, seed=2)
+    out = tmp_path / "big-records"
+    prepare(f"npz:{src}", str(out), PrepareOptions(group_size=64, groups_per_shard=3, val_fraction=0.0,
+                                                   test_fraction=0.1, progress=False), echo=lambda s: None)
+    cfg = cfg_for(out)
+    full_images, full_labels, _, _ = load_split_arrays(cfg, "train")
+    images, labels, factors, _ = load_split_arrays(cfg, "train", limit=100)
+    again, *_ = load_split_arrays(cfg, "train", limit=100)
+    assert images.shape == (100, 1, 8, 8) and labels.shape == (100,) and factors.shape == (100, 2)
+    np.testing.assert_array_equal(images, again)  # the same subset on every call
+    counts = np.bincount(labels, minlength=N_CLASSES)
+    assert counts.min() >= 10, counts  # every class, near its share of 25
+    rows = {row.tobytes() for row in full_images}
+    assert all(row.tobytes() in rows for row in images) and len({row.tobytes() for row in images}) == 100

@@ -547,24 +547,39 @@ def load_split_arrays(data_cfg: DataConfig, split: str, limit: int | None = None
                       ) -> tuple[np.ndarray, np.ndarray, np.ndarray, list[str]]:
     """(images uint8 [N,C,H,W], labels int64 [N], factors float32 [N,F], factor_names), N <= limit.
 
-    With a limit smaller than the split, a uniform random subset (seeded, the same on every call,
-    in split order) of the whole split: a prefix would hold only the few classes of its first
+    With a limit smaller than the split: a uniform random subset (seeded, the same on every call, in
+    split order), chosen from the manifest's counts before reading, so memory holds only the subset and
+    shards holding none of it are not read. A prefix would hold only the few classes of its first
     records, because a record is a large group of one class.
     """
     manifest = manifest or open_split(data_cfg, split)
+    counts = [info.samples for info in manifest.shards]
+    starts = np.cumsum([0, *counts])
+    chosen = None
+    if limit is not None and limit < starts[-1]:
+        chosen = np.sort(np.random.default_rng(0x5EED).choice(int(starts[-1]), size=max(0, limit), replace=False))
+    source = _ShardSource(manifest, data_cfg.on_error, data_cfg.verify_checksums)
     images, labels, factors = [], [], []
-    for g in iter_groups(data_cfg, split, manifest):
-        images.append(g.images)
-        labels.append(np.full(len(g.ids), g.label, np.int64))
-        factors.append(g.factors)
+    for index in range(len(manifest.shards)):
+        local = None if chosen is None else chosen[(chosen >= starts[index]) & (chosen < starts[index + 1])] - starts[index]
+        if local is not None and not len(local):
+            continue
+        groups = source.read(index)
+        if groups is None:
+            if source.skipped == 1:
+                warnings.warn(f"data.on_error=skip: skipped a bad shard: {source.first_error}", RuntimeWarning,
+                              stacklevel=2)
+            continue
+        shard_images = np.concatenate([g.images for g in groups])
+        shard_labels = np.concatenate([np.full(len(g.ids), g.label, np.int64) for g in groups])
+        shard_factors = np.concatenate([g.factors for g in groups])
+        keep = slice(None) if local is None else local
+        images.append(shard_images[keep])
+        labels.append(shard_labels[keep])
+        factors.append(shard_factors[keep])
     C, H, W = manifest.image_shape
     F = len(manifest.factor_names)
     if not images:
         return (np.zeros((0, C, H, W), np.uint8), np.zeros(0, np.int64), np.zeros((0, F), np.float32),
                 list(manifest.factor_names))
-    n = sum(len(y) for y in labels)
-    if limit is None or limit >= n:
-        return np.concatenate(images), np.concatenate(labels), np.concatenate(factors), list(manifest.factor_names)
-    keep = np.sort(np.random.default_rng(0x5EED).choice(n, size=max(0, limit), replace=False))
-    return (np.concatenate(images)[keep], np.concatenate(labels)[keep], np.concatenate(factors)[keep],
-            list(manifest.factor_names))
+    return np.concatenate(images), np.concatenate(labels), np.concatenate(factors), list(manifest.factor_names)
