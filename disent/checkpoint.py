@@ -325,14 +325,22 @@ class CheckpointManager:
         log.info("checkpoint %s complete", path)
         return path
 
-    def export_final(self, models: Mapping[str, torch.nn.Module]) -> list[Path]:
-        """Rank 0, at the end of a finished run: run_dir/final/{name}.pt, each a bare state_dict."""
-        final = self.run_dir / FINAL_DIR
+    @property
+    def final_dir(self) -> Path:
+        return self.run_dir / FINAL_DIR
+
+    def export_final(self, models: Mapping[str, torch.nn.Module], config_yaml: str | None = None) -> list[Path]:
+        """Rank 0, at the end of a finished run: run_dir/final/{name}.pt, each a bare state_dict, and
+        the run's config.yaml beside them (so final/ is a folder `disent.load` reads)."""
+        final = self.final_dir
         final.mkdir(parents=True, exist_ok=True)
         written = []
         for name, model in models.items():
             atomic_torch_save(_cpu_state(model), final / f"{name}.pt")
             written.append(final / f"{name}.pt")
+        if config_yaml is not None:
+            write_bytes_atomic(str(final / "config.yaml"), config_yaml.encode())
+            written.append(final / "config.yaml")
         return written
 
     def prune(self) -> list[Path]:

@@ -21,7 +21,9 @@ def add_config_args(parser: argparse.ArgumentParser) -> None:
 # Subcommands live beside their implementation. Each module has
 # register(subparsers, add_config_args) and imports torch/deepspeed/mlflow only inside its
 # handlers, so `disent --help` stays fast.
-SUBCOMMAND_MODULES: tuple[str, ...] = ("disent.data.commands", "disent.train.commands", "disent.eval.commands")
+SUBCOMMAND_MODULES: tuple[str, ...] = (
+    "disent.data.commands", "disent.train.commands", "disent.eval.commands", "disent.sweep.commands",
+)
 
 
 def _cmd_config_show(args: argparse.Namespace) -> int:

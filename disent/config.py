@@ -108,6 +108,9 @@ class TrackingConfig:
     experiment: str = "disent"
     run_name: str | None = None  # None: the config name plus the key overrides
     system_metrics: bool = True
+    log_model: bool = True  # a finished run logs its MLflow model (pyfunc) as the artifact "model"
+    register_model: str | None = None  # also register it in the Model Registry under this name
+    parent_run_id: str | None = None  # a child run of this run (disent sweep sets it for each point)
 
 
 @dataclass
@@ -482,6 +485,8 @@ def run_name(cfg: Config) -> str:
         return cfg.tracking.run_name
     noisy = ("tracking.", "run_dir", "data.url", "train.progress", "train.checkpoint_upload_url")
     keep = [o for o in cfg.overrides if not o.startswith(noisy)]
+    if any(o.startswith("data.url=") for o in cfg.overrides):  # runs on other data must not share a name
+        keep.append("data=" + redact_url_credentials(cfg.data.url).rstrip("/").rsplit("/", 1)[-1])
     return " ".join([cfg.name, *keep])
 
 

@@ -80,6 +80,8 @@ def main(argv: list[str] | None = None) -> int:
     print(f"swap grid: {report['grids']['swap_grid']}")
     print(f"\ndemo finished in {time.monotonic() - started:.0f} s")
     print(f"MLflow run id: {run_id}")
+    print(f"Use the model from Python:  import disent; model = disent.load({str(RUN_DIR)!r})  "
+          f"# or disent.load('runs:/{run_id}/model') with MLFLOW_TRACKING_URI={TRACKING_URI}")
     mlflow = Path(sys.executable).parent / "mlflow"
     print(f"Open the MLflow UI on it:\n  cd {Path.cwd()} && {mlflow} ui --backend-store-uri {TRACKING_URI} "
           f"--host 127.0.0.1 --port 5000\n"

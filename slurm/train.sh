@@ -19,6 +19,7 @@
 #   TRAIN_CMD            the training command (default: disent train)
 #
 #   MAX_RETRIES          requeues after retryable failures (exit 69) before the job fails (default 3)
+#   DISENT_SWEEP         set by `disent sweep --backend slurm`: the sweep file; array task i trains point i
 #
 # Exit codes (disent.errors.ExitCode, read from the installed package below; docs/faults.md):
 #   75  preempted: Slurm sends SIGUSR1 120 s before the time limit (--signal=USR1@120), and SIGTERM
@@ -59,6 +60,15 @@ overrides+=("$@")
 if [ -n "${DATA_URL:-}" ]; then overrides+=("data.url=${DATA_URL}"); fi
 if [ -n "${MLFLOW_TRACKING_URI:-}" ]; then overrides+=("tracking.uri=${MLFLOW_TRACKING_URI}"); fi
 read -r -a train_cmd <<< "${TRAIN_CMD:-disent train}"
+# A task of a `disent sweep --backend slurm` job array: its point's overrides come from the sweep file.
+if [ -n "${DISENT_SWEEP:-}" ] && [ -n "${SLURM_ARRAY_TASK_ID:-}" ]; then
+  if ! point=$("${PYTHON}" -m disent.sweep "${DISENT_SWEEP}" "${SLURM_ARRAY_TASK_ID}"); then
+    echo "slurm/train.sh: cannot read point ${SLURM_ARRAY_TASK_ID} of the sweep ${DISENT_SWEEP}" >&2
+    exit "${EXIT_INPUT_ERROR}"
+  fi
+  mapfile -t point_overrides <<< "${point}"
+  overrides+=("${point_overrides[@]}")
+fi
 
 echo "slurm/train.sh: job ${SLURM_JOB_ID} (restart ${SLURM_RESTART_COUNT:-0}) on ${SLURM_JOB_NODELIST}:" \
   "${SLURM_NTASKS} task(s); ${train_cmd[*]} ${CONFIG} ${overrides[*]}"
@@ -73,7 +83,9 @@ retries_so_far() {
 }
 
 echo "slurm/train.sh: srun exited with ${rc}"
+requeued=0
 if [ "${rc}" -eq "${EXIT_PREEMPTED}" ]; then
+  requeued=1
   echo "slurm/train.sh: preempted; the checkpoint is written. Requeueing job ${SLURM_JOB_ID}."
   # Fails harmlessly when the scheduler is requeueing the job already (scontrol requeue, preemption).
   scontrol requeue "${SLURM_JOB_ID}" || echo "slurm/train.sh: requeue refused (already requeued?)"
@@ -84,11 +96,17 @@ elif [ "${rc}" -eq "${EXIT_RETRYABLE}" ]; then
     echo "slurm/train.sh: a retryable failure (exit ${rc}); requeueing job ${SLURM_JOB_ID}" \
       "(retry ${retries}/${MAX_RETRIES}); it resumes from its latest checkpoint."
     scontrol update JobId="${SLURM_JOB_ID}" Comment="disent-retries=${retries}"
+    requeued=1
     scontrol requeue "${SLURM_JOB_ID}" || echo "slurm/train.sh: requeue refused (already requeued?)"
   else
     echo "slurm/train.sh: a retryable failure (exit ${rc}) after ${MAX_RETRIES} retries; the job fails."
   fi
 elif [ "${rc}" -eq "${EXIT_INPUT_ERROR}" ]; then
   echo "slurm/train.sh: the input was refused (exit ${rc}); not requeueing: fix what the error names."
+fi
+# A sweep's point that has ended for good (not requeued): the last one summarises the sweep.
+if [ -n "${DISENT_SWEEP:-}" ] && [ -n "${SLURM_ARRAY_TASK_ID:-}" ] && [ "${requeued}" -eq 0 ]; then
+  "${PYTHON}" -m disent.cli sweep --finish-if-complete "${DISENT_SWEEP}" --point "${SLURM_ARRAY_TASK_ID}" \
+    || echo "slurm/train.sh: the sweep's summary failed; run disent sweep --summarize PARENT_RUN_ID"
 fi
 exit "${rc}"

@@ -1,7 +1,8 @@
 """The dependency direction of docs/architecture.md, checked on every import in the product code
 (module level and inside functions), and the length of every function:
 
-    errors, host, io, signals -> models -> config -> data -> checkpoint, tracking -> eval -> train -> cli, demo
+    errors, host, io, signals -> models -> config -> data -> checkpoint, tracking, api -> eval -> train
+    -> cli, demo, sweep
 
 A module may import its own layer and the layers to its left. `launcher/` imports only
 `disent.errors` and `disent.host` (so it starts without torch), and nothing in `disent/` imports
@@ -21,10 +22,10 @@ LAYERS = [
     {"models"},
     {"config"},
     {"data"},
-    {"checkpoint", "tracking"},
+    {"checkpoint", "tracking", "api"},
     {"eval"},
     {"train"},
-    {"cli", "demo"},
+    {"cli", "demo", "sweep"},
 ]
 LAUNCHER_MAY_IMPORT = {"disent", "disent.errors", "disent.host"}
 

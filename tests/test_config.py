@@ -180,3 +180,7 @@ def test_round_trip_flatten_and_run_name():
     flat = flatten(to_dict(cfg))
     assert flat["model.z_dim"] == 4 and flat["optim.vae.lr"] == cfg.optim.vae.lr
     assert run_name(cfg) == "sprites model.z_dim=4"
+    # Runs that differ only in their data get different names.
+    a = load_config(ROOT / "configs/sprites.yaml", ["data.url=s3://bkt/sprites32"])
+    b = load_config(ROOT / "configs/sprites.yaml", ["data.url=data/sprites64/"])
+    assert run_name(a) == "sprites data=sprites32" and run_name(b) == "sprites data=sprites64"

@@ -207,3 +207,55 @@ def test_a_retryable_failure_requeues_the_job_which_resumes_and_its_output_reads
     for noise in ("Attempting to get learning rate", "FutureWarning", "all_gather_into_tensor"):
         assert noise not in text, noise
     (tmp_path.parent / f"{tmp_path.name}-sbatch-output.txt").write_text(text)  # kept for reading
+
+
+@pytest.mark.timeout(480)
+def test_a_sweep_is_one_job_array_whose_preempted_point_requeues_and_the_last_point_summarises(
+        cluster, tmp_path, data, store):
+    """`disent sweep --backend slurm`: 2 points, one array task each (1 CPU task apiece, side by side).
+    Point 1 is preempted mid-run (`scontrol requeue JOB_1`) and requeued on its own; it resumes from its
+    checkpoint. Both finish, each as a child of the sweep's parent MLflow run, and the last to end
+    writes the summary and finishes the parent."""
+    from mlflow.tracking import MlflowClient
+
+    steps = 60
+    config, *rest = train_args(tmp_path / "unused", data, steps=steps, log_every=4, tracking_uri="",
+                               experiment=tmp_path.name)
+    fixed = [o for o in rest if not o.startswith(("run_dir=", "tracking.run_name="))]
+    sweep_dir = tmp_path / "sweep"
+    out = tmp_path / "slurm-%A_%a.out"
+    sbatch = ["--nodes=1", "--ntasks-per-node=1", "--gpus-per-node=0", "--cpus-per-task=1", "--time=10",
+              f"--output={out}"]
+    cmd = [sys.executable, "-m", "disent.cli", "sweep", config, *fixed, "loss.adversarial=0.01,0.05",
+           "--backend", "slurm", "--tracking-uri", store, "--run-dir", str(sweep_dir), "--name", "slurm sweep",
+           *(f"--sbatch-arg={a}" for a in sbatch)]
+    env = cluster.command_env({"PYTHON": sys.executable, "TRAIN_CMD": " ".join(TRAIN_CMD)})
+    result = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr[-3000:]
+    (job,) = re.findall(r"submitted job array (\d+)", result.stderr)
+    tasks = [f"{job}_0", f"{job}_1"]
+    outputs = [Path(str(out).replace("%A", job).replace("%a", str(i))) for i in range(2)]
+
+    point1 = sweep_dir / "point-001"
+    wait_for(cluster, tasks[1], outputs[1], lambda: logged_steps(point1), "logged step of point 1", timeout=200)
+    requeue = subprocess.run(["scontrol", "requeue", tasks[1]], env=cluster.command_env(), capture_output=True,
+                             text=True, timeout=30)
+    assert requeue.returncode == 0, requeue.stderr + report(cluster, tasks[1], outputs[1])
+    for task, output in zip(tasks, outputs):
+        info = cluster.wait(task, timeout=300)
+        assert info["JobState"] == "COMPLETED" and info["ExitCode"] == "0:0", report(cluster, task, output)
+    assert int(cluster.job(tasks[1])["Restarts"]) == 1, report(cluster, tasks[1], outputs[1])
+    text1 = outputs[1].read_text(errors="replace")
+    assert "exit 75 (requeue to resume)" in text1 and resumed_from(text1), report(cluster, tasks[1], outputs[1])
+    assert logged_steps(point1)[-1] == steps and logged_steps(sweep_dir / "point-000")[-1] == steps
+
+    client = MlflowClient(tracking_uri=store)
+    experiment = client.get_experiment_by_name(tmp_path.name)
+    (parent,) = client.search_runs([experiment.experiment_id], "tags.`disent.kind` = 'sweep'")
+    kids = client.search_runs([experiment.experiment_id], f"tags.`mlflow.parentRunId` = '{parent.info.run_id}'")
+    assert sorted(k.info.run_name for k in kids) == ["loss.adversarial=0.01", "loss.adversarial=0.05"]
+    assert all(k.info.status == "FINISHED" for k in kids)
+    assert parent.info.status == "FINISHED", [o.read_text()[-2000:] for o in outputs]
+    assert {a.path for a in client.list_artifacts(parent.info.run_id, "summary")} == {
+        "summary/summary.csv", "summary/leakage.png"}
+    assert sum("disent sweep: summarised" in o.read_text() for o in outputs) >= 1

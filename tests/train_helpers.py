@@ -63,6 +63,7 @@ def tiny_overrides(run_dir, data_url=None, **extra) -> list[str]:
         "train.progress": False,
         "tracking.uri": f"sqlite:///{run_dir}/mlflow.db",
         "tracking.system_metrics": False,
+        "tracking.log_model": False,  # tests/test_api.py logs and loads it; here it would only cost time
         "tracking.run_name": "tiny",
     }
     values.update(extra)

@@ -30,20 +30,10 @@ class TrainedModel:
 
 def load_trained(path: str | Path, overrides: list[str] = ()) -> TrainedModel:
     """A run directory (its latest complete checkpoint) or one checkpoint directory."""
-    from disent.checkpoint import CheckpointError, CheckpointManager
-    from disent.config import from_dict
-    from disent.models.vae import vae_from_config
+    from disent.api import read_checkpoint
 
-    try:
-        info = CheckpointManager.resolve(path)
-        meta = info.meta()
-        cfg = from_dict(meta["config"], list(overrides), origin=f"{info.path}/meta.json")
-        weights = info.read_vae_weights()
-    except CheckpointError as exc:
-        raise ConfigError(f"{exc}; pass a run directory (run_dir) or a checkpoints/step-* directory") from None
-    vae = vae_from_config(cfg)
-    vae.load_state_dict(weights)
-    return TrainedModel(vae.eval(), cfg, info, meta.get("mlflow_run_id"))
+    info, cfg, vae = read_checkpoint(path, overrides)
+    return TrainedModel(vae.eval(), cfg, info, info.meta().get("mlflow_run_id"))
 
 
 def log_evaluation(cfg: Config, metrics: dict, out_dir: Path, step: int, run_id: str | None, child: bool) -> str | None:

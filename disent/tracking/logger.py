@@ -184,6 +184,12 @@ class MLflowLogger:
             return
         self._queue.put(Op("artifact", (str(local_path), artifact_path)))
 
+    def register_model(self, name: str, artifact_path: str = "model") -> None:
+        """Register the run's logged model (artifact_path, queued before this) as a new version of `name`."""
+        if not self.enabled:
+            return
+        self._queue.put(Op("register", (name, artifact_path)))
+
     def set_status(self, status: str) -> None:
         """FINISHED / FAILED / KILLED end the run; SCHEDULED marks a preempted run to be resumed."""
         if not self.enabled:

@@ -144,6 +144,8 @@ class MLflowRun:
             self._send_artifact(*head.payload)
         elif head.kind == "status":
             self._send_status(head.payload)
+        elif head.kind == "register":
+            self._send_register(*head.payload)
         else:  # pragma: no cover
             raise ValueError(head.kind)
 
@@ -154,6 +156,21 @@ class MLflowRun:
             self.client.log_artifacts(self.run_id, path, artifact_path)
         else:
             self.client.log_artifact(self.run_id, path, artifact_path)
+
+    def _send_register(self, name: str, artifact_path: str) -> None:
+        """A new version of registered model `name` from this run's artifact (the registered model is
+        created on first use). A retry after a lost reply may add a second version of the same run."""
+        from mlflow.exceptions import MlflowException
+
+        try:
+            self.client.create_registered_model(name)
+        except MlflowException as exc:
+            if exc.error_code != "RESOURCE_ALREADY_EXISTS":
+                raise
+        source = f"{self.client.get_run(self.run_id).info.artifact_uri}/{artifact_path}"
+        version = self.client.create_model_version(name, source=source, run_id=self.run_id)
+        log.info("registered the run's model as %s version %s (models:/%s/%s)", name, version.version, name,
+                 version.version)
 
     def _send_status(self, status: str) -> None:
         if status in ("FINISHED", "FAILED", "KILLED"):

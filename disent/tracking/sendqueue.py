@@ -16,7 +16,7 @@ MAX_BATCH_METRICS = 1000  # MLflow's limit on the metrics in one log_batch
 
 @dataclass(eq=False)  # ops are compared by identity: two equal metric ops are still two values to send
 class Op:
-    kind: str  # create | metrics | params | tags | artifact | status
+    kind: str  # create | metrics | params | tags | artifact | status | register
     payload: Any
     size: int = 1  # metric values in a metrics op
 

@@ -19,6 +19,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
@@ -292,8 +293,30 @@ class Trainer:
         self.run_eval_hooks(self.step)
         if self.env.is_main:
             models = {"vae": self.engines.vae_model, "disc": self.engines.disc_model}
-            for path in self.checkpoints.export_final(models):
+            for path in self.checkpoints.export_final(models, to_yaml(self.cfg)):
                 self.tracker.log_artifact(path, "final")
+            if self.cfg.tracking.log_model:
+                self._log_model()
+
+    def _log_model(self) -> None:
+        """The run's MLflow model (disent.tracking.pyfunc), from run_dir/final/vae.pt, into
+        run_dir/final/model and the run's artifact "model"; registered when tracking.register_model is
+        set. A model that cannot be written is a warning: the run itself is complete."""
+        from disent.api import load as load_model
+        from disent.tracking.pyfunc import save_pyfunc
+
+        target = self.checkpoints.final_dir / "model"
+        shutil.rmtree(target, ignore_errors=True)
+        try:
+            model = load_model(self.checkpoints.final_dir, device="cpu")
+            save_pyfunc(model, target)
+        except Exception as exc:  # noqa: BLE001
+            log.warning("the run's MLflow model was not written (%s: %s); run_dir/final/vae.pt has the weights",
+                        type(exc).__name__, exc)
+            return
+        self.tracker.log_artifact(target, "model")
+        if self.cfg.tracking.register_model:
+            self.tracker.register_model(self.cfg.tracking.register_model, "model")
 
     def _teardown(self, status: str, exiting: bool) -> None:
         if exiting and status == "FAILED":
@@ -356,4 +379,6 @@ class Trainer:
             tags[f"world_size_change.step_{self.step}"] = f"{before} -> {after}"
         if tags["git_commit"]:
             tags["mlflow.source.git.commit"] = tags["git_commit"].removesuffix("-dirty")
+        if self.cfg.tracking.parent_run_id:
+            tags["mlflow.parentRunId"] = self.cfg.tracking.parent_run_id  # the UI nests the run under it
         return tags

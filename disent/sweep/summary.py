@@ -1,0 +1,133 @@
+"""A sweep in MLflow: the parent run (the sweep's config and points), and at the end its summary: a
+CSV of every child's point and results, and a PNG of class-from-s against class-from-mu (leakage),
+one labelled point per child, so the trade-off the sweep explores shows at a glance."""
+from __future__ import annotations
+
+import csv
+import logging
+import os
+import tempfile
+from pathlib import Path
+
+from disent.sweep.points import Sweep
+
+log = logging.getLogger(__name__)
+
+PARENT_TAG = "mlflow.parentRunId"
+AXIS_PARAM = "sweep.axis."  # on the parent: sweep.axis.<key> = "v1,v2"; a child's value is its param <key>
+# (column, MLflow metric): the headline results of a child
+RESULTS = (("class_from_s", "eval/class_from_s_mlp"), ("class_from_mu", "eval/class_from_z_mean_mlp"),
+           ("class_from_z", "eval/class_from_z_sample_mlp"), ("chance", "eval/chance"), ("z_gain", "eval/z_gain"),
+           ("vae_loss", "vae_loss"))
+
+
+def _client(uri: str):
+    from disent.tracking.run import make_client
+
+    return make_client(uri)
+
+
+def start_parent(uri: str, experiment: str, sweep: Sweep, name: str) -> str:
+    """The parent run, with the sweep's axes and points as params and sweep.json as an artifact."""
+    from disent.tracking.run import MLflowRun, SystemMetrics
+
+    run = MLflowRun(uri, experiment, SystemMetrics(uri, False))
+    run_id = run.open(None, name)
+    client = run.client
+    client.set_tag(run_id, "disent.kind", "sweep")
+    client.log_param(run_id, "sweep.config", sweep.config)
+    client.log_param(run_id, "sweep.mode", sweep.mode)
+    client.log_param(run_id, "sweep.points", len(sweep.points()))
+    for key, values in sweep.axes.items():
+        client.log_param(run_id, f"{AXIS_PARAM}{key}", ",".join(values))
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "sweep.json"
+        path.write_text(sweep.to_json())
+        client.log_artifact(run_id, str(path))
+    return run_id
+
+
+def children(uri: str, parent_id: str) -> list:
+    client = _client(uri)
+    parent = client.get_run(parent_id)
+    return client.search_runs([parent.info.experiment_id], f"tags.`{PARENT_TAG}` = '{parent_id}'",
+                              max_results=10_000)
+
+
+def summarize(uri: str, parent_id: str, out_dir: Path | None = None, finish: bool = True) -> dict:
+    """Write summary.csv and leakage.png to the parent run (and out_dir), and finish the parent:
+    FINISHED when every child finished, FAILED otherwise. Returns the rows."""
+    client = _client(uri)
+    keys = [k[len(AXIS_PARAM):] for k in client.get_run(parent_id).data.params if k.startswith(AXIS_PARAM)]
+    rows = []
+    for child in sorted(children(uri, parent_id), key=lambda r: r.info.run_name or ""):
+        row = {"label": child.info.run_name, "run_id": child.info.run_id, "status": child.info.status}
+        row.update({key: child.data.params.get(key) for key in sorted(keys)})
+        row.update({column: child.data.metrics.get(metric) for column, metric in RESULTS})
+        rows.append(row)
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = Path(out_dir or tmp)
+        folder.mkdir(parents=True, exist_ok=True)
+        csv_path, png_path = folder / "summary.csv", folder / "leakage.png"
+        _write_csv(rows, csv_path)
+        _plot(rows, png_path, client.get_run(parent_id).info.run_name)
+        client.log_artifact(parent_id, str(csv_path), "summary")
+        client.log_artifact(parent_id, str(png_path), "summary")
+    if finish:
+        ok = rows and all(r["status"] == "FINISHED" for r in rows)
+        client.set_terminated(parent_id, "FINISHED" if ok else "FAILED")
+    return {"rows": rows, "csv": str(csv_path), "png": str(png_path)}
+
+
+def finish_if_complete(uri: str, parent_id: str, run_dir: str | Path, point: int, size: int) -> bool:
+    """A point has ended for good (finished, or failed and not requeued): mark it in run_dir/ended/, and
+    when every point is marked, summarise the sweep, once (the first task to claim run_dir/summarised
+    does it). True when this call summarised. A preempted point is requeued and not marked, so the
+    sweep waits for it; a point cancelled for good never marks itself: `disent sweep --summarize`."""
+    ended = Path(run_dir) / "ended"
+    ended.mkdir(parents=True, exist_ok=True)
+    (ended / str(point)).touch()
+    if len(list(ended.iterdir())) < size:
+        return False
+    try:
+        os.close(os.open(Path(run_dir) / "summarised", os.O_CREAT | os.O_EXCL | os.O_WRONLY))
+    except FileExistsError:
+        return False
+    summarize(uri, parent_id, Path(run_dir) / "summary")
+    return True
+
+
+def _write_csv(rows: list[dict], path: Path) -> None:
+    columns: list[str] = []
+    for row in rows:
+        columns += [k for k in row if k not in columns]
+    with open(path, "w", newline="") as f:
+        writer = csv.DictWriter(f, columns)
+        writer.writeheader()
+        writer.writerows(rows)
+
+
+def _plot(rows: list[dict], path: Path, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 5.5), dpi=120)
+    done = [r for r in rows if r["class_from_s"] is not None and r["class_from_mu"] is not None]
+    ax.scatter([r["class_from_mu"] for r in done], [r["class_from_s"] for r in done], s=40, color="tab:blue")
+    for r in done:
+        ax.annotate(r["label"], (r["class_from_mu"], r["class_from_s"]), textcoords="offset points", xytext=(5, 4),
+                    fontsize=7)
+    chance = next((r["chance"] for r in done if r["chance"] is not None), None)
+    if chance is not None:
+        ax.axvline(chance, color="grey", linestyle="--", linewidth=1, label=f"chance ({chance:.2f})")
+        ax.legend(loc="lower right", fontsize=8)
+    ax.set_xlabel("class from mu (leakage into the unspecified code; lower is better)")
+    ax.set_ylabel("class from s (higher is better)")
+    missing = len(rows) - len(done)
+    ax.set_title(f"{title}" + (f" ({missing} point(s) without results)" if missing else ""), fontsize=9)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)

@@ -1,0 +1,122 @@
+"""`disent sweep`: points, names and input checks; the Kubernetes manifests; a real 2-point local sweep
+against a real `mlflow server` (parent run, two children, summary CSV and plot). The Slurm job array
+is in test_slurm.py."""
+from __future__ import annotations
+
+import csv
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from disent.cli import main
+from disent.config import ConfigError
+from disent.sweep.points import build_sweep, parse_axes, split_values
+from train_helpers import ROOT, make_tiny_data, tiny_overrides
+
+CONFIG = "configs/base.yaml"
+
+
+def test_values_split_on_commas_outside_brackets_and_quotes():
+    assert split_values("0.01,0.05") == ["0.01", "0.05"]
+    assert split_values("[0.5,0.9],[0.5,0.999]") == ["[0.5,0.9]", "[0.5,0.999]"]
+    assert split_values("'a,b',c") == ["'a,b'", "c"]
+
+
+def test_grid_and_zip_points_are_named_by_the_values_that_differ():
+    grid = build_sweep(CONFIG, ["loss.adversarial=0.01,0.05", "model.z_dim=8,16", "train.steps=10"], "grid")
+    assert len(grid.points()) == 4
+    assert [grid.label(p) for p in grid.points()] == [
+        "loss.adversarial=0.01 model.z_dim=8", "loss.adversarial=0.01 model.z_dim=16",
+        "loss.adversarial=0.05 model.z_dim=8", "loss.adversarial=0.05 model.z_dim=16"]
+    assert "train.steps=10" in grid.overrides(grid.points()[0])  # one value: every point, not in the name
+    zipped = build_sweep(CONFIG, ["loss.adversarial=0.01,0.05", "model.z_dim=8,16"], "zip")
+    assert [zipped.label(p) for p in zipped.points()] == ["loss.adversarial=0.01 model.z_dim=8",
+                                                           "loss.adversarial=0.05 model.z_dim=16"]
+
+
+@pytest.mark.parametrize("arguments, mode, message", [
+    (["model.zdim=8,16"], "grid", "unknown config key 'model.zdim'"),
+    (["model.z_dim=8,abc"], "grid", "config key 'model.z_dim' (from the command line) must be int"),
+    (["model.z_dim="], "grid", "sweep key 'model.z_dim' has an empty value list"),
+    (["model.z_dim=8,,16"], "grid", "sweep key 'model.z_dim' has an empty value list"),
+    (["model.z_dim"], "grid", "is not key=v1,v2"),
+    (["model.z_dim=8,16", "loss.adversarial=0.1"], "zip", "--zip needs as many values for every key"),
+    (["model.z_dim=8", "model.z_dim=16"], "grid", "given twice"),
+    ([], "grid", "at least one key"),
+])
+def test_bad_input_is_refused_naming_the_key(arguments, mode, message):
+    with pytest.raises(ConfigError) as info:
+        build_sweep(CONFIG, arguments, mode)
+    assert message in str(info.value)
+
+
+def test_the_cli_refuses_bad_input_before_anything_is_submitted(tmp_path, monkeypatch, capsys):
+    started = []
+    monkeypatch.setattr("disent.sweep.summary.start_parent", lambda *a, **k: started.append(a) or "never")
+    store = f"sqlite:///{tmp_path}/mlflow.db"
+    assert main(["sweep", CONFIG, "model.z_dim=8,nope", "--backend", "slurm", "--tracking-uri", store]) == 2
+    err = capsys.readouterr().err
+    assert "model.z_dim" in err and "must be int" in err
+    assert not started and not (tmp_path / "mlflow.db").exists()
+    assert parse_axes(["a.b=1"]) == {"a.b": ["1"]}
+
+
+def test_k8s_sweep_renders_one_valid_indexed_job_per_point(tmp_path, capsys):
+    from test_k8s import run_validate
+
+    assert main(["sweep", "configs/sprites.yaml", "loss.adversarial=0.01,0.05", "model.z_dim=8,16",
+                 "--backend", "k8s", "--dry-run"]) == 0
+    manifests = capsys.readouterr().out  # the manifests alone: `... --dry-run > sweep.yaml` is valid YAML
+    docs = [d for d in yaml.safe_load_all(manifests) if d]
+    jobs = [d for d in docs if d["kind"] == "Job"]
+    services = [d for d in docs if d["kind"] == "Service"]
+    assert len(jobs) == len(services) == 4 and {d["kind"] for d in docs} >= {"ConfigMap", "PersistentVolumeClaim"}
+    for job, service in zip(jobs, services):
+        name = job["metadata"]["name"]
+        spec = job["spec"]["template"]["spec"]
+        assert service["metadata"]["name"] == spec["subdomain"] == name
+        assert service["spec"]["selector"] == {"batch.kubernetes.io/job-name": name}
+        command = spec["containers"][0]["command"]
+        assert "tracking.parent_run_id=PARENT_RUN_ID" in command and any(c.startswith("model.z_dim=") for c in command)
+        env = {e["name"]: e.get("value") for e in spec["containers"][0]["env"]}
+        assert env["DISENT_SERVICE"] == name
+    path = tmp_path / "sweep.yaml"
+    path.write_text(manifests)
+    result = run_validate(path)
+    assert result.returncode == 0 and "did not validate" not in result.stdout, result.stdout + result.stderr
+
+
+@pytest.mark.slow
+def test_a_local_sweep_makes_a_parent_with_two_labelled_children_and_a_summary(tmp_path, mlflow_server):
+    from mlflow.tracking import MlflowClient
+
+    shards = make_tiny_data(tmp_path / "data")
+    fixed = [o for o in tiny_overrides(tmp_path / "unused", shards, **{"tracking.experiment": "sweep-test",
+                                                                       "train.steps": 4})
+             if not o.startswith(("run_dir=", "tracking.uri=", "tracking.run_name="))]
+    env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "disent.cli", "sweep", CONFIG, *fixed, "loss.adversarial=0.01,0.05",
+           "--tracking-uri", mlflow_server, "--run-dir", str(tmp_path / "sweep"), "--name", "tiny sweep"]
+    result = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
+
+    client = MlflowClient(tracking_uri=mlflow_server)
+    experiment = client.get_experiment_by_name("sweep-test")
+    (parent,) = client.search_runs([experiment.experiment_id], "tags.`disent.kind` = 'sweep'")
+    assert parent.info.status == "FINISHED" and parent.info.run_name == "tiny sweep"
+    assert parent.data.params["sweep.axis.loss.adversarial"] == "0.01,0.05"
+    kids = client.search_runs([experiment.experiment_id], f"tags.`mlflow.parentRunId` = '{parent.info.run_id}'")
+    assert sorted(k.info.run_name for k in kids) == ["loss.adversarial=0.01", "loss.adversarial=0.05"]
+    assert all(k.info.status == "FINISHED" and "eval/class_from_s_mlp" in k.data.metrics for k in kids)
+    assert {k.data.params["loss.adversarial"] for k in kids} == {"0.01", "0.05"}
+    names = {a.path for a in client.list_artifacts(parent.info.run_id, "summary")}
+    assert names == {"summary/summary.csv", "summary/leakage.png"}
+    rows = list(csv.DictReader(open(tmp_path / "sweep" / "summary" / "summary.csv")))
+    assert [r["label"] for r in rows] == ["loss.adversarial=0.01", "loss.adversarial=0.05"]
+    assert all(0 <= float(r["class_from_s"]) <= 1 and 0 <= float(r["class_from_mu"]) <= 1 for r in rows)
+    png = Path(tmp_path / "sweep" / "summary" / "leakage.png").read_bytes()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 5000
