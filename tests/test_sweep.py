@@ -100,7 +100,7 @@ def test_a_local_sweep_makes_a_parent_with_two_labelled_children_and_a_summary(t
              if not o.startswith(("run_dir=", "tracking.uri=", "tracking.run_name="))]
     env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1"}
     cmd = [sys.executable, "-m", "disent.cli", "sweep", CONFIG, *fixed, "loss.adversarial=0.01,0.05",
-           "--tracking-uri", mlflow_server, "--run-dir", str(tmp_path / "sweep"), "--name", "tiny sweep"]
+           "--tracking-uri", mlflow_server, "--run-dir", str(tmp_path / "sweep"), "--name", "tiny sweep", "--parallel", "2"]
     result = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
 
