@@ -9,7 +9,7 @@ import os
 import tempfile
 from pathlib import Path
 
-from disent.sweep.points import Sweep
+from disent.sweep.points import Sweep, split_values
 
 log = logging.getLogger(__name__)
 
@@ -58,7 +58,8 @@ def summarize(uri: str, parent_id: str, out_dir: Path | None = None, finish: boo
     """Write summary.csv and leakage.png to the parent run (and out_dir), and finish the parent:
     FINISHED when every child finished, FAILED otherwise. Returns the rows."""
     client = _client(uri)
-    keys = [k[len(AXIS_PARAM):] for k in client.get_run(parent_id).data.params if k.startswith(AXIS_PARAM)]
+    axes = {k[len(AXIS_PARAM):]: v for k, v in client.get_run(parent_id).data.params.items() if k.startswith(AXIS_PARAM)}
+    keys = [k for k, values in axes.items() if len(set(split_values(values))) > 1]  # shared settings: parent params
     rows = []
     for child in sorted(children(uri, parent_id), key=lambda r: r.info.run_name or ""):
         row = {"label": child.info.run_name, "run_id": child.info.run_id, "status": child.info.status}
@@ -113,16 +114,20 @@ def _plot(rows: list[dict], path: Path, title: str) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(7, 5.5), dpi=120)
     done = [r for r in rows if r["class_from_s"] is not None and r["class_from_mu"] is not None]
-    ax.scatter([r["class_from_mu"] for r in done], [r["class_from_s"] for r in done], s=40, color="tab:blue")
-    for r in done:
-        ax.annotate(r["label"], (r["class_from_mu"], r["class_from_s"]), textcoords="offset points", xytext=(5, 4),
+    fig, ax = plt.subplots(figsize=(7.5, 5.5 + 0.22 * len(done)), dpi=120)
+    markers = "osD^v<>PX*"
+    for i, r in enumerate(done):  # one colour and marker per point, named in the legend: labels never overlap
+        ax.scatter(r["class_from_mu"], r["class_from_s"], s=55, marker=markers[i % len(markers)],
+                   color=plt.cm.tab10(i % 10), label=f"{i + 1}: {r['label']}", zorder=3)
+        ax.annotate(str(i + 1), (r["class_from_mu"], r["class_from_s"]), textcoords="offset points", xytext=(5, 5),
                     fontsize=7)
     chance = next((r["chance"] for r in done if r["chance"] is not None), None)
     if chance is not None:
         ax.axvline(chance, color="grey", linestyle="--", linewidth=1, label=f"chance ({chance:.2f})")
-        ax.legend(loc="lower right", fontsize=8)
+    ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.13), fontsize=7, ncol=1, frameon=False)
+    ax.set_xlim(-0.02, 1.02)
+    ax.set_ylim(-0.02, 1.05)
     ax.set_xlabel("class from mu (leakage into the unspecified code; lower is better)")
     ax.set_ylabel("class from s (higher is better)")
     missing = len(rows) - len(done)
