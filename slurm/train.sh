@@ -63,7 +63,7 @@ read -r -a train_cmd <<< "${TRAIN_CMD:-disent train}"
 # A task of a `disent sweep --backend slurm` job array: its point's overrides come from the sweep file.
 if [ -n "${DISENT_SWEEP:-}" ] && [ -n "${SLURM_ARRAY_TASK_ID:-}" ]; then
   if ! point=$("${PYTHON}" -m disent.sweep "${DISENT_SWEEP}" "${SLURM_ARRAY_TASK_ID}"); then
-    echo "slurm/train.sh: cannot read point ${SLURM_ARRAY_TASK_ID} of the sweep ${DISENT_SWEEP}" >&2
+    echo "slurm/train.sh: cannot read point ${SLURM_ARRAY_TASK_ID} of the sweep ${DISENT_SWEEP}" >/dev/stderr
     exit "${EXIT_INPUT_ERROR}"
   fi
   mapfile -t point_overrides <<< "${point}"

@@ -39,6 +39,9 @@ class MLflowServer:
                "--workers", "1"]
         log = open(self.log_path, "a")
         env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")}
+        # MLflow 3's server otherwise starts a pool of job consumers (GenAI jobs) that poll all the time:
+        # about half a core of the two the suite has, for as long as the server runs.
+        env["MLFLOW_SERVER_ENABLE_JOB_EXECUTION"] = "false"
         self.proc = subprocess.Popen(cmd, cwd=self.root, stdout=log, stderr=subprocess.STDOUT, env=env,
                                      start_new_session=True)
         log.close()

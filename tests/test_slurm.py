@@ -218,7 +218,7 @@ def test_a_sweep_is_one_job_array_whose_preempted_point_requeues_and_the_last_po
     writes the summary and finishes the parent."""
     from mlflow.tracking import MlflowClient
 
-    steps = 60
+    steps = 40
     config, *rest = train_args(tmp_path / "unused", data, steps=steps, log_every=4, tracking_uri="",
                                experiment=tmp_path.name)
     fixed = [o for o in rest if not o.startswith(("run_dir=", "tracking.run_name="))]

@@ -96,11 +96,12 @@ def test_a_local_sweep_makes_a_parent_with_two_labelled_children_and_a_summary(t
 
     shards = make_tiny_data(tmp_path / "data")
     fixed = [o for o in tiny_overrides(tmp_path / "unused", shards, **{"tracking.experiment": "sweep-test",
-                                                                       "train.steps": 4})
+                                                                       "train.steps": 4, "tracking.log_model": True})
              if not o.startswith(("run_dir=", "tracking.uri=", "tracking.run_name="))]
     env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1"}
     cmd = [sys.executable, "-m", "disent.cli", "sweep", CONFIG, *fixed, "loss.adversarial=0.01,0.05",
-           "--tracking-uri", mlflow_server, "--run-dir", str(tmp_path / "sweep"), "--name", "tiny sweep", "--parallel", "2"]
+           "--tracking-uri", mlflow_server, "--run-dir", str(tmp_path / "sweep"), "--name", "tiny sweep", "--parallel", "2", "--nproc", "1",
+           "--register-best", "tiny-sweep-best"]
     result = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
 
@@ -120,3 +121,10 @@ def test_a_local_sweep_makes_a_parent_with_two_labelled_children_and_a_summary(t
     assert all(0 <= float(r["class_from_s"]) <= 1 and 0 <= float(r["class_from_mu"]) <= 1 for r in rows)
     png = Path(tmp_path / "sweep" / "summary" / "leakage.png").read_bytes()
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 5000
+    # The best child (class from s minus class from mu) is tagged on the parent and registered by name.
+    best = max(rows, key=lambda r: float(r["score"]))
+    parent = client.get_run(parent.info.run_id)
+    assert parent.data.tags["disent.sweep.best_run"] == best["run_id"]
+    (version,) = client.search_model_versions("name='tiny-sweep-best'")
+    assert version.run_id == best["run_id"]
+    assert "load it with disent.load('models:/tiny-sweep-best/latest')" in result.stderr

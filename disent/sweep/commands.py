@@ -42,6 +42,14 @@ def _print_rows(rows: list[dict]) -> None:
         say(f"  {row['status']:<9} {row['label']}  {results}  ({row['run_id']})")
 
 
+def _print_best(best: dict | None) -> None:
+    if best is None:
+        return
+    where = f"models:/{best['name']}/latest" if best.get("name") else f"runs:/{best['run_id']}/model"
+    say(f"disent sweep: best point {best['label']} (class from s - class from mu = {best['score']:.3f}); "
+        f"load it with disent.load({where!r})")
+
+
 def _cmd_sweep(args: argparse.Namespace) -> int:
     from disent.sweep import backends, summary
     from disent.sweep.points import build_sweep
@@ -50,6 +58,7 @@ def _cmd_sweep(args: argparse.Namespace) -> int:
     if args.summarize:
         result = summary.summarize(args.tracking_uri or tracking_uri(), args.summarize, finish=True)
         _print_rows(result["rows"])
+        _print_best(result["best"])
         return 0
     if args.finish_if_complete:
         sweep, parent_id, run_dir, uri = read_sweep_file(args.finish_if_complete)
@@ -73,7 +82,7 @@ def _cmd_sweep(args: argparse.Namespace) -> int:
         say(f"  {index}: {sweep.label(point)}")
     if args.dry_run:
         return _dry_run(args, sweep, run_dir, name)
-    parent_id = summary.start_parent(uri, first.tracking.experiment, sweep, name)
+    parent_id = summary.start_parent(uri, first.tracking.experiment, sweep, name, args.register_best)
     say(f"disent sweep: MLflow parent run {parent_id} ({name})")
     Path(run_dir).mkdir(parents=True, exist_ok=True)
     sweep_file = Path(run_dir) / "sweep.json"
@@ -82,6 +91,7 @@ def _cmd_sweep(args: argparse.Namespace) -> int:
         codes = backends.run_local(sweep, parent_id, run_dir, args.nproc, args.parallel, echo=say)
         result = summary.summarize(uri, parent_id, Path(run_dir) / "summary")
         _print_rows(result["rows"])
+        _print_best(result["best"])
         say(f"disent sweep: summary in {result['csv']} and {result['png']} (also on the parent run)")
         return next((c for c in codes if c != 0), 0)
     if args.backend == "slurm":
@@ -142,6 +152,9 @@ def register(subparsers, add_config_args) -> None:
                     help="slurm: an extra sbatch argument, e.g. --sbatch-arg=--partition=gpu (repeatable)")
     sw.add_argument("--k8s-template", default=str(Path(__file__).resolve().parents[2] / "k8s" / "job.yaml"),
                     help="k8s: the manifests each point's Indexed Job is made from")
+    sw.add_argument("--register-best", metavar="NAME",
+                    help="register the best child's model (class from s minus class from mu) as NAME in the "
+                    "Model Registry when the sweep is summarised: disent.load('models:/NAME/latest')")
     sw.add_argument("--dry-run", action="store_true", help="print the points and what would run; submit nothing")
     sw.add_argument("--summarize", metavar="PARENT_RUN_ID", help="write the summary of a sweep and finish its parent")
     sw.add_argument("--finish-if-complete", metavar="SWEEP_FILE", help=argparse.SUPPRESS)  # slurm/train.sh

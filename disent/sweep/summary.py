@@ -14,6 +14,7 @@ from disent.sweep.points import Sweep, split_values
 log = logging.getLogger(__name__)
 
 PARENT_TAG = "mlflow.parentRunId"
+REGISTER_PARAM = "sweep.register_best"  # the registered model name the best child's model goes to
 AXIS_PARAM = "sweep.axis."  # on the parent: sweep.axis.<key> = "v1,v2"; a child's value is its param <key>
 # (column, MLflow metric): the headline results of a child
 RESULTS = (("class_from_s", "eval/class_from_s_mlp"), ("class_from_mu", "eval/class_from_z_mean_mlp"),
@@ -27,8 +28,9 @@ def _client(uri: str):
     return make_client(uri)
 
 
-def start_parent(uri: str, experiment: str, sweep: Sweep, name: str) -> str:
-    """The parent run, with the sweep's axes and points as params and sweep.json as an artifact."""
+def start_parent(uri: str, experiment: str, sweep: Sweep, name: str, register_best: str | None = None) -> str:
+    """The parent run, with the sweep's axes and points as params and sweep.json as an artifact; with
+    register_best, the summary registers the best child's model under that name."""
     from disent.tracking.run import MLflowRun, SystemMetrics
 
     run = MLflowRun(uri, experiment, SystemMetrics(uri, False))
@@ -38,6 +40,8 @@ def start_parent(uri: str, experiment: str, sweep: Sweep, name: str) -> str:
     client.log_param(run_id, "sweep.config", sweep.config)
     client.log_param(run_id, "sweep.mode", sweep.mode)
     client.log_param(run_id, "sweep.points", len(sweep.points()))
+    if register_best:
+        client.log_param(run_id, REGISTER_PARAM, register_best)
     for key, values in sweep.axes.items():
         client.log_param(run_id, f"{AXIS_PARAM}{key}", ",".join(values))
     with tempfile.TemporaryDirectory() as tmp:
@@ -58,14 +62,17 @@ def summarize(uri: str, parent_id: str, out_dir: Path | None = None, finish: boo
     """Write summary.csv and leakage.png to the parent run (and out_dir), and finish the parent:
     FINISHED when every child finished, FAILED otherwise. Returns the rows."""
     client = _client(uri)
-    axes = {k[len(AXIS_PARAM):]: v for k, v in client.get_run(parent_id).data.params.items() if k.startswith(AXIS_PARAM)}
+    params = client.get_run(parent_id).data.params
+    axes = {k[len(AXIS_PARAM):]: v for k, v in params.items() if k.startswith(AXIS_PARAM)}
     keys = [k for k, values in axes.items() if len(set(split_values(values))) > 1]  # shared settings: parent params
     rows = []
     for child in sorted(children(uri, parent_id), key=lambda r: r.info.run_name or ""):
         row = {"label": child.info.run_name, "run_id": child.info.run_id, "status": child.info.status}
         row.update({key: child.data.params.get(key) for key in sorted(keys)})
         row.update({column: child.data.metrics.get(metric) for column, metric in RESULTS})
+        row["score"] = _score(row)
         rows.append(row)
+    best = _register_best(client, rows, params.get(REGISTER_PARAM), parent_id)
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(out_dir or tmp)
         folder.mkdir(parents=True, exist_ok=True)
@@ -77,7 +84,32 @@ def summarize(uri: str, parent_id: str, out_dir: Path | None = None, finish: boo
     if finish:
         ok = rows and all(r["status"] == "FINISHED" for r in rows)
         client.set_terminated(parent_id, "FINISHED" if ok else "FAILED")
-    return {"rows": rows, "csv": str(csv_path), "png": str(png_path)}
+    return {"rows": rows, "csv": str(csv_path), "png": str(png_path), "best": best}
+
+
+def _score(row: dict) -> float | None:
+    """What "best" means: class from s minus class from mu (the class in s, and none of it in mu)."""
+    if row["status"] != "FINISHED" or row["class_from_s"] is None or row["class_from_mu"] is None:
+        return None
+    return row["class_from_s"] - row["class_from_mu"]
+
+
+def _register_best(client, rows: list[dict], name: str | None, parent_id: str) -> dict | None:
+    """The best finished child (by _score) with a logged model, tagged on the parent; registered as
+    `name` when given (models:/NAME/latest is then that child's model)."""
+    from disent.tracking.run import register_run_model
+
+    scored = [r for r in rows if r["score"] is not None
+              and any(a.path == "model" for a in client.list_artifacts(r["run_id"]))]
+    if not scored:
+        return None
+    best = max(scored, key=lambda r: r["score"])
+    client.set_tag(parent_id, "disent.sweep.best_run", best["run_id"])
+    client.set_tag(parent_id, "disent.sweep.best_label", best["label"])
+    out = {"run_id": best["run_id"], "label": best["label"], "score": best["score"]}
+    if name:
+        out.update(name=name, version=register_run_model(client, name, best["run_id"]))
+    return out
 
 
 def finish_if_complete(uri: str, parent_id: str, run_dir: str | Path, point: int, size: int) -> bool:

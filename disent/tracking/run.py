@@ -158,25 +158,31 @@ class MLflowRun:
             self.client.log_artifact(self.run_id, path, artifact_path)
 
     def _send_register(self, name: str, artifact_path: str) -> None:
-        """A new version of registered model `name` from this run's artifact (the registered model is
-        created on first use). A retry after a lost reply may add a second version of the same run."""
-        from mlflow.exceptions import MlflowException
-
-        try:
-            self.client.create_registered_model(name)
-        except MlflowException as exc:
-            if exc.error_code != "RESOURCE_ALREADY_EXISTS":
-                raise
-        source = f"{self.client.get_run(self.run_id).info.artifact_uri}/{artifact_path}"
-        version = self.client.create_model_version(name, source=source, run_id=self.run_id)
-        log.info("registered the run's model as %s version %s (models:/%s/%s)", name, version.version, name,
-                 version.version)
+        register_run_model(self.client, name, self.run_id, artifact_path)
 
     def _send_status(self, status: str) -> None:
         if status in ("FINISHED", "FAILED", "KILLED"):
             self.client.set_terminated(self.run_id, status)
         else:
             self.client.update_run(self.run_id, status=status)
+
+
+def register_run_model(client, name: str, run_id: str, artifact_path: str = "model") -> str:
+    """A new version of registered model `name` from a run's model artifact (the registered model is
+    created on first use); its version. A retry after a lost reply may add a second version of the
+    same run."""
+    from mlflow.exceptions import MlflowException
+
+    try:
+        client.create_registered_model(name)
+    except MlflowException as exc:
+        if exc.error_code != "RESOURCE_ALREADY_EXISTS":
+            raise
+    source = f"{client.get_run(run_id).info.artifact_uri}/{artifact_path}"
+    version = client.create_model_version(name, source=source, run_id=run_id)
+    log.info("registered run %s's model as %s version %s (models:/%s/%s)", run_id, name, version.version, name,
+             version.version)
+    return str(version.version)
 
 
 def broadcast(value: Any) -> Any:
