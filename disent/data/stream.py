@@ -532,15 +532,22 @@ def _as_raised_in_worker(exc: ShardError) -> ShardError:
 def iter_groups(data_cfg: DataConfig, split: str, manifest: Manifest | None = None) -> Iterator[Group]:
     """Every group of a split, shards in manifest order (no pairing, no shuffling)."""
     manifest = manifest or open_split(data_cfg, split)
+    for _, groups in _read_shards(data_cfg, manifest, range(len(manifest.shards))):
+        yield from groups
+
+
+def _read_shards(data_cfg: DataConfig, manifest: Manifest, indices) -> Iterator[tuple[int, list[Group]]]:
+    """(index, groups) of these shards in order, under data.on_error; a skipped shard is left out and the
+    first one warned about."""
     source = _ShardSource(manifest, data_cfg.on_error, data_cfg.verify_checksums)
-    for index in range(len(manifest.shards)):
+    for index in indices:
         groups = source.read(index)
         if groups is None:
             if source.skipped == 1:
                 warnings.warn(f"data.on_error=skip: skipped a bad shard: {source.first_error}", RuntimeWarning,
-                              stacklevel=2)
+                              stacklevel=3)
             continue
-        yield from groups
+        yield index, groups
 
 
 def load_split_arrays(data_cfg: DataConfig, split: str, limit: int | None = None, manifest: Manifest | None = None
@@ -558,22 +565,16 @@ def load_split_arrays(data_cfg: DataConfig, split: str, limit: int | None = None
     chosen = None
     if limit is not None and limit < starts[-1]:
         chosen = np.sort(np.random.default_rng(0x5EED).choice(int(starts[-1]), size=max(0, limit), replace=False))
-    source = _ShardSource(manifest, data_cfg.on_error, data_cfg.verify_checksums)
+    def local(index: int) -> np.ndarray:
+        return chosen[(chosen >= starts[index]) & (chosen < starts[index + 1])] - starts[index]
+
+    wanted = [i for i in range(len(manifest.shards)) if chosen is None or len(local(i))]
     images, labels, factors = [], [], []
-    for index in range(len(manifest.shards)):
-        local = None if chosen is None else chosen[(chosen >= starts[index]) & (chosen < starts[index + 1])] - starts[index]
-        if local is not None and not len(local):
-            continue
-        groups = source.read(index)
-        if groups is None:
-            if source.skipped == 1:
-                warnings.warn(f"data.on_error=skip: skipped a bad shard: {source.first_error}", RuntimeWarning,
-                              stacklevel=2)
-            continue
+    for index, groups in _read_shards(data_cfg, manifest, wanted):
         shard_images = np.concatenate([g.images for g in groups])
         shard_labels = np.concatenate([np.full(len(g.ids), g.label, np.int64) for g in groups])
         shard_factors = np.concatenate([g.factors for g in groups])
-        keep = slice(None) if local is None else local
+        keep = slice(None) if chosen is None else local(index)
         images.append(shard_images[keep])
         labels.append(shard_labels[keep])
         factors.append(shard_factors[keep])
