@@ -13,6 +13,7 @@ import time
 from pathlib import Path
 
 from disent.config import ConfigError
+from disent.errors import ExitCode
 from disent.sweep.points import Sweep
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -76,14 +77,15 @@ def submit_slurm(sweep: Sweep, sweep_file: Path, sbatch_args: list[str], echo=pr
 
 # --------------------------------------------------------------------------- Kubernetes
 
+SWEEP_FILE_NAME = "sweep.json"  # beside the config in the sweep's ConfigMap
+
 
 def _slug(text: str, limit: int) -> str:
     return re.sub(r"[^a-z0-9-]+", "-", text.lower()).strip("-")[:limit].strip("-")
 
 
-def k8s_manifests(sweep: Sweep, template: Path, parent_id: str, run_dir: str, name: str) -> list[dict]:
-    """template's shared objects (ConfigMap, volume claim) once, then per point a headless Service and an
-    Indexed Job named <name>-<i>, whose command adds the point's overrides."""
+def read_k8s_template(template: Path) -> tuple[list[dict], dict, dict]:
+    """(shared objects, headless Service, Job) of a template shaped like k8s/job.yaml."""
     import yaml
 
     docs = [d for d in yaml.safe_load_all(template.read_text()) if d]
@@ -91,9 +93,77 @@ def k8s_manifests(sweep: Sweep, template: Path, parent_id: str, run_dir: str, na
     service = next((d for d in docs if d.get("kind") == "Service"), None)
     if job is None or service is None:
         raise ConfigError(f"{template} must hold a Job and its headless Service (as k8s/job.yaml does)")
-    shared = [d for d in docs if d is not job and d is not service]
+    return [d for d in docs if d is not job and d is not service], service, job
+
+
+def _config_volume(template: Path, job: dict) -> tuple[dict, str]:
+    """The pod's ConfigMap volume, and the path of the config file the container trains."""
+    spec = job["spec"]["template"]["spec"]
+    container = spec["containers"][0]
+    volumes = {v["name"]: v for v in spec.get("volumes", []) if "configMap" in v}
+    for mount in container.get("volumeMounts", []):
+        if mount["name"] in volumes:
+            prefix = mount["mountPath"].rstrip("/") + "/"
+            config = next((a for a in container["command"] if a.startswith(prefix)), None)
+            if config:
+                return volumes[mount["name"]], config
+    raise ConfigError(f"{template}: the Job's container must train a config file from a mounted ConfigMap "
+                      f"(as k8s/job.yaml trains /etc/disent/train.yaml); the sweep ships its config there")
+
+
+def shared_mounts(template: Path) -> list[str]:
+    """Where the pods mount persistent volume claims: the only paths every pod of every point sees."""
+    _, _, job = read_k8s_template(template)
+    spec = job["spec"]["template"]["spec"]
+    claims = {v["name"] for v in spec.get("volumes", []) if "persistentVolumeClaim" in v}
+    return [m["mountPath"].rstrip("/") for m in spec["containers"][0].get("volumeMounts", []) if m["name"] in claims]
+
+
+def check_k8s_sweep(template: Path, run_dir: str, uri: str, data_url: str) -> None:
+    """What a point's pods must reach, checked before anything is submitted: the sweep's run_dir on a
+    shared volume (checkpoints survive a pod, and the points' end markers meet), a tracking server
+    (every pod writes the same MLflow store) and data that is not on this machine's disk."""
+    mounts = shared_mounts(template)
+    if not any(run_dir == m or run_dir.startswith(m + "/") for m in mounts):
+        raise ConfigError(f"--run-dir {run_dir} is not on a volume claim the pods of {template} mount "
+                          f"({', '.join(mounts) or 'none'}); give --run-dir under one of them")
+    if not uri.startswith(("http://", "https://", "databricks")):
+        raise ConfigError(f"tracking URI {uri!r} is local to this machine; a Kubernetes sweep needs an MLflow "
+                          "server this machine and the pods both reach: --tracking-uri http://HOST:PORT")
+    if "://" not in data_url and not any(data_url == m or data_url.startswith(m + "/") for m in mounts):
+        raise ConfigError(f"data.url={data_url} is a path on this machine's disk, which the pods do not see; "
+                          f"give data.url=s3://BUCKET/PREFIX (or a path under {', '.join(mounts) or 'a mounted volume'})")
+
+
+def _pod_command(command: list[str], overrides: list[str], sweep_file: str, index: int, parent_id: str) -> list[str]:
+    """The template's command with the point's overrides, in a shell that marks the point as ended for
+    good (exit 0, or an input error, which fails the Job) from pod 0; the last point to end summarises.
+    A preempted or retryable exit is not an end: the Job replaces the pod and the point goes on."""
+    python = command[0] if "python" in command[0] else "python3"
+    ended = f'[ "$rc" -eq {int(ExitCode.OK)} ] || [ "$rc" -eq {int(ExitCode.INPUT_ERROR)} ]'
+    script = (f'"$@"; rc=$?\n'
+              f'if [ "${{JOB_COMPLETION_INDEX:-0}}" = 0 ] && {{ {ended}; }}; then\n'
+              f'  {python} -m disent.cli sweep --finish-if-complete {sweep_file} --point {index} '
+              f'|| echo "the sweep summary failed; run disent sweep --summarize {parent_id}" >/dev/stderr\n'
+              f'fi\nexit "$rc"\n')
+    return ["/bin/sh", "-c", script, "disent-sweep-point", *command, *overrides]
+
+
+def k8s_manifests(sweep: Sweep, template: Path, parent_id: str, run_dir: str, name: str, config_yaml: str,
+                  sweep_record: str) -> list[dict]:
+    """template's shared objects once (its config ConfigMap replaced by one holding the sweep's resolved
+    config and sweep file), then per point a headless Service and an Indexed Job named <name>-<i>,
+    training that config with the point's overrides."""
+    shared, service, job = read_k8s_template(template)
+    volume, config_path = _config_volume(template, job)
     base = _slug(name, 40) or "disent-sweep"
-    out = list(shared)
+    config_map = f"{base}-config"
+    replaced = volume["configMap"]["name"]
+    out = [d for d in shared if not (d.get("kind") == "ConfigMap" and d["metadata"]["name"] == replaced)]
+    config_dir, config_key = config_path.rsplit("/", 1)
+    out.insert(0, {"apiVersion": "v1", "kind": "ConfigMap",
+                   "metadata": {"name": config_map, "labels": {"disent/sweep": base}},
+                   "data": {config_key: config_yaml, SWEEP_FILE_NAME: sweep_record}})
     for index in range(len(sweep.points())):
         point_name = f"{base}-{index}"
         svc = copy.deepcopy(service)
@@ -104,8 +174,10 @@ def k8s_manifests(sweep: Sweep, template: Path, parent_id: str, run_dir: str, na
         pod_job["metadata"].setdefault("labels", {})["disent/sweep"] = base
         spec = pod_job["spec"]["template"]["spec"]
         spec["subdomain"] = point_name
+        next(v for v in spec["volumes"] if v["name"] == volume["name"])["configMap"]["name"] = config_map
         container = spec["containers"][0]
-        container["command"] = [*container["command"], *point_overrides(sweep, index, parent_id, run_dir)]
+        container["command"] = _pod_command(container["command"], point_overrides(sweep, index, parent_id, run_dir),
+                                            f"{config_dir}/{SWEEP_FILE_NAME}", index, parent_id)
         for env in container.get("env", []):
             if env.get("name") == "DISENT_SERVICE":
                 env["value"] = point_name
@@ -116,7 +188,14 @@ def k8s_manifests(sweep: Sweep, template: Path, parent_id: str, run_dir: str, na
 def render_k8s(manifests: list[dict]) -> str:
     import yaml
 
-    return "---\n".join(yaml.safe_dump(m, sort_keys=False) for m in manifests)
+    class Dumper(yaml.SafeDumper):
+        pass
+
+    def text(dumper, value: str):  # scripts and config files read as written: block literals
+        return dumper.represent_scalar("tag:yaml.org,2002:str", value, style="|" if "\n" in value else None)
+
+    Dumper.add_representer(str, text)
+    return "---\n".join(yaml.dump(m, Dumper=Dumper, sort_keys=False) for m in manifests)
 
 
 def apply_k8s(text: str, echo=print) -> None:

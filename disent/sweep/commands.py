@@ -74,7 +74,13 @@ def _cmd_sweep(args: argparse.Namespace) -> int:
     uri = args.tracking_uri or tracking_uri(first)
     sweep.base_overrides.append(f"tracking.uri={uri}")
     stamp = time.strftime("%Y%m%d-%H%M%S")
-    run_dir = args.run_dir or str(Path(first.run_dir).parent / f"sweep-{first.name}-{stamp}")
+    folder = name_slug(first.name, stamp)
+    if args.backend == "k8s":  # the points' pods share only the template's volume claims
+        mounts = backends.shared_mounts(Path(args.k8s_template))
+        run_dir = args.run_dir or (f"{mounts[0]}/{folder}" if mounts else "")
+        backends.check_k8s_sweep(Path(args.k8s_template), run_dir, uri, first.data.url)
+    else:
+        run_dir = args.run_dir or str(Path(first.run_dir).parent / folder)
     name = args.name or f"sweep {first.name}: " + " ".join(f"{k}={','.join(v)}" for k, v in sweep.axes.items())
     points = sweep.points()
     say(f"disent sweep: {len(points)} point(s) ({sweep.mode}) of {args.config}, backend {args.backend}:")
@@ -84,6 +90,12 @@ def _cmd_sweep(args: argparse.Namespace) -> int:
         return _dry_run(args, sweep, run_dir, name)
     parent_id = summary.start_parent(uri, first.tracking.experiment, sweep, name, args.register_best)
     say(f"disent sweep: MLflow parent run {parent_id} ({name})")
+    if args.backend == "k8s":
+        manifests = _k8s_manifests(args, sweep, parent_id, run_dir, uri, folder)
+        backends.apply_k8s(backends.render_k8s(manifests), echo=say)
+        say(f"disent sweep: the last point to end summarises the sweep; or run `disent sweep --summarize "
+            f"{parent_id}`. Follow with: kubectl get jobs -l disent/sweep={manifests[0]['metadata']['labels']['disent/sweep']}")
+        return 0
     Path(run_dir).mkdir(parents=True, exist_ok=True)
     sweep_file = Path(run_dir) / "sweep.json"
     sweep_file.write_text(_sweep_file_record(sweep, parent_id, run_dir, uri))
@@ -94,19 +106,25 @@ def _cmd_sweep(args: argparse.Namespace) -> int:
         _print_best(result["best"])
         say(f"disent sweep: summary in {result['csv']} and {result['png']} (also on the parent run)")
         return next((c for c in codes if c != 0), 0)
-    if args.backend == "slurm":
-        job = backends.submit_slurm(sweep, sweep_file, args.sbatch_arg, echo=say)
-        say(f"disent sweep: the last task to end summarises the sweep; or run `disent sweep --summarize "
-              f"{parent_id}`. Follow with: squeue -j {job}")
-        return 0
-    manifests = backends.k8s_manifests(sweep, Path(args.k8s_template), parent_id, run_dir, name_slug(first.name, stamp))
-    backends.apply_k8s(backends.render_k8s(manifests), echo=say)
-    say(f"disent sweep: when the Jobs end, run `disent sweep --summarize {parent_id}`")
+    job = backends.submit_slurm(sweep, sweep_file, args.sbatch_arg, echo=say)
+    say(f"disent sweep: the last task to end summarises the sweep; or run `disent sweep --summarize "
+        f"{parent_id}`. Follow with: squeue -j {job}")
     return 0
 
 
 def name_slug(config_name: str, stamp: str) -> str:
     return f"sweep-{config_name}-{stamp}"
+
+
+def _k8s_manifests(args, sweep, parent_id: str, run_dir: str, uri: str, name: str) -> list[dict]:
+    """The pods train the sweep's config as resolved here (its `extends` chain and the sweep's own
+    settings merged into one file), so what was validated is what runs."""
+    from disent.config import to_yaml
+    from disent.sweep import backends
+
+    config_yaml = to_yaml(load_config(args.config, sweep.base_overrides))
+    return backends.k8s_manifests(sweep, Path(args.k8s_template), parent_id, run_dir, name, config_yaml,
+                                  _sweep_file_record(sweep, parent_id, run_dir, uri))
 
 
 def _dry_run(args, sweep, run_dir: str, name: str) -> int:
@@ -115,8 +133,8 @@ def _dry_run(args, sweep, run_dir: str, name: str) -> int:
     placeholder = "PARENT_RUN_ID"
     if args.backend == "k8s":
         first = load_config(args.config, sweep.overrides(sweep.points()[0]))
-        manifests = backends.k8s_manifests(sweep, Path(args.k8s_template), placeholder, run_dir,
-                                           name_slug(first.name, "dry-run"))
+        uri = next(o for o in sweep.base_overrides if o.startswith("tracking.uri=")).partition("=")[2]
+        manifests = _k8s_manifests(args, sweep, placeholder, run_dir, uri, name_slug(first.name, "dry-run"))
         sys.stdout.write(backends.render_k8s(manifests))
         return 0
     for index in range(len(sweep.points())):

@@ -51,8 +51,7 @@ def start_parent(uri: str, experiment: str, sweep: Sweep, name: str, register_be
     return run_id
 
 
-def children(uri: str, parent_id: str) -> list:
-    client = _client(uri)
+def children(client, parent_id: str) -> list:
     parent = client.get_run(parent_id)
     return client.search_runs([parent.info.experiment_id], f"tags.`{PARENT_TAG}` = '{parent_id}'",
                               max_results=10_000)
@@ -66,7 +65,7 @@ def summarize(uri: str, parent_id: str, out_dir: Path | None = None, finish: boo
     axes = {k[len(AXIS_PARAM):]: v for k, v in params.items() if k.startswith(AXIS_PARAM)}
     keys = [k for k, values in axes.items() if len(set(split_values(values))) > 1]  # shared settings: parent params
     rows = []
-    for child in sorted(children(uri, parent_id), key=lambda r: r.info.run_name or ""):
+    for child in sorted(children(client, parent_id), key=lambda r: r.info.run_name or ""):
         row = {"label": child.info.run_name, "run_id": child.info.run_id, "status": child.info.status}
         row.update({key: child.data.params.get(key) for key in sorted(keys)})
         row.update({column: child.data.metrics.get(metric) for column, metric in RESULTS})
@@ -157,7 +156,8 @@ def _plot(rows: list[dict], path: Path, title: str) -> None:
     chance = next((r["chance"] for r in done if r["chance"] is not None), None)
     if chance is not None:
         ax.axvline(chance, color="grey", linestyle="--", linewidth=1, label=f"chance ({chance:.2f})")
-    ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.13), fontsize=7, ncol=1, frameon=False)
+    if done:
+        ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.13), fontsize=7, ncol=1, frameon=False)
     ax.set_xlim(-0.02, 1.02)
     ax.set_ylim(-0.02, 1.05)
     ax.set_xlabel("class from mu (leakage into the unspecified code; lower is better)")
