@@ -139,6 +139,11 @@ def test_a_local_sweep_makes_a_parent_with_two_labelled_children_and_a_summary(t
     (version,) = client.search_model_versions("name='tiny-sweep-best'")
     assert version.run_id == best["run_id"]
     assert "load it with disent.load('models:/tiny-sweep-best/latest')" in result.stderr
+    # Summarised again (`disent sweep --summarize`): the same best child, no second version of it.
+    from disent.sweep.summary import summarize
+
+    assert summarize(mlflow_server, parent.info.run_id)["best"]["version"] == version.version
+    assert len(client.search_model_versions("name='tiny-sweep-best'")) == 1
 
 
 @pytest.mark.parametrize("arguments, message", [

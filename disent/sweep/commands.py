@@ -81,7 +81,8 @@ def _cmd_sweep(args: argparse.Namespace) -> int:
         backends.check_k8s_sweep(Path(args.k8s_template), run_dir, uri, first.data.url)
     else:
         run_dir = args.run_dir or str(Path(first.run_dir).parent / folder)
-    name = args.name or f"sweep {first.name}: " + " ".join(f"{k}={','.join(v)}" for k, v in sweep.axes.items())
+    shown = sweep.varying() or list(sweep.axes)  # one-value keys are shared settings: the parent's params
+    name = args.name or f"sweep {first.name}: " + " ".join(f"{k}={','.join(sweep.axes[k])}" for k in shown)
     points = sweep.points()
     say(f"disent sweep: {len(points)} point(s) ({sweep.mode}) of {args.config}, backend {args.backend}:")
     for index, point in enumerate(points):

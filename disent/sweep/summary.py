@@ -7,6 +7,7 @@ import csv
 import logging
 import os
 import tempfile
+import textwrap
 from pathlib import Path
 
 from disent.sweep.points import Sweep, split_values
@@ -65,7 +66,7 @@ def summarize(uri: str, parent_id: str, out_dir: Path | None = None, finish: boo
     axes = {k[len(AXIS_PARAM):]: v for k, v in params.items() if k.startswith(AXIS_PARAM)}
     keys = [k for k, values in axes.items() if len(set(split_values(values))) > 1]  # shared settings: parent params
     rows = []
-    for child in sorted(children(client, parent_id), key=lambda r: r.info.run_name or ""):
+    for child in sorted(children(client, parent_id), key=_point_order):
         row = {"label": child.info.run_name, "run_id": child.info.run_id, "status": child.info.status}
         row.update({key: child.data.params.get(key) for key in sorted(keys)})
         row.update({column: child.data.metrics.get(metric) for column, metric in RESULTS})
@@ -84,6 +85,11 @@ def summarize(uri: str, parent_id: str, out_dir: Path | None = None, finish: boo
         ok = rows and all(r["status"] == "FINISHED" for r in rows)
         client.set_terminated(parent_id, "FINISHED" if ok else "FAILED")
     return {"rows": rows, "csv": str(csv_path), "png": str(png_path), "best": best}
+
+
+def _point_order(child) -> tuple:
+    """The sweep's own point order (its run_dir ends in point-NNN), then the name."""
+    return child.data.params.get("run_dir", "").rsplit("point-", 1)[-1], child.info.run_name or ""
 
 
 def _score(row: dict) -> float | None:
@@ -163,7 +169,8 @@ def _plot(rows: list[dict], path: Path, title: str) -> None:
     ax.set_xlabel("class from mu (leakage into the unspecified code; lower is better)")
     ax.set_ylabel("class from s (higher is better)")
     missing = len(rows) - len(done)
-    ax.set_title(f"{title}" + (f" ({missing} point(s) without results)" if missing else ""), fontsize=9)
+    title += f" ({missing} point(s) without results)" if missing else ""
+    ax.set_title(textwrap.fill(title, 100), fontsize=9)
     ax.grid(alpha=0.3)
     fig.tight_layout()
     fig.savefig(path)

@@ -169,8 +169,8 @@ class MLflowRun:
 
 def register_run_model(client, name: str, run_id: str, artifact_path: str = "model") -> str:
     """A new version of registered model `name` from a run's model artifact (the registered model is
-    created on first use); its version. A retry after a lost reply may add a second version of the
-    same run."""
+    created on first use); its version. When the latest version already is this run's model (a sweep
+    summarised again, a retry after a lost reply) that version is returned and none is added."""
     from mlflow.exceptions import MlflowException
 
     try:
@@ -179,6 +179,10 @@ def register_run_model(client, name: str, run_id: str, artifact_path: str = "mod
         if exc.error_code != "RESOURCE_ALREADY_EXISTS":
             raise
     source = f"{client.get_run(run_id).info.artifact_uri}/{artifact_path}"
+    versions = client.search_model_versions(f"name='{name}'")
+    latest = max(versions, key=lambda v: int(v.version), default=None)
+    if latest is not None and latest.run_id == run_id and latest.source == source:
+        return str(latest.version)
     version = client.create_model_version(name, source=source, run_id=run_id)
     log.info("registered run %s's model as %s version %s (models:/%s/%s)", run_id, name, version.version, name,
              version.version)
