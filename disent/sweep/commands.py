@@ -50,9 +50,9 @@ def _print_best(best: dict | None) -> None:
         f"load it with disent.load({where!r})")
 
 
-def _cmd_sweep(args: argparse.Namespace) -> int:
-    from disent.sweep import backends, summary
-    from disent.sweep.points import build_sweep
+def _cmd_summarize(args: argparse.Namespace) -> int:
+    """--summarize PARENT (by hand), or --finish-if-complete SWEEP_FILE (a point that ended, from its job)."""
+    from disent.sweep import summary
     from disent.tracking.run import tracking_uri
 
     if args.summarize:
@@ -60,13 +60,21 @@ def _cmd_sweep(args: argparse.Namespace) -> int:
         _print_rows(result["rows"])
         _print_best(result["best"])
         return 0
-    if args.finish_if_complete:
-        sweep, parent_id, run_dir, uri = read_sweep_file(args.finish_if_complete)
-        if args.point is None:
-            raise ConfigError("--finish-if-complete needs --point INDEX, the point that ended")
-        done = summary.finish_if_complete(uri, parent_id, run_dir, args.point, len(sweep.points()))
-        say("disent sweep: summarised" if done else "disent sweep: not the last point to end; not summarised")
-        return 0
+    sweep, parent_id, run_dir, uri = read_sweep_file(args.finish_if_complete)
+    if args.point is None:
+        raise ConfigError("--finish-if-complete needs --point INDEX, the point that ended")
+    done = summary.finish_if_complete(uri, parent_id, run_dir, args.point, len(sweep.points()))
+    say("disent sweep: summarised" if done else "disent sweep: not the last point to end; not summarised")
+    return 0
+
+
+def _cmd_sweep(args: argparse.Namespace) -> int:
+    from disent.sweep import backends, summary
+    from disent.sweep.points import build_sweep
+    from disent.tracking.run import tracking_uri
+
+    if args.summarize or args.finish_if_complete:
+        return _cmd_summarize(args)
     if not args.config:
         raise ConfigError("disent sweep needs CONFIG and key=v1,v2 arguments (or --summarize PARENT_RUN_ID)")
     sweep = build_sweep(args.config, args.values, "zip" if args.zip else "grid")  # every point checked here
