@@ -111,28 +111,33 @@ def _config_volume(template: Path, job: dict) -> tuple[dict, str]:
                       f"(as k8s/job.yaml trains /etc/disent/train.yaml); the sweep ships its config there")
 
 
-def shared_mounts(template: Path) -> list[str]:
-    """Where the pods mount persistent volume claims: the only paths every pod of every point sees."""
+def k8s_run_dir(template: Path, requested: str | None, folder: str, uri: str, data_url: str) -> str:
+    """The sweep's run_dir (requested, or <the first volume claim's mount>/folder), with what a point's
+    pods must reach checked before anything is submitted: that run_dir on a volume claim (checkpoints
+    survive a pod, and the points' end markers meet), a tracking server (every pod writes the same MLflow
+    store) and data that is not on this machine's disk."""
     _, _, job = read_k8s_template(template)
     spec = job["spec"]["template"]["spec"]
     claims = {v["name"] for v in spec.get("volumes", []) if "persistentVolumeClaim" in v}
-    return [m["mountPath"].rstrip("/") for m in spec["containers"][0].get("volumeMounts", []) if m["name"] in claims]
+    mounts = [m["mountPath"].rstrip("/") for m in spec["containers"][0].get("volumeMounts", []) if m["name"] in claims]
+    if not mounts:
+        raise ConfigError(f"{template}: the Job's container mounts no persistent volume claim; a sweep's run_dir "
+                          "must be on one that every pod of every point mounts (as k8s/job.yaml mounts /checkpoints)")
 
+    def on_claim(path: str) -> bool:
+        return any(path == m or path.startswith(m + "/") for m in mounts)
 
-def check_k8s_sweep(template: Path, run_dir: str, uri: str, data_url: str) -> None:
-    """What a point's pods must reach, checked before anything is submitted: the sweep's run_dir on a
-    shared volume (checkpoints survive a pod, and the points' end markers meet), a tracking server
-    (every pod writes the same MLflow store) and data that is not on this machine's disk."""
-    mounts = shared_mounts(template)
-    if not any(run_dir == m or run_dir.startswith(m + "/") for m in mounts):
+    run_dir = requested or f"{mounts[0]}/{folder}"
+    if not on_claim(run_dir):
         raise ConfigError(f"--run-dir {run_dir} is not on a volume claim the pods of {template} mount "
-                          f"({', '.join(mounts) or 'none'}); give --run-dir under one of them")
+                          f"({', '.join(mounts)}); give --run-dir under one of them")
     if not uri.startswith(("http://", "https://", "databricks")):
         raise ConfigError(f"tracking URI {uri!r} is local to this machine; a Kubernetes sweep needs an MLflow "
                           "server this machine and the pods both reach: --tracking-uri http://HOST:PORT")
-    if "://" not in data_url and not any(data_url == m or data_url.startswith(m + "/") for m in mounts):
+    if "://" not in data_url and not on_claim(data_url):
         raise ConfigError(f"data.url={data_url} is a path on this machine's disk, which the pods do not see; "
-                          f"give data.url=s3://BUCKET/PREFIX (or a path under {', '.join(mounts) or 'a mounted volume'})")
+                          f"give data.url=s3://BUCKET/PREFIX (or a path under {', '.join(mounts)})")
+    return run_dir
 
 
 def _pod_command(command: list[str], overrides: list[str], sweep_file: str, index: int, parent_id: str) -> list[str]:

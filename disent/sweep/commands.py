@@ -84,9 +84,7 @@ def _cmd_sweep(args: argparse.Namespace) -> int:
     stamp = time.strftime("%Y%m%d-%H%M%S")
     folder = name_slug(first.name, stamp)
     if args.backend == "k8s":  # the points' pods share only the template's volume claims
-        mounts = backends.shared_mounts(Path(args.k8s_template))
-        run_dir = args.run_dir or (f"{mounts[0]}/{folder}" if mounts else "")
-        backends.check_k8s_sweep(Path(args.k8s_template), run_dir, uri, first.data.url)
+        run_dir = backends.k8s_run_dir(Path(args.k8s_template), args.run_dir, folder, uri, first.data.url)
     else:
         run_dir = args.run_dir or str(Path(first.run_dir).parent / folder)
     shown = sweep.varying() or list(sweep.axes)  # one-value keys are shared settings: the parent's params
@@ -96,7 +94,7 @@ def _cmd_sweep(args: argparse.Namespace) -> int:
     for index, point in enumerate(points):
         say(f"  {index}: {sweep.label(point)}")
     if args.dry_run:
-        return _dry_run(args, sweep, run_dir, name)
+        return _dry_run(args, sweep, run_dir, name, uri, name_slug(first.name, "dry-run"))
     parent_id = summary.start_parent(uri, first.tracking.experiment, sweep, name, args.register_best)
     say(f"disent sweep: MLflow parent run {parent_id} ({name})")
     if args.backend == "k8s":
@@ -136,14 +134,12 @@ def _k8s_manifests(args, sweep, parent_id: str, run_dir: str, uri: str, name: st
                                   _sweep_file_record(sweep, parent_id, run_dir, uri))
 
 
-def _dry_run(args, sweep, run_dir: str, name: str) -> int:
+def _dry_run(args, sweep, run_dir: str, name: str, uri: str, k8s_name: str) -> int:
     from disent.sweep import backends
 
     placeholder = "PARENT_RUN_ID"
     if args.backend == "k8s":
-        first = load_config(args.config, sweep.overrides(sweep.points()[0]))
-        uri = next(o for o in sweep.base_overrides if o.startswith("tracking.uri=")).partition("=")[2]
-        manifests = _k8s_manifests(args, sweep, placeholder, run_dir, uri, name_slug(first.name, "dry-run"))
+        manifests = _k8s_manifests(args, sweep, placeholder, run_dir, uri, k8s_name)
         sys.stdout.write(backends.render_k8s(manifests))
         return 0
     for index in range(len(sweep.points())):
