@@ -22,7 +22,6 @@ FONT_APT_PACKAGES ?= fonts-urw-base35
 TEST_APT_PACKAGES ?= $(DEMO_APT_PACKAGES) $(FONT_APT_PACKAGES) munge slurmctld slurmd slurm-client
 PYTEST_ARGS ?=
 
-export DS_ACCELERATOR ?= cpu
 # One PATH for every process: DeepSpeed's CPU ops are built with the ninja found first, and
 # alternating between the system's and the venv's rebuilds them each time.
 export PATH := $(VENV)/bin:$(PATH)

@@ -519,7 +519,9 @@ def _upgrade_part_states(states: dict) -> dict:
 
 
 def _cpu_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    return {k: v.detach().cpu() for k, v in model.state_dict().items()}
+    """The weights on the CPU in float32: what fp16 training holds in half precision loads anywhere as the
+    model's own dtype."""
+    return {k: (v.detach().float() if v.is_floating_point() else v.detach()).cpu() for k, v in model.state_dict().items()}
 
 
 def _upload_file(local: Path, url: str) -> None:

@@ -92,6 +92,12 @@ class TrainConfig:
     profile_steps: int = 0  # > 0: torch.profiler traces that many steps after a short warm-up
     channels_last: bool = False
     progress: bool = True
+    # auto: cuda when torch sees a GPU, else cpu. DeepSpeed's accelerator is set to the same choice.
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    # auto: on for cpu (a resume is bit-exact), off for cuda (cuDNN autotuning; see docs/training.md)
+    deterministic: bool | Literal["auto"] = "auto"
+    stop_check_every: int = 10  # steps between the ranks' agreement on a stop signal (a device sync on GPU)
+    collective_timeout_s: int = 600  # a collective waiting longer than this fails the run with 69 (NCCL and gloo)
 
 
 @dataclass
@@ -119,6 +125,9 @@ class EvalConfig:
     max_test_samples: int = 2000
     probe_epochs: int = 30
     grid_size: int = 8
+    # the other ranks wait this long for rank 0's in-training evaluation (on a CPU group, so the
+    # NCCL collective timeout does not apply to it); past it they fail with 69
+    timeout_s: int = 3600
 
 
 @dataclass
@@ -387,7 +396,7 @@ def validate(cfg: Config, world_size: int | None = None) -> None:
         "data.prefetch_factor", "model.s_dim", "model.z_dim", "model.base_channels",
         "model.disc_channels", "train.steps", "train.global_batch_size", "train.grad_accum",
         "train.log_every", "train.eval_every", "train.checkpoint_every", "train.keep_checkpoints",
-        "optim.vae.lr", "optim.disc.lr",
+        "train.stop_check_every", "train.collective_timeout_s", "eval.timeout_s", "optim.vae.lr", "optim.disc.lr",
     )
     if cfg.data.image_size not in (28, 32, 64):
         raise ConfigError(f"config key 'data.image_size' must be 28, 32 or 64, got {cfg.data.image_size}")

@@ -40,7 +40,6 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--nproc", type=int, default=2, help="CPU ranks")
     args = parser.parse_args(argv)
     started = time.monotonic()
-    os.environ.setdefault("DS_ACCELERATOR", "cpu")
     os.environ["MLFLOW_TRACKING_URI"] = TRACKING_URI
 
     step("1/4 data: Fashion-MNIST -> pre-grouped WebDataset shards")
@@ -52,7 +51,8 @@ def main(argv: list[str] | None = None) -> int:
     else:
         run(*disent("prepare", f"idx:{FASHION_MNIST}", DATA))
 
-    overrides = [f"run_dir={RUN_DIR}", f"train.steps={args.steps}", "train.checkpoint_every=200",
+    # CPU ranks on any machine: two ranks cannot share one GPU under NCCL, and the demo is sized for CPUs.
+    overrides = ["train.device=cpu", f"run_dir={RUN_DIR}", f"train.steps={args.steps}", "train.checkpoint_every=200",
                  f"train.eval_every={args.steps}", "eval.max_train_samples=3000", "eval.max_test_samples=2000"]
     step(f"2/4 train: {args.steps} steps on {args.nproc} CPU ranks (two DeepSpeed engines, gloo)")
     run(sys.executable, "-m", "launcher", "--nproc", str(args.nproc), "--",

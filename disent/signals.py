@@ -38,7 +38,7 @@ class stop_signals_held:
 
 
 class PreemptionFlag:
-    """Set by SIGTERM/SIGUSR1; the trainer checks it, agreed across ranks, at the end of each step."""
+    """Set by SIGTERM/SIGUSR1; the trainer agrees on it across ranks every `train.stop_check_every` steps."""
 
     def __init__(self):
         self.signal: int | None = None
@@ -76,14 +76,3 @@ class PreemptionFlag:
     @property
     def raised(self) -> bool:
         return self.signal is not None
-
-    def agreed(self, device) -> bool:
-        """Whether any rank was signalled (a collective: every rank calls it at the same point)."""
-        import torch
-        import torch.distributed as dist
-
-        if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
-            return self.raised
-        flag = torch.tensor([1 if self.raised else 0], dtype=torch.int32, device=device)
-        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-        return bool(flag.item())

@@ -12,6 +12,14 @@ from mlflowserver import MLflowServer
 from s3server import WeedServer, clear_aws_env
 
 
+@pytest.fixture(autouse=True)
+def cpu_ranks_unless_marked_gpu(request, monkeypatch):
+    """The suite trains on CPU ranks wherever it runs, a GPU host included (two ranks cannot share one GPU under
+    NCCL): the processes a test starts see no GPU. tests/gpu/ (marker `gpu`) is where GPUs are used."""
+    if request.node.get_closest_marker("gpu") is None:
+        monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
+
+
 @pytest.fixture(scope="session")
 def s3_server(tmp_path_factory):
     """A running `weed mini` (S3 on 127.0.0.1). Yields an object with .endpoint_url, .access_key,

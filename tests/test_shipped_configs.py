@@ -60,7 +60,7 @@ def where_to_run(case_dir: Path, data_url: Path) -> dict[str, object]:
     return {
         "run_dir": case_dir, "data.url": data_url, "tracking.uri": f"sqlite:///{case_dir.parent}/mlflow.db",
         "train.checkpoint_upload_url": "null", "train.steps": STEPS, "train.checkpoint_every": STEPS,
-        "train.log_every": 1, "train.progress": "false", "train.eval_every": 10**6,
+        "train.log_every": 1, "train.progress": "false", "train.eval_every": 10**6, "train.device": "cpu",
     }
 
 

@@ -16,7 +16,7 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset
 
 from disent.signals import PREEMPT_SIGNALS, PreemptionFlag, stop_signals_held
-from disent.train.engines import DistEnv
+from disent.train.distributed import DistEnv
 
 
 @pytest.fixture

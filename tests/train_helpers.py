@@ -44,6 +44,7 @@ def tiny_overrides(run_dir, data_url=None, **extra) -> list[str]:
         "run_dir": str(run_dir),
         "data.url": str(data_url or Path(run_dir) / "no-data"),
         "data.num_workers": 0,
+        "train.device": "cpu",
         "data.image_size": 28,
         "data.channels": 1,
         "data.num_classes": 4,
@@ -77,7 +78,7 @@ def torchrun(args, nproc=2, env=None, timeout=300, script=WORKER, cwd=ROOT, star
 
     script=None runs the real command: `... -m disent.cli args`.
     """
-    full_env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    full_env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
     full_env.update(env or {})
     cmd = [
         sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc),

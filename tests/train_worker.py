@@ -62,9 +62,9 @@ def main() -> int:
     if args.no_hooks or args.dump_params:
         hooks = [dump_params] if args.dump_params else []
 
-    from disent.train.engines import detect_env, init_distributed, shutdown_distributed
+    from disent.train.distributed import detect_env, init_distributed, shutdown_distributed
 
-    env = detect_env()
+    env = detect_env("cpu")
     setup_logging(env.rank)
     init_distributed(env)
     try:

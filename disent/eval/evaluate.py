@@ -56,9 +56,16 @@ def _as_float(images: np.ndarray, device: torch.device) -> torch.Tensor:
     return torch.from_numpy(images).to(device).float().div_(255)
 
 
-@torch.no_grad()
 def encode_all(vae: DisentVAE, images: np.ndarray, device: torch.device, batch: int = 512, seed: int = 0) -> dict:
     """s, mu, logvar and one sampled z for every image (numpy, float32)."""
+    return {k: v.numpy() for k, v in encode_to_cpu(vae, images, device, batch, seed).items()}
+
+
+@torch.no_grad()
+def encode_to_cpu(vae: DisentVAE, images: np.ndarray, device: torch.device, batch: int = 512,
+                  seed: int = 0) -> dict[str, torch.Tensor]:
+    """encode_all's codes as float32 CPU tensors. The noise of z is drawn on the CPU, so it is the same on any
+    device."""
     generator = torch.Generator(device="cpu").manual_seed(seed)
     out = {"s": [], "mu": [], "logvar": [], "z": []}
     for start in range(0, len(images), batch):
@@ -68,7 +75,7 @@ def encode_all(vae: DisentVAE, images: np.ndarray, device: torch.device, batch: 
         out["mu"].append(mu.cpu())
         out["logvar"].append(logvar.cpu())
         out["z"].append((mu + eps * torch.exp(0.5 * logvar)).cpu())
-    return {k: torch.cat(v).numpy() for k, v in out.items()}
+    return {k: torch.cat(v).float() for k, v in out.items()}
 
 
 def same_class_partners(labels: np.ndarray, seed: int) -> np.ndarray:
@@ -212,10 +219,26 @@ def grid_images(ctx: EvalContext) -> dict:
 # --------------------------------------------------------------------------- running them
 
 
+def in_float32(vae: DisentVAE, cfg: Config) -> DisentVAE:
+    """The model itself when its weights are float32; otherwise (fp16 training keeps them in half) an uncompiled
+    float32 copy on the same device, so evaluation reads images and codes in one precision whatever the
+    training's."""
+    first = next(vae.parameters())
+    if all(p.dtype == torch.float32 for p in vae.parameters()):
+        return vae
+    from disent.models.vae import vae_from_config
+
+    with torch.device(first.device):  # built where the weights are: no CPU copy first
+        copy = vae_from_config(cfg)
+    copy.load_state_dict(vae.state_dict())  # casts each tensor to the copy's float32
+    return copy
+
+
 def evaluate(vae: DisentVAE, cfg: Config, out_dir: Path, device: torch.device | str = "cpu",
              train: Split | None = None, test: Split | None = None) -> dict:
     """Every registered metric (flat dict, JSON-able; the grid PNG paths under 'grids'); writes eval.json."""
     device = torch.device(device)
+    vae = in_float32(vae, cfg)
     was_training = vae.training
     vae.eval()
     try:

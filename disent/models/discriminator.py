@@ -121,10 +121,11 @@ class ClassMomentCritic(nn.Module):
         history, 0 only when both agree that the code is blind to class. Bounded below, so the
         encoder can at most overshoot by one offset, never run away along it."""
         class_sums, counts = self._class_sums(code, labels)
-        present = counts > 0
-        batch_offsets = class_sums[present] / counts[present, None]
-        mixed = 0.5 * self.offsets()[present] + 0.5 * batch_offsets
-        return ((counts[present] / counts.sum()) * mixed.pow(2).sum(1)).sum()
+        # Classes absent from the batch weigh 0. No boolean indexing: its data-dependent shape would make
+        # the host wait for the GPU every step.
+        batch_offsets = class_sums / counts.clamp_min(1)[:, None]
+        mixed = 0.5 * self.offsets() + 0.5 * batch_offsets
+        return ((counts / counts.sum()) * mixed.pow(2).sum(1)).sum()
 
     @torch.no_grad()
     def update(self, code: torch.Tensor, labels: torch.Tensor) -> None:
@@ -132,8 +133,9 @@ class ClassMomentCritic(nn.Module):
         k = self.centroids.shape[0]
         summed = all_ranks_sum(torch.cat([class_sums.flatten(), counts]))  # one collective, not two
         class_sums, counts = summed[:-k].view(k, -1), summed[-k:]
-        present = counts > 0
-        self.centroids[present] = self.centroids[present].lerp(class_sums[present] / counts[present, None], self.momentum)
+        # A class absent from the batch moves by weight 0, i.e. not at all (no boolean indexing: see leakage).
+        weight = (counts > 0).to(self.centroids.dtype)[:, None] * self.momentum
+        self.centroids.lerp_(class_sums / counts.clamp_min(1)[:, None], weight)
         self.frequency.lerp_(counts / counts.sum(), self.momentum)
 
 

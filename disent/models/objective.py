@@ -130,8 +130,10 @@ def adversarial_terms(discriminator: torch.nn.Module, images: torch.Tensor, x2: 
     """3. Dec(z1, s2) and Dec(z_prior, s2) (`images`) must pass as real members of x2's class; with a
     latent critic, (mu1, mu1') must also look like the codes of independent images."""
     judged, same_class = discriminator(images, torch.cat([x2, x2]), torch.cat([y2, y2]), mu1, mu1p)
+    judged = judged.float()  # fp32 losses whatever the precision of the logits
     terms = {"adversarial": F.binary_cross_entropy_with_logits(judged, torch.ones_like(judged))}
     if same_class is not None:
+        same_class = same_class.float()
         terms["latent_adversarial"] = F.binary_cross_entropy_with_logits(same_class, torch.zeros_like(same_class))
     return terms
 
@@ -139,7 +141,7 @@ def adversarial_terms(discriminator: torch.nn.Module, images: torch.Tensor, x2: 
 def class_adversarial_term(discriminator: torch.nn.Module, mu1: torch.Tensor) -> torch.Tensor:
     """The class critic's guess from mu1, held to uniform: cross-entropy against a uniform guess less
     its floor log K, so 0 at best."""
-    class_logits = discriminator.guess_class(mu1)
+    class_logits = discriminator.guess_class(mu1).float()
     return -F.log_softmax(class_logits, dim=1).mean(1).mean() - math.log(class_logits.shape[1])
 
 
@@ -226,7 +228,9 @@ def vae_losses(
 
 def real_vs_fake_losses(real: torch.Tensor, fake: torch.Tensor, real_label: float) -> tuple[torch.Tensor, dict]:
     """The pair discriminator: real (x2, x2') against the fakes. One-sided label smoothing: real
-    targets are `real_label` (0.95), fakes 0."""
+    targets are `real_label` (0.95), fakes 0. The logits may come out of bf16/fp16 autocast; the losses
+    are taken in fp32 (in bf16 the 0.95 target would be 0.949, and the loss and its gradient bf16)."""
+    real, fake = real.float(), fake.float()
     loss_real = F.binary_cross_entropy_with_logits(real, torch.full_like(real, real_label))
     loss_fake = F.binary_cross_entropy_with_logits(fake, torch.zeros_like(fake))
     terms = {
@@ -240,7 +244,8 @@ def real_vs_fake_losses(real: torch.Tensor, fake: torch.Tensor, real_label: floa
 
 def latent_critic_loss(same_class: torch.Tensor, b: int) -> tuple[torch.Tensor, dict]:
     """The latent critic: (mu1, mu1') are one class (1), (mu1, mu2) independent images (0)."""
-    target = torch.cat([torch.ones(b), torch.zeros(b)]).to(same_class)
+    same_class = same_class.float()
+    target = (torch.arange(2 * b, device=same_class.device) < b).float()  # made on the device: no host copy
     loss = F.binary_cross_entropy_with_logits(same_class, target)
     acc = ((same_class > 0) == (target > 0.5)).float().mean().detach()
     return loss, {"latent_critic": loss.detach(), "latent_critic_acc": acc}
@@ -248,7 +253,7 @@ def latent_critic_loss(same_class: torch.Tensor, b: int) -> tuple[torch.Tensor, 
 
 def class_critic_loss(discriminator: torch.nn.Module, mu1: torch.Tensor, y1: torch.Tensor) -> tuple[torch.Tensor, dict]:
     """The class critic: x1's class from mu1."""
-    class_logits = discriminator.guess_class(mu1)
+    class_logits = discriminator.guess_class(mu1).float()
     loss = F.cross_entropy(class_logits, y1)
     acc = (class_logits.argmax(1) == y1).float().mean().detach()
     return loss, {"class_critic": loss.detach(), "class_critic_acc": acc}

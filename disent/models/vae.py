@@ -114,8 +114,9 @@ def kl_to_standard_normal(mu: torch.Tensor, logvar: torch.Tensor) -> torch.Tenso
 
 
 def reconstruction_loss(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    """Per-pixel binary cross-entropy against targets in [0, 1], averaged over pixels and batch."""
-    return F.binary_cross_entropy_with_logits(logits, target)
+    """Per-pixel binary cross-entropy against targets in [0, 1], averaged over pixels and batch; in fp32 whatever
+    the precision of the logits (fp16 or bf16 training)."""
+    return F.binary_cross_entropy_with_logits(logits.float(), target.float())
 
 
 def vae_from_config(cfg) -> DisentVAE:

@@ -17,6 +17,8 @@ import sys
 from disent.config import Config, ConfigError, load_config, micro_batch_size
 from disent.errors import ExitCode, RetryableFailure
 
+log = logging.getLogger(__name__)
+
 
 def register(subparsers, add_config_args) -> None:
     parser = subparsers.add_parser(
@@ -121,12 +123,16 @@ def run_training(
 ) -> int:
     """Join the process group, train, leave it. Returns the exit code (0, or 75 when preempted);
     raises RetryableFailure when a peer rank is lost."""
-    from disent.train.engines import detect_env, init_distributed, keep_freed_memory_for_reuse, shutdown_distributed
+    from disent.train.distributed import choose_device, detect_env, init_distributed, shutdown_distributed
+    from disent.train.engines import keep_freed_memory_for_reuse
 
-    env = detect_env()
+    env = detect_env(choose_device(cfg.train.device))
     setup_logging(env.rank)
+    if env.is_main:
+        log.info("device: %s (train.device=%s; %d CUDA device(s) visible), %d rank(s), backend %s", env.device_type,
+                 cfg.train.device, torch_cuda_count(), env.world_size, env.backend)
     keep_freed_memory_for_reuse()
-    init_distributed(env)
+    init_distributed(env, cfg.train.collective_timeout_s)
     try:
         return train_in_group(cfg, env, resume, auto_resume, loader_factory, manifest_digest, eval_hooks)
     finally:
@@ -142,7 +148,7 @@ def train_in_group(cfg: Config, env, resume=None, auto_resume=True, loader_facto
     the last checkpoint is complete (see Trainer.train(exiting=True)).
     """
     from disent.signals import PreemptionFlag
-    from disent.train.engines import is_lost_peer
+    from disent.train.distributed import is_lost_peer
     from disent.train.trainer import Trainer
 
     preemption = PreemptionFlag()
@@ -172,6 +178,8 @@ def train_in_group(cfg: Config, env, resume=None, auto_resume=True, loader_facto
             print(f"disent: trained {result.step} steps; MLflow run {result.run_id}")
             hint = f"mlflow ui --backend-store-uri {uri}" if not uri.startswith("http") else f"open {uri}"
             print(f"disent: view it with: {hint}")
+        for failure in result.eval_failures:
+            print(f"disent: ERROR: the evaluation at {failure}", file=sys.stderr)
     return result.exit_code
 
 
@@ -183,17 +191,17 @@ def _is_compile_failure(exc: BaseException) -> bool:
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
+    from disent.train.distributed import choose_device
+
     cfg = load_config(args.config, args.overrides)
-    device_type = "cuda" if _cuda_available() else "cpu"
-    if device_type == "cpu":
-        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    device_type = choose_device(cfg.train.device)
     world_size = _env_world_size()
     preflight(cfg, world_size, device_type, args.resume)
     manifest = check_manifest(cfg)
     return run_training(cfg, resume=args.resume, auto_resume=not args.no_auto_resume, manifest_digest=manifest.digest)
 
 
-def _cuda_available() -> bool:
+def torch_cuda_count() -> int:
     import torch
 
-    return torch.cuda.is_available()
+    return torch.cuda.device_count() if torch.cuda.is_available() else 0

@@ -72,8 +72,11 @@ def _optimizer_and_schedule(opt, device_type: str) -> dict:
                 "betas": list(opt.betas),
                 "eps": 1e-8,
                 "weight_decay": opt.weight_decay,
-                # DeepSpeed's fused Adam kernels need CUDA; torch's implementation runs anywhere.
-                "torch_adam": device_type == "cpu",
+                # torch's AdamW everywhere, fused into one kernel on GPU: DeepSpeed's own FusedAdam is
+                # JIT-compiled at the first start (an nvcc matching torch's CUDA, and a build lock that
+                # every rank of a node waits on, with no timeout).
+                "torch_adam": True,
+                **({"fused": True} if device_type == "cuda" else {}),
             },
         },
         "scheduler": {

@@ -1,4 +1,4 @@
-"""The two DeepSpeed engines (VAE and discriminator), the process group, the device.
+"""The two DeepSpeed engines (VAE and discriminator).
 
 Each engine gets its own optimizer, LR schedule and DeepSpeed config, all derived from the one
 YAML config by `disent.train.ds_config.deepspeed_config`.
@@ -24,67 +24,12 @@ import torch
 import torch.nn as nn
 
 from disent.config import Config, ConfigError
-from disent.host import free_port
 from disent.models.discriminator import critics_from_config
 from disent.models.objective import Fakes, vae_losses
 from disent.models.vae import DisentVAE, vae_from_config
+from disent.train.distributed import DistEnv
 
 log = logging.getLogger(__name__)
-
-
-# --------------------------------------------------------------------------- process environment
-
-
-@dataclass(frozen=True)
-class DistEnv:
-    """Where this process sits: read from torchrun's environment, single process by default."""
-
-    rank: int = 0
-    world_size: int = 1
-    local_rank: int = 0
-    device_type: str = "cpu"
-
-    @property
-    def backend(self) -> str:
-        return "nccl" if self.device_type == "cuda" else "gloo"
-
-    @property
-    def device_index(self) -> int:
-        """The GPU of this rank: LOCAL_RANK modulo the GPUs this process sees (a task that sees only
-        its own GPU, e.g. Slurm's per-task binding, has LOCAL_RANK > 0 but one device: index 0)."""
-        count = torch.cuda.device_count() if self.device_type == "cuda" else 0
-        return self.local_rank % count if count else 0
-
-    @property
-    def device(self) -> torch.device:
-        if self.device_type == "cuda":
-            return torch.device("cuda", self.device_index)
-        return torch.device(self.device_type)
-
-    @property
-    def is_main(self) -> bool:
-        return self.rank == 0
-
-
-def _env_int(name: str, default: int) -> int:
-    value = os.environ.get(name)
-    if value in (None, ""):
-        return default
-    try:
-        return int(value)
-    except ValueError:
-        raise ValueError(f"environment variable {name}={value!r} must be an integer") from None
-
-
-def detect_env() -> DistEnv:
-    """RANK / WORLD_SIZE / LOCAL_RANK from the environment; cuda when available, else cpu."""
-    world_size = _env_int("WORLD_SIZE", 1)
-    rank = _env_int("RANK", 0)
-    local_rank = _env_int("LOCAL_RANK", rank)
-    if not 0 <= rank < world_size:
-        raise ValueError(f"RANK={rank} is outside WORLD_SIZE={world_size}")
-    device_type = "cuda" if torch.cuda.is_available() else "cpu"
-    return DistEnv(rank=rank, world_size=world_size, local_rank=local_rank, device_type=device_type)
 
 
 # glibc hands freed blocks above its adaptive mmap threshold back to the kernel and trims the heap
@@ -113,53 +58,6 @@ def keep_freed_memory_for_reuse() -> bool:
     m_trim_threshold, m_mmap_threshold = -1, -3  # <malloc.h>
     return mallopt(m_mmap_threshold, MALLOC_MMAP_THRESHOLD) == 1 and mallopt(m_trim_threshold,
                                                                              MALLOC_TRIM_THRESHOLD) == 1
-
-
-def init_distributed(env: DistEnv) -> None:
-    """Join the process group (gloo on CPU, nccl on GPU); a lone process gets a local one."""
-    if env.device_type == "cpu":
-        os.environ.setdefault("DS_ACCELERATOR", "cpu")
-    import deepspeed
-    import torch.distributed as dist
-
-    if dist.is_available() and dist.is_initialized():
-        return
-    if env.world_size == 1:
-        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-        os.environ.setdefault("MASTER_PORT", str(free_port()))
-        os.environ.setdefault("RANK", "0")
-        os.environ.setdefault("WORLD_SIZE", "1")
-        os.environ.setdefault("LOCAL_RANK", "0")
-    if env.device_type == "cuda":
-        torch.cuda.set_device(env.device_index)
-    else:
-        # DeepSpeed's CPU backend JIT-compiles a shared-memory all-reduce op that only
-        # inference_all_reduce uses. The build costs minutes on a fresh machine, and a rank
-        # killed while loading it leaves a file lock that makes every later run wait forever.
-        deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
-    deepspeed.init_distributed(dist_backend=env.backend, auto_mpi_discovery=False)
-
-
-_PEER_LOSS_MARKERS = ("connection closed by peer", "connection reset by peer", "gloo", "nccl", "broken pipe",
-                      "timed out")
-
-
-def is_lost_peer(exc: BaseException) -> bool:
-    """A collective that failed because a peer rank died or became unreachable: torch's DistError
-    family (NCCL, the store), or gloo's plain RuntimeError ("Connection closed by peer")."""
-    import torch.distributed as dist
-
-    if isinstance(exc, dist.DistError):
-        return True
-    return isinstance(exc, RuntimeError) and any(m in str(exc).lower() for m in _PEER_LOSS_MARKERS)
-
-
-def shutdown_distributed() -> None:
-    import torch.distributed as dist
-
-    if dist.is_available() and dist.is_initialized():
-        with contextlib.suppress(Exception):
-            dist.destroy_process_group()
 
 
 # --------------------------------------------------------------------------- modules
@@ -271,11 +169,12 @@ def build_engines(cfg: Config, env: DistEnv) -> Engines:
     return Engines(vae=vae_engine, disc=disc_engine, configs=configs)
 
 
-def stage0_grad_norm(engine) -> float | None:
-    """ZeRO 0 in fp32 clips without keeping the norm; compute it (after the all-reduce) ourselves."""
+def stage0_grad_norm(engine) -> torch.Tensor | None:
+    """ZeRO 0 in fp32 clips without keeping the norm; compute it (after the all-reduce) ourselves, as a tensor on
+    the gradients' device (reading it on the host would wait for the GPU every step)."""
     if engine.zero_optimization_stage() != 0 or engine.fp16_enabled() or engine.bfloat16_enabled():
         return None
     grads = [p.grad.detach().float() for p in engine.module.parameters() if p.grad is not None]
     if not grads:
         return None
-    return float(torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads])))
+    return torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads]))

@@ -14,7 +14,7 @@ import logging
 import torch
 
 from disent.eval import grids
-from disent.eval.evaluate import Split, evaluate, load_split, numeric_metrics, same_class_partners
+from disent.eval.evaluate import Split, evaluate, in_float32, load_split, numeric_metrics, same_class_partners
 from disent.eval.metrics import headline
 
 log = logging.getLogger(__name__)
@@ -36,7 +36,7 @@ class EvaluationHook:
         cfg = trainer.cfg
         train, test = self._data(cfg)
         out = trainer.run_dir / "eval" / f"step-{step:08d}"
-        vae = trainer.engines.vae_model
+        vae = in_float32(trainer.engines.vae_model, cfg)
         was_training = vae.training
         vae.eval()
         try:
@@ -44,9 +44,8 @@ class EvaluationHook:
             # reconstruction grid: x1, Dec(mu1, s1), x1', Dec(mu1, s1') for same-class test pairs
             n = cfg.eval.grid_size
             partner = same_class_partners(test.labels, cfg.seed)[:n]
-            dtype = next(vae.parameters()).dtype
-            x1 = torch.from_numpy(test.images[:n]).to(trainer.env.device).to(dtype).div_(255)
-            x1p = torch.from_numpy(test.images[partner]).to(trainer.env.device).to(dtype).div_(255)
+            x1 = torch.from_numpy(test.images[:n]).to(trainer.env.device).float().div_(255)
+            x1p = torch.from_numpy(test.images[partner]).to(trainer.env.device).float().div_(255)
             grids.save_png(grids.reconstruction_grid(vae, x1, x1p), out / "reconstructions.png")
         finally:
             vae.train(was_training)

@@ -12,15 +12,22 @@ import torch
 from disent.train.progress import ProgressReport
 
 
-def mean_over_ranks(values: dict[str, torch.Tensor], on_cpu: bool) -> dict[str, float]:
-    """The rank average of each scalar (a collective: every rank calls it with the same keys)."""
+def stack_scalars(values: dict[str, torch.Tensor | float], device: torch.device) -> tuple[list[str], torch.Tensor]:
+    """The scalars as one float32 tensor on `device`, in key order: the per-step terms live on the training
+    device and the host's figures (data wait) on the CPU; torch.stack would refuse the mix."""
+    keys = sorted(values)
+    stacked = torch.stack([torch.as_tensor(values[k], device=device).float().reshape(()) for k in keys])
+    return keys, stacked
+
+
+def mean_over_ranks(values: dict[str, torch.Tensor | float], device: torch.device) -> dict[str, float]:
+    """The rank average of each scalar (a collective: every rank calls it with the same keys), reduced on
+    `device` (the process group's: the GPU under NCCL, the CPU under gloo). The one host-device sync of a
+    log window is the read-back at the end."""
     import torch.distributed as dist
 
-    keys = sorted(values)
-    stacked = torch.stack([values[k].float().reshape(()) for k in keys])
+    keys, stacked = stack_scalars(values, device)
     if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-        if on_cpu:
-            stacked = stacked.cpu()
         dist.all_reduce(stacked, op=dist.ReduceOp.SUM)
         stacked = stacked / dist.get_world_size()
     return dict(zip(keys, stacked.tolist()))
@@ -58,10 +65,10 @@ class TrainingMetrics:
         trainer = self.trainer
         elapsed = max(time.perf_counter() - self.started, 1e-9)
         waited = self._loader_wait() - self.waited_before
-        local = {k: v / self.steps for k, v in self.sums.items()}
-        local["data_wait_s"] = torch.tensor(waited)
-        local["data_wait_fraction"] = torch.tensor(waited / elapsed)
-        metrics = mean_over_ranks(local, on_cpu=trainer.env.backend != "nccl")
+        local: dict[str, torch.Tensor | float] = {k: v / self.steps for k, v in self.sums.items()}
+        local["data_wait_s"] = waited
+        local["data_wait_fraction"] = waited / elapsed
+        metrics = mean_over_ranks(local, trainer.env.device if trainer.env.backend == "nccl" else torch.device("cpu"))
         metrics["samples_per_s"] = self.steps * trainer.cfg.train.global_batch_size / elapsed
         metrics["steps_per_s"] = self.steps / elapsed
         metrics.update(trainer.engines.lrs())

@@ -16,6 +16,7 @@ CLI exits with ExitCode.PREEMPTED, 75, so the job is requeued).
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
@@ -32,7 +33,8 @@ from disent.errors import ExitCode
 from disent.io.storage import write_bytes_atomic
 from disent.models.objective import discriminator_losses
 from disent.signals import PreemptionFlag
-from disent.train.engines import DistEnv, Engines, build_engines, frozen, stage0_grad_norm
+from disent.train.distributed import DistEnv, agree_any, apply_determinism, from_rank_zero, wait_for_rank_zero
+from disent.train.engines import Engines, build_engines, frozen, stage0_grad_norm
 from disent.train.metrics import TrainingMetrics
 from disent.train.profiler import StepProfiler
 from disent.train.progress import ProgressReport
@@ -61,6 +63,7 @@ class TrainResult:
     preempted: bool
     run_id: str | None
     checkpoint: Path | None
+    eval_failures: list[str] = dataclasses.field(default_factory=list)
 
     @property
     def exit_code(self) -> int:
@@ -100,7 +103,8 @@ class Trainer:
 
         # Same weights on every rank (DeepSpeed broadcasts rank 0's anyway); per-rank noise after.
         seed_everything(cfg.seed)
-        torch.use_deterministic_algorithms(True, warn_only=True)
+        self.deterministic = apply_determinism(cfg.train.deterministic, env.device_type)
+        self.eval_failures: list[str] = []  # "step N: Error: message", also tagged on the MLflow run
         self.engines: Engines = build_engines(cfg, env)
         self._seed_this_rank(step=0)
         self.loader = self.loader_factory(
@@ -185,7 +189,7 @@ class Trainer:
         """One optimizer step of both engines (grad_accum micro-batches). Returns detached terms."""
         accum = self.cfg.train.grad_accum
         sums: dict[str, torch.Tensor] = {}
-        norms: dict[str, float | None] = {}
+        norms: dict[str, torch.Tensor | None] = {}
         for micro in range(accum):
             with isolated_rng():
                 batch = next(batches)
@@ -196,8 +200,8 @@ class Trainer:
         for name, engine in (("vae", self.engines.vae), ("disc", self.engines.disc)):
             norm = engine.get_global_grad_norm()
             norm = norms.get(name) if norm is None else norm
-            if norm is not None:
-                sums[f"grad_norm/{name}"] = torch.as_tensor(float(norm), dtype=torch.float32, device=self.env.device)
+            if norm is not None:  # a tensor stays on its device: reading it here would wait for the GPU
+                sums[f"grad_norm/{name}"] = torch.as_tensor(norm, dtype=torch.float32, device=self.env.device)
         return sums
 
     def _micro_step(self, b: dict, boundary: bool, stage0_norms: dict) -> dict[str, torch.Tensor]:
@@ -244,7 +248,8 @@ class Trainer:
             self._teardown(status, exiting)
         if self.env.is_main and self.run_id:
             self.run_id = self.tracker.run_id or self.run_id
-        return TrainResult(step=self.step, preempted=preempted, run_id=self.run_id, checkpoint=self._last_checkpoint)
+        return TrainResult(step=self.step, preempted=preempted, run_id=self.run_id, checkpoint=self._last_checkpoint,
+                           eval_failures=list(self.eval_failures))
 
     def _run_steps(self, exiting: bool) -> bool:
         """Train until cfg.train.steps; True when a stop signal ended the run first."""
@@ -262,7 +267,7 @@ class Trainer:
                 self.step += 1
                 profiler.step()
                 metrics.record(self.step, terms)
-                stop = self.preemption.agreed(env.device if env.backend == "nccl" else "cpu")
+                stop = self._stop_agreed()
                 if self.step % cfg.train.eval_every == 0 and self.step < total and not stop:
                     self.run_eval_hooks(self.step)
                 if self.step % cfg.train.checkpoint_every == 0 or self.step == total or stop:
@@ -275,13 +280,26 @@ class Trainer:
                     return True
         return False
 
+    def _stop_agreed(self) -> bool:
+        """Whether any rank was signalled to stop, agreed at stop-check, log and checkpoint steps only."""
+        train = self.cfg.train
+        if self.step % train.stop_check_every and self.step % train.log_every and self.step % train.checkpoint_every:
+            return False
+        return agree_any(self.preemption.raised)
+
     def _resume(self, resume: str | os.PathLike | None, auto_resume: bool) -> dict | None:
-        """The meta of the checkpoint resumed from (`resume`, else the latest one), or None."""
+        """The meta of the checkpoint resumed from (`resume`, else the latest one), or None. Rank 0 chooses and
+        every rank takes its choice: on a shared file system each rank's own listing may lag (NFS caches file
+        attributes), and ranks that resumed different steps would train apart."""
         info = None
-        if resume is not None:
-            info = CheckpointManager.resolve(resume)
-        elif auto_resume:
-            info = self.checkpoints.latest_complete()
+        if self.env.is_main:
+            if resume is not None:
+                info = CheckpointManager.resolve(resume)
+            elif auto_resume:
+                info = self.checkpoints.latest_complete()
+        path = from_rank_zero(str(info.path) if info is not None else None)
+        if path is not None and info is None:
+            info = CheckpointManager.resolve(path)
         return self.restore(info) if info is not None else None
 
     def _finish(self, exiting: bool) -> None:
@@ -331,12 +349,20 @@ class Trainer:
             close()
 
     def run_eval_hooks(self, step: int) -> None:
+        """Every hook (rank 0 evaluates; the others wait for it on the CPU control group, up to eval.timeout_s).
+        A hook that fails does not end the run, but it is never silent: an ERROR line, an MLflow tag
+        `eval_failed.step_N` and the CLI's last lines name it."""
         for hook in self.eval_hooks:
             try:
                 with isolated_rng(cuda=True):  # evaluation never shifts the training noise
                     hook(self, step)
-            except Exception:
-                log.exception("eval hook %r failed at step %d", hook, step)
+            except Exception as exc:  # noqa: BLE001 - reported below, the training goes on
+                what = f"{type(exc).__name__}: {' '.join(str(exc).split())[:300]}"
+                log.error("evaluation at step %d failed (%s)", step, what, exc_info=True)
+                self.eval_failures.append(f"step {step}: {what}")
+                if self.env.is_main:
+                    self.tracker.set_tags({f"eval_failed.step_{step}": what})
+        wait_for_rank_zero(self.cfg.eval.timeout_s)
 
     # ------------------------------------------------------------------ tracking
 

@@ -24,7 +24,7 @@ def base_env(**extra: str) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items()
            if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "TORCHELASTIC_RUN_ID")
            and not k.startswith(("SLURM_", "MLFLOW_", "DISENT_FAULT"))}
-    env.update({"DS_ACCELERATOR": "cpu", "PYTHONPATH": str(ROOT), "PYTHONUNBUFFERED": "1"})
+    env.update({"PYTHONPATH": str(ROOT), "PYTHONUNBUFFERED": "1"})
     env.update(extra)
     return env
 
