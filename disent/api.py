@@ -18,9 +18,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from disent.checkpoint import EXPORTED_FILES
 from disent.config import Config
-
-EXPORTED_FILES = ("vae.pt", "config.yaml")  # an exported model folder: the weights and the training config
 MLFLOW_SCHEMES = ("runs:/", "models:/", "mlflow-artifacts:/")
 
 
@@ -102,23 +101,31 @@ class Model:
 
     def export(self, directory: str | Path) -> Path:
         """Write the weights and the config (EXPORTED_FILES) into directory; `disent.load` reads it back."""
-        from disent.checkpoint import atomic_torch_save
+        from disent.checkpoint import export_models
         from disent.config import to_yaml
 
-        directory = Path(directory)
-        directory.mkdir(parents=True, exist_ok=True)
-        atomic_torch_save({k: v.detach().cpu() for k, v in self.vae.state_dict().items()}, directory / "vae.pt")
-        (directory / "config.yaml").write_text(to_yaml(self.config))
-        return directory
+        export_models(Path(directory), {"vae": self.vae}, to_yaml(self.config))
+        return Path(directory)
+
+    @classmethod
+    def copy_of(cls, vae: torch.nn.Module, config: Config, source: str) -> "Model":
+        """A CPU model holding a float32 copy of `vae`'s weights (a model in training is left as it is)."""
+        from disent.checkpoint import cpu_state
+        from disent.models.vae import vae_from_config
+
+        copy = vae_from_config(config)
+        copy.load_state_dict(cpu_state(vae))
+        return cls(copy, config, source, "cpu")
 
 
 def _from_exported(directory: Path, source: str, device) -> Model:
+    from disent.checkpoint import safe_torch_load
     from disent.config import load_config
     from disent.models.vae import vae_from_config
 
     cfg = load_config(directory / "config.yaml")
     vae = vae_from_config(cfg)
-    vae.load_state_dict(torch.load(directory / "vae.pt", map_location="cpu", weights_only=True))
+    vae.load_state_dict(safe_torch_load(directory / "vae.pt", map_location="cpu"))
     return Model(vae, cfg, source, device)
 
 

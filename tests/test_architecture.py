@@ -1,7 +1,7 @@
 """The dependency direction of docs/architecture.md, checked on every import in the product code
 (module level and inside functions), and the length of every function:
 
-    errors, host, io, signals -> models -> config -> data -> checkpoint, tracking, api -> eval -> train
+    errors, host, io, signals, process_group -> models -> config -> data -> checkpoint, tracking, api -> eval -> train
     -> cli, demo, sweep
 
 A module may import its own layer and the layers to its left. `launcher/` imports only
@@ -18,7 +18,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 LAYERS = [
-    {"errors", "host", "io", "signals"},
+    {"errors", "host", "io", "signals", "process_group"},
     {"models"},
     {"config"},
     {"data"},

@@ -90,13 +90,11 @@ def test_the_metrics_window_reduces_gpu_terms_with_host_figures_and_syncs_only_a
     its first log window."""
     from disent.train.metrics import TrainingMetrics
 
-    cfg = config("train.log_every=3", "train.steps=100")
     tracker = _Recorder()
-    trainer = SimpleNamespace(run_dir=tmp_path, cfg=cfg, env=GPU, tracker=tracker,
-                              loader=SimpleNamespace(wait_seconds=0.25, skipped_shards=0),
-                              engines=SimpleNamespace(lrs=lambda: {"lr/vae": 1e-4}))
     with fake_cuda() as check:
-        window = TrainingMetrics(trainer, _Recorder())
+        window = TrainingMetrics(file=tmp_path / "metrics.jsonl", log_every=3, last_step=100, global_batch=64,
+                                 reduce_on=CUDA, is_main=True, tracker=tracker, progress=_Recorder(),
+                                 loader=SimpleNamespace(wait_seconds=0.25, skipped_shards=0), lrs=lambda: {"lr/vae": 1e-4})
         for step in (1, 2):
             window.record(step, {"vae_loss": torch.rand((), device=CUDA), "swap": torch.rand((), device=CUDA)})
         assert check.syncs == []  # nothing between log windows waits for the GPU
@@ -134,7 +132,7 @@ def test_evaluation_encodes_on_the_gpu_and_returns_float32_codes_on_the_cpu():
 
 
 def test_exported_weights_are_float32_on_the_cpu_whatever_the_training_device_and_precision():
-    from disent.checkpoint import _cpu_state
+    from disent.checkpoint import cpu_state as _cpu_state
 
     vae = vae_from_config(config()).half()
     with fake_cuda() as check:
@@ -151,13 +149,14 @@ def test_an_fp16_model_is_evaluated_in_full(tmp_path, tiny_data):
     from disent.train.hooks import EvaluationHook
     from train_helpers import tiny_overrides
 
+    from disent.train.hooks import EvalRequest
+
     cfg = load_config(ROOT / "configs" / "base.yaml", tiny_overrides(tmp_path, tiny_data))
     vae = vae_from_config(cfg).half()
     tracker = SimpleNamespace(metrics={}, artifacts=[], log_metrics=lambda m, step: tracker.metrics.update(m),
                               log_artifact=lambda path, name: tracker.artifacts.append(name))
-    trainer = SimpleNamespace(cfg=cfg, env=DistEnv(), run_dir=tmp_path, tracker=tracker,
-                              engines=SimpleNamespace(vae_model=vae))
-    EvaluationHook()(trainer, 5)
+    EvaluationHook()(EvalRequest(step=5, models={"vae": vae}, cfg=cfg, device=torch.device("cpu"), rank=0,
+                                 out_dir=tmp_path / "eval" / "step-00000005", tracker=tracker))
     assert (tmp_path / "eval" / "step-00000005" / "eval.json").is_file()
     assert "eval/class_from_s_mlp" in tracker.metrics and (tmp_path / "eval/step-00000005/reconstructions.png").is_file()
     assert next(vae.parameters()).dtype == torch.float16  # the trained model itself is left as it was
@@ -166,12 +165,12 @@ def test_an_fp16_model_is_evaluated_in_full(tmp_path, tiny_data):
 def test_a_failing_evaluation_is_an_error_line_an_mlflow_tag_and_in_the_result(caplog):
     from disent.train.trainer import Trainer
 
-    def broken(trainer, step):
+    def broken(request):
         raise TypeError("Input type (float) and bias type (c10::Half) should be the same")
 
     tags = {}
     trainer = SimpleNamespace(eval_hooks=[broken], env=DistEnv(), eval_failures=[], cfg=config(),
-                              tracker=SimpleNamespace(set_tags=tags.update))
+                              tracker=SimpleNamespace(set_tags=tags.update), eval_request=lambda step: step)
     with caplog.at_level(logging.ERROR):
         Trainer.run_eval_hooks(trainer, 40)
     assert tags == {"eval_failed.step_40": "TypeError: Input type (float) and bias type (c10::Half) should be the same"}

@@ -214,3 +214,12 @@ def test_the_version_floors_admit_only_what_the_code_uses():
             for d in tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["dependencies"]}
     assert _floor(deps["deepspeed"]) >= (0, 17, 2) and _floor(deps["torch"]) >= (2, 5)
     assert hasattr(torch.serialization, "safe_globals")
+
+
+def test_an_nccl_failure_is_a_lost_peer_and_so_exit_69():
+    """Under NCCL with CleanUpOnly error handling, a dead peer or a timed-out collective raises DistBackendError."""
+    from disent.train.distributed import is_lost_peer
+
+    assert is_lost_peer(dist.DistBackendError("NCCL communicator was aborted on rank 1"))
+    assert is_lost_peer(RuntimeError("[Rank 0]: Rank 1 failed to pass monitoredBarrier in 2000 ms (timed out)"))
+    assert not is_lost_peer(ValueError("bad value"))

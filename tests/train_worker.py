@@ -23,13 +23,14 @@ from disent.config import ConfigError, load_config  # noqa: E402
 from disent.train.commands import check_manifest, preflight, setup_logging, train_in_group  # noqa: E402
 
 
-def dump_params(trainer, step):
+def dump_params(request):
     """Every rank's view of both models: ranks must agree (gradients were reduced)."""
     import torch
 
-    state = {f"vae.{k}": v.detach().clone() for k, v in trainer.engines.vae_model.state_dict().items()}
-    state.update({f"disc.{k}": v.detach().clone() for k, v in trainer.engines.disc_model.state_dict().items()})
-    torch.save(state, trainer.run_dir / f"params-rank{trainer.env.rank}-step{step}.pt")
+    state = {f"{name}.{k}": v.detach().clone() for name, model in request.models.items()
+             for k, v in model.state_dict().items()}
+    run_dir = request.out_dir.parents[1]
+    torch.save(state, run_dir / f"params-rank{request.rank}-step{request.step}.pt")
 
 
 def main() -> int:

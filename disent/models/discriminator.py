@@ -20,6 +20,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from disent import process_group
+
 from disent.models.vae import DOWNSAMPLINGS, feature_size
 
 
@@ -140,7 +142,7 @@ class ClassMomentCritic(nn.Module):
 
 
 def all_ranks_sum(t: torch.Tensor) -> torch.Tensor:
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
+    if process_group.active():
         torch.distributed.all_reduce(t)
     return t
 

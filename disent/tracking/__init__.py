@@ -13,7 +13,7 @@ The parts, each owning its state:
 * `sendqueue`     -- `SendQueue`: the bounded queue, its drop policy and dropped count, batching;
 * `sender`        -- `Sender`: the background thread, backoff, permanent errors, warn-once;
 * `run`           -- `MLflowRun`: the client, creating/resuming the run, sending each kind of op;
-                     `SystemMetrics`; the run id's `broadcast`; `tracking_uri`;
+                     `SystemMetrics`; `tracking_uri`;
 * `provenance`    -- `git_commit`;
 * `logger`        -- `MLflowLogger`, the facade.
 

@@ -9,7 +9,8 @@ import time
 from typing import Any
 
 from disent.config import redact_url_credentials
-from disent.tracking.run import MLflowRun, SystemMetrics, broadcast, tracking_uri
+from disent.process_group import from_rank_zero
+from disent.tracking.run import MLflowRun, SystemMetrics, tracking_uri
 from disent.tracking.secret_filter import safe_params, safe_tags
 from disent.tracking.sender import Sender, WarnOnce
 from disent.tracking.sendqueue import Op, SendQueue
@@ -100,7 +101,7 @@ class MLflowLogger:
         """
         if self.enabled:
             self._open(run_id, run_name)
-        self.run_id = broadcast(self.run_id)
+        self.run_id = from_rank_zero(self.run_id)
         if params:
             self.log_params(params)
         if tags:

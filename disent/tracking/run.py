@@ -1,5 +1,5 @@
 """One MLflow run seen from rank 0: the client, creating or resuming the run, sending queued ops to
-it, and MLflow's system-metrics monitor for it. Also the run id's broadcast to every rank."""
+it, and MLflow's system-metrics monitor for it."""
 from __future__ import annotations
 
 import logging
@@ -187,16 +187,3 @@ def register_run_model(client, name: str, run_id: str, artifact_path: str = "mod
     log.info("registered run %s's model as %s version %s (models:/%s/%s)", run_id, name, version.version, name,
              version.version)
     return str(version.version)
-
-
-def broadcast(value: Any) -> Any:
-    """rank 0's value on every rank (a no-op without a process group)."""
-    try:
-        import torch.distributed as dist
-    except ImportError:  # pragma: no cover
-        return value
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
-        return value
-    box = [value]
-    dist.broadcast_object_list(box, src=0)
-    return box[0]

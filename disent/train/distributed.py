@@ -25,6 +25,7 @@ from typing import Any
 
 import torch
 
+from disent import process_group
 from disent.config import ConfigError
 from disent.host import free_port
 
@@ -125,7 +126,7 @@ def init_distributed(env: DistEnv, timeout_s: float = 600) -> None:
     import deepspeed
     import torch.distributed as dist
 
-    if dist.is_available() and dist.is_initialized():
+    if process_group.active():
         return
     if env.world_size == 1:
         for name, value in (("MASTER_ADDR", "127.0.0.1"), ("MASTER_PORT", str(free_port())), ("RANK", "0"),
@@ -165,7 +166,7 @@ def shutdown_distributed() -> None:
     import torch.distributed as dist
 
     _CONTROL.group = None
-    if dist.is_available() and dist.is_initialized():
+    if process_group.active():
         with contextlib.suppress(Exception):
             dist.destroy_process_group()
 
@@ -181,9 +182,7 @@ _CONTROL = _Control()
 
 
 def _world() -> int:
-    import torch.distributed as dist
-
-    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+    return process_group.rank_and_world()[1]
 
 
 def agree_any(flag: bool) -> bool:
@@ -199,13 +198,7 @@ def agree_any(flag: bool) -> bool:
 
 def from_rank_zero(value: Any) -> Any:
     """Rank 0's value on every rank (picklable; a collective on CPU)."""
-    import torch.distributed as dist
-
-    if _world() == 1:
-        return value
-    box = [value]
-    dist.broadcast_object_list(box, src=0, group=_CONTROL.group)
-    return box[0]
+    return process_group.from_rank_zero(value, group=_CONTROL.group)
 
 
 def wait_for_rank_zero(timeout_s: float) -> None:

@@ -1,23 +1,44 @@
-"""Evaluation hooks run by the trainer every `train.eval_every` steps and at the end.
+"""Evaluation hooks, run by the trainer every `train.eval_every` steps and at the end.
 
-A hook is any callable `(trainer, step)`. The default one runs the full evaluation of
-`disent.eval` on rank 0 (class probes on s and z, factor read-out, reconstruction and swap
-errors, the swap / prior / interpolation grids, plus a reconstruction grid), writes
-run_dir/eval/step-XXXXXXXX/{eval.json,*.png} and logs `eval/*` metrics and the PNGs to MLflow.
-Other ranks do nothing and simply wait at the next collective. The trainer runs hooks under a
-forked RNG, so evaluation never changes the training stream.
+A hook is any callable taking an :class:`EvalRequest`: what it may read (the models being trained,
+the config, the device, the tracker) and where it writes (`out_dir`, run_dir/eval/step-N, from the
+checkpoint package's layout). The default hook runs the full evaluation of `disent.eval` on rank 0
+(class probes on s and z, factor read-out, reconstruction and swap errors, the swap / prior /
+interpolation grids, plus a reconstruction grid), writes eval.json and the PNGs into `out_dir` and
+logs `eval/*` metrics and the PNGs to MLflow. Other ranks return at once; the trainer makes them wait
+for rank 0 (disent/train/distributed.py) and runs hooks under a forked RNG, so evaluation never
+changes the training stream.
 """
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
 
 import torch
 
+from disent.config import Config
 from disent.eval import grids
 from disent.eval.evaluate import Split, evaluate, in_float32, load_split, numeric_metrics, same_class_partners
 from disent.eval.metrics import headline
 
 log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class EvalRequest:
+    step: int
+    models: dict[str, torch.nn.Module]  # "vae" (the bare DisentVAE) and "disc", as they are being trained
+    cfg: Config
+    device: torch.device
+    rank: int
+    out_dir: Path  # run_dir/eval/step-N
+    tracker: Any  # MLflowLogger (rank 0 logs)
+
+    @property
+    def vae(self) -> torch.nn.Module:
+        return self.models["vae"]
 
 
 class EvaluationHook:
@@ -30,25 +51,24 @@ class EvaluationHook:
                             load_split(cfg, cfg.data.eval_split, cfg.eval.max_test_samples))
         return self._splits
 
-    def __call__(self, trainer, step: int) -> None:
-        if trainer.env.rank != 0:
+    def __call__(self, request: EvalRequest) -> None:
+        if request.rank != 0:
             return
-        cfg = trainer.cfg
+        cfg, out, device = request.cfg, request.out_dir, request.device
         train, test = self._data(cfg)
-        out = trainer.run_dir / "eval" / f"step-{step:08d}"
-        vae = in_float32(trainer.engines.vae_model, cfg)
+        vae = in_float32(request.vae, cfg)
         was_training = vae.training
         vae.eval()
         try:
-            metrics = evaluate(vae, cfg, out, trainer.env.device, train=train, test=test)
+            metrics = evaluate(vae, cfg, out, device, train=train, test=test)
             # reconstruction grid: x1, Dec(mu1, s1), x1', Dec(mu1, s1') for same-class test pairs
             n = cfg.eval.grid_size
             partner = same_class_partners(test.labels, cfg.seed)[:n]
-            x1 = torch.from_numpy(test.images[:n]).to(trainer.env.device).float().div_(255)
-            x1p = torch.from_numpy(test.images[partner]).to(trainer.env.device).float().div_(255)
+            x1 = torch.from_numpy(test.images[:n]).to(device).float().div_(255)
+            x1p = torch.from_numpy(test.images[partner]).to(device).float().div_(255)
             grids.save_png(grids.reconstruction_grid(vae, x1, x1p), out / "reconstructions.png")
         finally:
             vae.train(was_training)
-        trainer.tracker.log_metrics(numeric_metrics(metrics), step=step)
-        trainer.tracker.log_artifact(out, f"eval/step-{step:08d}")
-        log.info("eval at step %d: %s; grids in %s", step, headline(metrics), out)
+        request.tracker.log_metrics(numeric_metrics(metrics), step=request.step)
+        request.tracker.log_artifact(out, f"eval/{out.name}")
+        log.info("eval at step %d: %s; grids in %s", request.step, headline(metrics), out)

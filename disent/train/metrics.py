@@ -6,9 +6,11 @@ from __future__ import annotations
 import json
 import time
 from pathlib import Path
+from typing import Callable
 
 import torch
 
+from disent import process_group
 from disent.train.progress import ProgressReport
 
 
@@ -27,19 +29,24 @@ def mean_over_ranks(values: dict[str, torch.Tensor | float], device: torch.devic
     import torch.distributed as dist
 
     keys, stacked = stack_scalars(values, device)
-    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+    world = process_group.rank_and_world()[1]
+    if world > 1:
         dist.all_reduce(stacked, op=dist.ReduceOp.SUM)
-        stacked = stacked / dist.get_world_size()
+        stacked = stacked / world
     return dict(zip(keys, stacked.tolist()))
 
 
 class TrainingMetrics:
-    """Collects each step's loss terms and, at the end of a window, reduces and reports them."""
+    """Collects each step's loss terms and, at the end of a window, reduces and reports them.
 
-    def __init__(self, trainer, progress: ProgressReport):
-        self.trainer = trainer
-        self.progress = progress
-        self.file = Path(trainer.run_dir) / "metrics.jsonl"
+    It reads the loader's own counters (`wait_seconds`, `skipped_shards`) and the engines' learning rates
+    (`lrs()`); rank 0 (`is_main`) sends the window to the tracker and appends it to `file`."""
+
+    def __init__(self, *, file: Path, log_every: int, last_step: int, global_batch: int, reduce_on: torch.device,
+                 is_main: bool, tracker, progress: ProgressReport, loader, lrs: Callable[[], dict[str, float]]):
+        self.file, self.log_every, self.last_step, self.global_batch = file, log_every, last_step, global_batch
+        self.reduce_on, self.is_main, self.tracker, self.progress = reduce_on, is_main, tracker, progress
+        self.loader, self.lrs = loader, lrs
         self._start_window()
 
     def _start_window(self) -> None:
@@ -49,7 +56,7 @@ class TrainingMetrics:
         self.waited_before = self._loader_wait()
 
     def _loader_wait(self) -> float:
-        return float(getattr(self.trainer.loader, "wait_seconds", 0.0))
+        return float(getattr(self.loader, "wait_seconds", 0.0))
 
     def record(self, step: int, terms: dict[str, torch.Tensor]) -> None:
         """Every rank, after every step."""
@@ -57,26 +64,24 @@ class TrainingMetrics:
             self.sums[key] = self.sums[key] + value if key in self.sums else value
         self.steps += 1
         self.progress.update()
-        cfg = self.trainer.cfg.train
-        if step % cfg.log_every == 0 or step == cfg.steps:
+        if step % self.log_every == 0 or step == self.last_step:
             self.report(step)
 
     def report(self, step: int) -> None:
-        trainer = self.trainer
         elapsed = max(time.perf_counter() - self.started, 1e-9)
         waited = self._loader_wait() - self.waited_before
         local: dict[str, torch.Tensor | float] = {k: v / self.steps for k, v in self.sums.items()}
         local["data_wait_s"] = waited
         local["data_wait_fraction"] = waited / elapsed
-        metrics = mean_over_ranks(local, trainer.env.device if trainer.env.backend == "nccl" else torch.device("cpu"))
-        metrics["samples_per_s"] = self.steps * trainer.cfg.train.global_batch_size / elapsed
+        metrics = mean_over_ranks(local, self.reduce_on)
+        metrics["samples_per_s"] = self.steps * self.global_batch / elapsed
         metrics["steps_per_s"] = self.steps / elapsed
-        metrics.update(trainer.engines.lrs())
-        skipped = getattr(trainer.loader, "skipped_shards", None)
+        metrics.update(self.lrs())
+        skipped = getattr(self.loader, "skipped_shards", None)
         if isinstance(skipped, (int, float)):
             metrics["data_skipped_shards"] = float(skipped)
-        if trainer.env.is_main:
-            trainer.tracker.log_metrics(metrics, step=step)
+        if self.is_main:
+            self.tracker.log_metrics(metrics, step=step)
             with open(self.file, "a") as fh:
                 fh.write(json.dumps({"step": step, **metrics}, sort_keys=True) + "\n")
             self.progress.report(step, metrics)

@@ -19,8 +19,8 @@ class StepProfiler:
     table of the most expensive operators to MLflow. With steps=0 it does nothing. A context
     manager: the profiler stops when the block ends, however it ends."""
 
-    def __init__(self, steps: int, steps_left: int, run_dir: Path, rank: int, tracker):
-        self.out = run_dir / "profile"
+    def __init__(self, steps: int, steps_left: int, out: Path, rank: int, tracker):
+        self.out = out
         self.rank, self.tracker = rank, tracker
         self._profile = None
         if steps > 0:

@@ -9,7 +9,7 @@ DeepSpeed applies the optimizer update at the accumulation boundary.
 
 After each step come the periodic actions, each owned by its own component: the metrics window
 (train/metrics.py, every `log_every` steps), the profiler (train/profiler.py), the eval hooks
-(train/hooks.py, every `eval_every` steps and at the end), the checkpoint (disent/checkpoint.py,
+(train/hooks.py, every `eval_every` steps and at the end), the checkpoint (disent/checkpoint/,
 every `checkpoint_every` steps and at the end) and the stop signal (disent/signals.py):
 SIGTERM/SIGUSR1 make every rank finish its step, checkpoint and return with `preempted=True` (the
 CLI exits with ExitCode.PREEMPTED, 75, so the job is requeued).
@@ -80,7 +80,7 @@ class Trainer:
         loader_factory: LoaderFactory | None = None,
         tracker=None,
         manifest_digest: str | None = None,
-        eval_hooks: list[Callable[["Trainer", int], None]] | None = None,
+        eval_hooks: list[Callable[[Any], None]] | None = None,  # each called with an EvalRequest (train/hooks.py)
         preemption: PreemptionFlag | None = None,
     ):
         from disent.train.hooks import EvaluationHook
@@ -97,6 +97,7 @@ class Trainer:
         # preemption during start-up means "one step, checkpoint, exit 75" rather than dying with 143).
         self.preemption = preemption or PreemptionFlag()
         self.checkpoints = CheckpointManager(self.run_dir, cfg.train.keep_checkpoints, cfg.train.checkpoint_upload_url)
+        self.layout = self.checkpoints.layout  # every path under run_dir
         self._last_checkpoint_step: int | None = None
         self.world_size_change: tuple[int, int] | None = None  # (written by, now) when resumed on another world size
         self._last_checkpoint: Path | None = None
@@ -114,8 +115,7 @@ class Trainer:
             from disent.tracking import MLflowLogger
 
             tracker = MLflowLogger.from_config(cfg, env.rank)
-        self.tracker = tracker
-        self.run_id: str | None = None
+        self.tracker = tracker  # owns the MLflow run id (rank 0's, broadcast to every rank at start)
 
     # ------------------------------------------------------------------ state
 
@@ -137,7 +137,7 @@ class Trainer:
         return {"vae": self.engines.vae, "disc": self.engines.disc, "loader": self.loader, "trainer": self}
 
     def save_checkpoint(self) -> Path:
-        meta = {"mlflow_run_id": self.tracker.run_id if self.env.is_main else self.run_id, "config": to_dict(self.cfg)}
+        meta = {"mlflow_run_id": self.tracker.run_id, "config": to_dict(self.cfg)}
         path = self.checkpoints.save(self.step, self.checkpoint_parts, meta, vae=self.engines.vae_model)
         self._last_checkpoint_step, self._last_checkpoint = self.step, path
         return path
@@ -246,9 +246,7 @@ class Trainer:
             status = "KILLED" if preempted else "FINISHED"
         finally:
             self._teardown(status, exiting)
-        if self.env.is_main and self.run_id:
-            self.run_id = self.tracker.run_id or self.run_id
-        return TrainResult(step=self.step, preempted=preempted, run_id=self.run_id, checkpoint=self._last_checkpoint,
+        return TrainResult(step=self.step, preempted=preempted, run_id=self.tracker.run_id, checkpoint=self._last_checkpoint,
                            eval_failures=list(self.eval_failures))
 
     def _run_steps(self, exiting: bool) -> bool:
@@ -259,9 +257,13 @@ class Trainer:
                  self.step, total, env.world_size, self.micro_batch, getattr(self.loader, "num_workers", "?"),
                  env.device_type)
         progress = ProgressReport(cfg.name, self.step, total, bar=env.is_main and cfg.train.progress)
-        profiler = StepProfiler(cfg.train.profile_steps, total - self.step, self.run_dir, env.rank, self.tracker)
+        profiler = StepProfiler(cfg.train.profile_steps, total - self.step, self.layout.profile, env.rank, self.tracker)
         with progress, profiler:
-            metrics = TrainingMetrics(self, progress)
+            metrics = TrainingMetrics(
+                file=self.layout.metrics, log_every=cfg.train.log_every, last_step=total,
+                global_batch=cfg.train.global_batch_size, is_main=env.is_main, tracker=self.tracker, progress=progress,
+                reduce_on=env.device if env.backend == "nccl" else torch.device("cpu"), loader=self.loader,
+                lrs=self.engines.lrs)
             while self.step < total:
                 terms = self.train_step(batches)
                 self.step += 1
@@ -317,17 +319,16 @@ class Trainer:
                 self._log_model()
 
     def _log_model(self) -> None:
-        """The run's MLflow model (disent.tracking.pyfunc), from run_dir/final/vae.pt, into
-        run_dir/final/model and the run's artifact "model"; registered when tracking.register_model is
-        set. A model that cannot be written is a warning: the run itself is complete."""
-        from disent.api import load as load_model
+        """The run's MLflow model (disent.tracking.pyfunc) of the trained VAE, into run_dir/final/model and the
+        run's artifact "model"; registered when tracking.register_model is set. A model that cannot be
+        written is a warning: the run itself is complete."""
+        from disent.api import Model
         from disent.tracking.pyfunc import save_pyfunc
 
-        target = self.checkpoints.final_dir / "model"
+        target = self.layout.final_model
         shutil.rmtree(target, ignore_errors=True)
         try:
-            model = load_model(self.checkpoints.final_dir, device="cpu")
-            save_pyfunc(model, target)
+            save_pyfunc(Model.copy_of(self.engines.vae_model, self.cfg, str(self.layout.final)), target)
         except Exception as exc:  # noqa: BLE001
             log.warning("the run's MLflow model was not written (%s: %s); run_dir/final/vae.pt has the weights",
                         type(exc).__name__, exc)
@@ -348,6 +349,13 @@ class Trainer:
         if close:
             close()
 
+    def eval_request(self, step: int):
+        from disent.train.hooks import EvalRequest
+
+        return EvalRequest(step=step, models={"vae": self.engines.vae_model, "disc": self.engines.disc_model},
+                           cfg=self.cfg, device=self.env.device, rank=self.env.rank, out_dir=self.layout.eval_dir(step),
+                           tracker=self.tracker)
+
     def run_eval_hooks(self, step: int) -> None:
         """Every hook (rank 0 evaluates; the others wait for it on the CPU control group, up to eval.timeout_s).
         A hook that fails does not end the run, but it is never silent: an ERROR line, an MLflow tag
@@ -355,7 +363,7 @@ class Trainer:
         for hook in self.eval_hooks:
             try:
                 with isolated_rng(cuda=True):  # evaluation never shifts the training noise
-                    hook(self, step)
+                    hook(self.eval_request(step))
             except Exception as exc:  # noqa: BLE001 - reported below, the training goes on
                 what = f"{type(exc).__name__}: {' '.join(str(exc).split())[:300]}"
                 log.error("evaluation at step %d failed (%s)", step, what, exc_info=True)
@@ -373,15 +381,15 @@ class Trainer:
         params["derived.micro_batch_size"] = self.micro_batch
         params["derived.loader_workers"] = getattr(self.loader, "num_workers", None)  # data.num_workers=auto
         run_id = resume_meta.get("mlflow_run_id") if resume_meta else None
-        self.run_id = self.tracker.start(run_id=run_id, run_name=run_name(self.cfg), params=params, tags=self._run_tags())
+        self.tracker.start(run_id=run_id, run_name=run_name(self.cfg), params=params, tags=self._run_tags())
         if self.env.is_main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
-            write_bytes_atomic(str(self.run_dir / "config.yaml"), to_yaml(self.cfg).encode())
-            ds_dir = self.run_dir / "deepspeed"
+            write_bytes_atomic(str(self.layout.config), to_yaml(self.cfg).encode())
+            ds_dir = self.layout.deepspeed_configs
             ds_dir.mkdir(exist_ok=True)
             for name, ds_cfg in self.engines.configs.items():
                 write_bytes_atomic(str(ds_dir / f"{name}.json"), json.dumps(ds_cfg, indent=2).encode())
-            self.tracker.log_artifact(self.run_dir / "config.yaml", "config")
+            self.tracker.log_artifact(self.layout.config, "config")
             self.tracker.log_artifact(ds_dir, "config/deepspeed")
 
     def _run_tags(self) -> dict[str, Any]:

@@ -1,0 +1,123 @@
+"""Every path under run_dir, in one place: the checkpoints and their files, the evaluations, the final
+export and the run's own records. Nothing else in disent joins names under run_dir."""
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+COMPLETE = "COMPLETE"
+META = "meta.json"
+VAE_WEIGHTS = "vae_weights.pt"
+STEP_DIR = re.compile(r"^step-(\d{8,})$")
+EXPORTED_FILES = ("vae.pt", "config.yaml")  # an exported model folder: the weights and the training config
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint that cannot be used (incomplete, missing, written by another world size)."""
+
+
+def step_dir_name(step: int) -> str:
+    return f"step-{step:08d}"
+
+
+def trainer_file(rank: int) -> str:
+    return f"trainer-rank{rank}.pt"
+
+
+@dataclass(frozen=True)
+class RunLayout:
+    """run_dir/
+        checkpoints/step-N/   one checkpoint (CheckpointInfo)
+        eval/step-N/          an in-training evaluation: eval.json and its PNG grids
+        final/                {vae,disc}.pt and config.yaml at the end of a finished run (disent.load reads it)
+        final/model/          the run's MLflow model (pyfunc)
+        config.yaml           the resolved config;  deepspeed/{vae,disc}.json  each engine's DeepSpeed config
+        metrics.jsonl         the training metrics;  profile/  torch.profiler traces
+        .universal/           transient: ZeRO 1/2 states converted while resuming on another number of ranks
+    """
+
+    run_dir: Path
+
+    def __post_init__(self):
+        object.__setattr__(self, "run_dir", Path(self.run_dir))
+
+    @property
+    def checkpoints(self) -> Path:
+        return self.run_dir / "checkpoints"
+
+    def checkpoint(self, step: int) -> Path:
+        return self.checkpoints / step_dir_name(step)
+
+    def eval_dir(self, step: int) -> Path:
+        return self.run_dir / "eval" / step_dir_name(step)
+
+    @property
+    def final(self) -> Path:
+        return self.run_dir / "final"
+
+    @property
+    def final_model(self) -> Path:
+        return self.final / "model"
+
+    @property
+    def config(self) -> Path:
+        return self.run_dir / "config.yaml"
+
+    @property
+    def deepspeed_configs(self) -> Path:
+        return self.run_dir / "deepspeed"
+
+    @property
+    def metrics(self) -> Path:
+        return self.run_dir / "metrics.jsonl"
+
+    @property
+    def profile(self) -> Path:
+        return self.run_dir / "profile"
+
+    @property
+    def universal(self) -> Path:
+        return self.run_dir / ".universal"
+
+
+@dataclass(frozen=True)
+class CheckpointInfo:
+    path: Path
+    step: int
+
+    @property
+    def complete(self) -> bool:
+        return (self.path / COMPLETE).is_file()
+
+    @property
+    def eval_dir(self) -> Path:
+        """Where `disent eval` of this checkpoint puts eval.json and its grids."""
+        return self.path / "eval"
+
+    def meta(self) -> dict:
+        return json.loads((self.path / META).read_text())
+
+    def read_vae_weights(self) -> dict[str, torch.Tensor]:
+        """The bare VAE's state_dict (what eval and swap load), read with weights_only."""
+        from disent.checkpoint.safe_load import safe_torch_load
+
+        weights = self.path / VAE_WEIGHTS
+        if not weights.is_file():
+            raise CheckpointError(f"checkpoint {self.path} has no {VAE_WEIGHTS}; it was written by an older disent")
+        return safe_torch_load(weights, map_location="cpu")
+
+
+def list_checkpoints(checkpoint_root: Path) -> list[CheckpointInfo]:
+    """Every step-* directory (complete or not), oldest first."""
+    if not checkpoint_root.is_dir():
+        return []
+    found = []
+    for child in checkpoint_root.iterdir():
+        match = STEP_DIR.match(child.name)
+        if match and child.is_dir():
+            found.append(CheckpointInfo(child, int(match.group(1))))
+    return sorted(found, key=lambda c: c.step)

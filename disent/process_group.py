@@ -1,0 +1,37 @@
+"""The process group as the rest of the code sees it: whether there is one, this rank and the world size,
+a barrier and rank 0's value on every rank. Each is a no-op (or the trivial answer) without a group, so
+the same code runs in one process and in many."""
+from __future__ import annotations
+
+from typing import Any
+
+
+def active() -> bool:
+    """Whether this process is in an initialized process group."""
+    import torch.distributed as dist
+
+    return dist.is_available() and dist.is_initialized()
+
+
+def rank_and_world() -> tuple[int, int]:
+    import torch.distributed as dist
+
+    return (dist.get_rank(), dist.get_world_size()) if active() else (0, 1)
+
+
+def barrier() -> None:
+    import torch.distributed as dist
+
+    if active():
+        dist.barrier()
+
+
+def from_rank_zero(value: Any, group: Any = None) -> Any:
+    """Rank 0's (picklable) value on every rank: a collective, so also a barrier after rank 0's work."""
+    import torch.distributed as dist
+
+    if rank_and_world()[1] == 1:
+        return value
+    box = [value]
+    dist.broadcast_object_list(box, src=0, group=group)
+    return box[0]
