@@ -184,3 +184,13 @@ def test_round_trip_flatten_and_run_name():
     a = load_config(ROOT / "configs/sprites.yaml", ["data.url=s3://bkt/sprites32"])
     b = load_config(ROOT / "configs/sprites.yaml", ["data.url=data/sprites64/"])
     assert run_name(a) == "sprites data=sprites32" and run_name(b) == "sprites data=sprites64"
+
+
+def test_base_yaml_lists_every_key_of_the_schema_with_its_default():
+    """configs/base.yaml is the reference users read: every key the schema knows, at the schema's default."""
+    from disent.config import Config, DataConfig
+
+    written = flatten(yaml.safe_load((ROOT / "configs" / "base.yaml").read_text()))
+    defaults = flatten(to_dict(Config(name="disent", data=DataConfig(url="data/fashion_mnist"))))
+    assert sorted(set(defaults) - set(written)) == [] and sorted(set(written) - set(defaults)) == []
+    assert {k: (written[k], v) for k, v in defaults.items() if written[k] != v} == {}
