@@ -17,7 +17,7 @@ from disent.data.errors import DataError
 from disent.data.manifest import read_manifest
 from disent.data.prepare import PrepareOptions, prepare
 from disent.data.sources import SourceOptions, parse_source, read_idx
-from disent.data.stream import iter_groups, load_split_arrays
+from disent.data.reading import iter_groups, load_split_arrays
 from disent.io import storage
 
 FASHION_DIR = Path("/usr/share/datasets/fashion-mnist")

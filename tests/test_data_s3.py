@@ -14,7 +14,8 @@ from disent.data.errors import DataError, ShardError
 from disent.data.manifest import read_manifest
 from disent.data.prepare import PrepareOptions, prepare
 from disent.data.sources import SourceOptions
-from disent.data.stream import PairLoader, load_split_arrays
+from disent.data.reading import load_split_arrays
+from disent.data.stream import PairLoader
 from s3server import FlakyS3, clear_aws_env
 from test_data_prepare import make_folder, make_idx_dir, make_npz
 

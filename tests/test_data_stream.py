@@ -17,7 +17,9 @@ from disent.config import ConfigError, DataConfig
 from disent.data.errors import ShardError
 from disent.data.manifest import read_manifest
 from disent.data.prepare import PrepareOptions, prepare
-from disent.data.stream import PairLoader, iter_groups, load_split_arrays, resolve_num_workers
+from disent.data.reading import iter_groups, load_split_arrays
+from disent.data.stream import PairLoader
+from disent.data.workers import resolve_num_workers
 from disent.host import free_port
 from test_data_prepare import make_npz
 

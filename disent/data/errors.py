@@ -33,3 +33,16 @@ class ShardError(RetryableFailure):
 
     def __reduce__(self):  # DataLoader workers pickle it to the rank; keep the shard
         return type(self), (str(self), self.shard)
+
+
+def unwrap_worker_error(exc: ShardError) -> ShardError:
+    """A DataLoader worker's exception arrives rebuilt around the worker's whole traceback; keep the
+    original one-line message, which names the shard."""
+    text = str(exc)
+    if "Original Traceback" not in text:
+        return exc
+    last = [line for line in text.splitlines() if line.strip()][-1]
+    name, _, rest = last.partition(": ")  # "disent.data.errors.ShardError: shard ..."
+    message = rest if rest and name.rsplit(".", 1)[-1] == type(exc).__name__ else last
+    shard = message.split()[1].rstrip(":") if message.startswith("shard ") else ""
+    return type(exc)(message, shard)

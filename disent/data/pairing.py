@@ -21,7 +21,7 @@ workers there are changes who computes a row, never what is in it.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Any, Protocol
 
 import numpy as np
 
@@ -332,3 +332,18 @@ def item_shapes(image_shape: tuple[int, ...], num_factors: int, batches: int, ro
     if with_ids:
         shapes["id"] = ((4, batches, rows), np.dtype(np.int64))
     return shapes
+
+
+def unpack(packed: dict[str, Any]) -> list[dict[str, Any]]:
+    """The batches of an item (arrays [4, batches, B, ...], [2, ...] for y) as dicts of named views:
+    x1, x1p, ..., y1, y2."""
+    columns: dict[str, Any] = {}
+    for col, names in enumerate(_NAMES):
+        for name, field in zip(names, ("x", "f", "id")):
+            if field in packed:
+                columns[name] = packed[field][col].unbind(0)
+    columns["y1"], columns["y2"] = packed["y"][0].unbind(0), packed["y"][1].unbind(0)
+    return [dict(zip(columns, values)) for values in zip(*columns.values())]
+
+
+_NAMES = (("x1", "f1", "id1"), ("x1p", "f1p", "id1p"), ("x2", "f2", "id2"), ("x2p", "f2p", "id2p"))

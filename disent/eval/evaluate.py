@@ -44,7 +44,7 @@ class Split:
 
 
 def load_split(cfg: Config, split: str, limit: int) -> Split:
-    from disent.data.stream import load_split_arrays, open_split
+    from disent.data.reading import load_split_arrays, open_split
 
     manifest = open_split(cfg.data, split)
     images, labels, factors, names = load_split_arrays(cfg.data, split, limit, manifest)

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import logging
 import os
-from typing import Any
 
 from disent.config import redact_url_credentials
 from disent.tracking.sendqueue import Op

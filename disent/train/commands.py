@@ -85,7 +85,7 @@ def check_manifest(cfg: Config):
 
     Uses the data package's own check (image shape, channels, classes). Raises ConfigError.
     """
-    from disent.data.stream import open_split
+    from disent.data.reading import open_split
 
     try:
         return open_split(cfg.data, cfg.data.train_split)
