@@ -6,7 +6,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from disent.config import ConfigError, flatten, from_dict, load_config, micro_batch_size, run_name, to_dict
+from disent.config import ConfigError, flatten, from_dict, load_config, micro_batch_size, to_dict
+from disent.tracking.naming import run_name
 from disent.train.ds_config import deepspeed_config
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -8,7 +8,7 @@ from types import SimpleNamespace
 import pytest
 from mlflow.tracking import MlflowClient
 
-from disent.config import redact_url_credentials
+from disent.io.urls import redact_url_credentials
 from disent.tracking import DEFAULT_URI, MAX_PARAM_VALUE, MLflowLogger, safe_params, tracking_uri
 from train_helpers import free_port
 

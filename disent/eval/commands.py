@@ -38,7 +38,7 @@ def load_trained(path: str | Path, overrides: list[str] = ()) -> TrainedModel:
 
 def log_evaluation(cfg: Config, metrics: dict, out_dir: Path, step: int, run_id: str | None, child: bool) -> str | None:
     """Log eval/* metrics, the grids and eval.json to the training run (or a child run of it)."""
-    from disent.config import run_name
+    from disent.tracking.naming import run_name
     from disent.eval.evaluate import numeric_metrics
     from disent.tracking import MLflowLogger
 

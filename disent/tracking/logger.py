@@ -8,7 +8,7 @@ import os
 import time
 from typing import Any
 
-from disent.config import redact_url_credentials
+from disent.io.urls import redact_url_credentials
 from disent.process_group import from_rank_zero
 from disent.tracking.run import MLflowRun, SystemMetrics, tracking_uri
 from disent.tracking.secret_filter import safe_params, safe_tags

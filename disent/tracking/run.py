@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 import os
 
-from disent.config import redact_url_credentials
+from disent.io.urls import redact_url_credentials
 from disent.tracking.sendqueue import Op
 
 log = logging.getLogger(__package__)

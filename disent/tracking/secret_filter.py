@@ -1,12 +1,12 @@
 """What may be sent to MLflow: nothing whose key looks like a secret, no credentials inside a URL,
 no value longer than MLflow takes. URL credentials are redacted by the one helper for that,
-`disent.config.redact_url_credentials`."""
+`disent.io.urls.redact_url_credentials`."""
 from __future__ import annotations
 
 import re
 from typing import Any
 
-from disent.config import redact_url_credentials
+from disent.io.urls import redact_url_credentials
 
 MAX_PARAM_VALUE = 6000  # MLflow's limit on a param value
 SECRET_KEY = re.compile(r"(key|secret|token|password|passwd|credential|auth)", re.IGNORECASE)

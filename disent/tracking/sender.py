@@ -12,7 +12,7 @@ import threading
 import time
 from typing import Callable
 
-from disent.config import redact_url_credentials
+from disent.io.urls import redact_url_credentials
 from disent.tracking.sendqueue import Op, SendQueue
 
 log = logging.getLogger(__package__)  # "disent.tracking", for every part of the package

@@ -171,7 +171,7 @@ def train_in_group(cfg: Config, env, resume=None, auto_resume=True, loader_facto
             print(f"disent: preempted at step {result.step}; checkpoint {result.checkpoint}; "
                   f"exit {int(ExitCode.PREEMPTED)} (requeue to resume)", file=sys.stderr)
         else:
-            from disent.config import redact_url_credentials
+            from disent.io.urls import redact_url_credentials
             from disent.tracking import tracking_uri
 
             uri = redact_url_credentials(tracking_uri(cfg))

@@ -28,11 +28,12 @@ from typing import Any, Callable
 import torch
 
 from disent.checkpoint import CheckpointInfo, CheckpointManager
-from disent.config import Config, changed_keys, flatten, micro_batch_size, run_name, to_dict, to_yaml
+from disent.config import Config, changed_keys, flatten, micro_batch_size, to_dict, to_yaml
 from disent.errors import ExitCode
 from disent.io.storage import write_bytes_atomic
 from disent.models.objective import discriminator_losses
 from disent.signals import PreemptionFlag
+from disent.tracking.naming import run_name
 from disent.train.distributed import DistEnv, agree_any, apply_determinism, from_rank_zero, wait_for_rank_zero
 from disent.train.engines import Engines, build_engines, frozen, stage0_grad_norm
 from disent.train.metrics import TrainingMetrics
