@@ -6,23 +6,16 @@ With x1, x1' of one class and an independent same-class pair x2, x2':
   3. adversarial     Dec(z1, s2) and Dec(z_prior, s2) must pass as real members of x2's class,
                      so z1 cannot smuggle x1's class into the image.
 The discriminator is trained to tell the real (x2, x2') from those fakes.
-Optionally (loss.latent_adversarial > 0, an extension): a latent critic guesses whether two
-unspecified codes come from one class (mu1, mu1') or from independent images (mu1, mu2), and
-the encoder is trained to make same-class pairs look independent, so z carries no class.
-Optionally (loss.class_adversarial > 0, an extension using the labels of x1): a class critic
-guesses the class of x1 from mu1, and the encoder is trained to leave its guess uniform.
-Optionally (loss.class_moments > 0, an extension using the labels): a critic keeps running
-per-class means of the standardised mean of z and of its square, and the encoder is pushed to make
-them equal, so no class shows in where or how widely its codes lie.
-Optionally (loss.reverse_cycle > 0, Cycle-VAE's reverse cycle): Dec(z_prior, s2) is encoded again
-and its mean of z must give z_prior back, so the encoder reads z the same way whatever the class.
-Optionally (loss.specified_consistency > 0, using only the grouping): s1 and s1' are pulled
-together relative to s1 and s2, so s cannot keep what is particular to one image.
+
+Extensions beyond the paper follow the paper's terms, each named as its `loss.*` weight and off at 0
+(the paper's objective): `latent_adversarial`, `class_adversarial`, `specified_consistency`,
+`class_moments`, `reverse_cycle`. Each is one function below with its docstring; `EXTENSIONS` lists them.
 """
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -59,7 +52,8 @@ def adversarial_ramp(cfg: LossWeights, step: int) -> float:
 
 
 def term_weights(cfg: LossWeights, z_dim: int, pixels: int, step: int) -> dict[str, float]:
-    """The weight of each VAE term, in the order the total adds them; the adversarial ones ramp up."""
+    """The weight of each VAE term, in the order the total adds them: the paper's, then the extensions (the
+    adversarial ones ramp up)."""
     ramp = adversarial_ramp(cfg, step)
     return {
         "reconstruction": cfg.reconstruction,
@@ -68,8 +62,8 @@ def term_weights(cfg: LossWeights, z_dim: int, pixels: int, step: int) -> dict[s
         "adversarial": cfg.adversarial * ramp,
         "latent_adversarial": cfg.latent_adversarial * ramp,
         "class_adversarial": cfg.class_adversarial * ramp,
-        "specified_spread": cfg.specified_consistency,
-        "class_moment_leakage": cfg.class_moments,
+        "specified_consistency": cfg.specified_consistency,
+        "class_moments": cfg.class_moments,
         "reverse_cycle": cfg.reverse_cycle,
     }
 
@@ -101,7 +95,7 @@ def rows(t: torch.Tensor, i: int, b: int) -> torch.Tensor:
     return t[i * b : (i + 1) * b]
 
 
-# --------------------------------------------------------------------------- the VAE's terms
+# --------------------------------------------------------------------------- the paper's terms
 
 
 def reconstruction_term(logits: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
@@ -127,8 +121,9 @@ def swap_term(swap_logits: torch.Tensor, x1: torch.Tensor) -> torch.Tensor:
 
 def adversarial_terms(discriminator: torch.nn.Module, images: torch.Tensor, x2: torch.Tensor, y2: torch.Tensor,
                       mu1: torch.Tensor, mu1p: torch.Tensor) -> dict[str, torch.Tensor]:
-    """3. Dec(z1, s2) and Dec(z_prior, s2) (`images`) must pass as real members of x2's class; with a
-    latent critic, (mu1, mu1') must also look like the codes of independent images."""
+    """3. Dec(z1, s2) and Dec(z_prior, s2) (`images`) must pass as real members of x2's class. The same call
+    of the critics gives the latent critic's guess (extension `latent_adversarial`): (mu1, mu1') must
+    also look like the codes of independent images."""
     judged, same_class = discriminator(images, torch.cat([x2, x2]), torch.cat([y2, y2]), mu1, mu1p)
     judged = judged.float()  # fp32 losses whatever the precision of the logits
     terms = {"adversarial": F.binary_cross_entropy_with_logits(judged, torch.ones_like(judged))}
@@ -138,30 +133,61 @@ def adversarial_terms(discriminator: torch.nn.Module, images: torch.Tensor, x2: 
     return terms
 
 
-def class_adversarial_term(discriminator: torch.nn.Module, mu1: torch.Tensor) -> torch.Tensor:
-    """The class critic's guess from mu1, held to uniform: cross-entropy against a uniform guess less
-    its floor log K, so 0 at best."""
-    class_logits = discriminator.guess_class(mu1).float()
+# --------------------------------------------------------------------------- the extensions
+
+
+@dataclass
+class StepCodes:
+    """What the extensions read from one VAE step: the codes of x1, x1', x2 (rows of b each), z_prior
+    and Dec(z_prior, s2), and the classes of x1 and x2."""
+
+    s: torch.Tensor
+    mu: torch.Tensor
+    z_prior: torch.Tensor
+    fake_prior: torch.Tensor
+    y1: torch.Tensor | None
+    y2: torch.Tensor
+    b: int
+
+
+def class_adversarial(vae: DisentVAE, discriminator: torch.nn.Module, c: StepCodes) -> torch.Tensor:
+    """The class critic's guess of x1's class from mu1, held to uniform: cross-entropy against a uniform
+    guess less its floor log K, so 0 at best (uses the labels)."""
+    class_logits = discriminator.guess_class(rows(c.mu, 0, c.b)).float()
     return -F.log_softmax(class_logits, dim=1).mean(1).mean() - math.log(class_logits.shape[1])
 
 
-def specified_spread_term(s1: torch.Tensor, s1p: torch.Tensor, s2: torch.Tensor) -> torch.Tensor:
-    """|s1 - s1'|^2 / |s1 - s2|^2: a ratio, so shrinking s cannot satisfy it."""
+def specified_consistency(vae: DisentVAE, discriminator: torch.nn.Module, c: StepCodes) -> torch.Tensor:
+    """|s1 - s1'|^2 / |s1 - s2|^2: s keeps what a class shares and nothing particular to one image; a ratio,
+    so shrinking s cannot satisfy it (uses only the grouping)."""
+    s1, s1p, s2 = rows(c.s, 0, c.b), rows(c.s, 1, c.b), rows(c.s, 2, c.b)
     within = (s1 - s1p).pow(2).sum(1).mean()
     across = (s1 - s2).pow(2).sum(1).mean()
     return within / across.clamp_min(1e-8)
 
 
-def class_moment_term(discriminator: torch.nn.Module, mu: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """The class-moment critic's leakage of the class into the mean of z (of x1, x1', x2)."""
-    return discriminator.class_moments.leakage(mu, labels)
+def class_moments(vae: DisentVAE, discriminator: torch.nn.Module, c: StepCodes) -> torch.Tensor:
+    """The class-moment critic's leakage of the class into the mean of z (of x1, x1', x2): its running
+    per-class means of the standardised code and of its square should all be equal (uses the labels)."""
+    return discriminator.class_moments.leakage(c.mu, torch.cat([c.y1, c.y1, c.y2]))
 
 
-def reverse_cycle_term(vae: DisentVAE, fake_prior: torch.Tensor, z_prior: torch.Tensor) -> torch.Tensor:
-    """|f_z(Dec(z_prior, s2)) - z_prior|. Only the encoder learns from it (as in Cycle-VAE): through the
-    decoder too, the pair learns a private code for z that fake images carry and real ones do not."""
-    _, mu_cycle, _ = vae.encode(torch.sigmoid(fake_prior).detach())
-    return (mu_cycle - z_prior).abs().mean()
+def reverse_cycle(vae: DisentVAE, discriminator: torch.nn.Module, c: StepCodes) -> torch.Tensor:
+    """Cycle-VAE's reverse cycle, |f_z(Dec(z_prior, s2)) - z_prior|. Only the encoder learns from it: through
+    the decoder too, the pair learns a private code for z that fake images carry and real ones do not."""
+    _, mu_cycle, _ = vae.encode(torch.sigmoid(c.fake_prior).detach())
+    return (mu_cycle - c.z_prior).abs().mean()
+
+
+# The extensions computed from a step's codes, by their loss.* key (latent_adversarial comes with the
+# adversarial term, from the same call of the critics).
+EXTENSIONS: dict[str, Callable[[DisentVAE, torch.nn.Module, StepCodes], torch.Tensor]] = {
+    "class_adversarial": class_adversarial,
+    "specified_consistency": specified_consistency,
+    "class_moments": class_moments,
+    "reverse_cycle": reverse_cycle,
+}
+NEEDS_LABELS = ("class_adversarial", "class_moments")
 
 
 # --------------------------------------------------------------------------- the VAE's loss
@@ -184,7 +210,7 @@ def vae_losses(
     `discriminator` is the bare `Critics` module with frozen parameters: gradients flow through
     it into the VAE but never into its own weights. x2' is the discriminator's alone.
     """
-    for key in ("class_adversarial", "class_moments"):
+    for key in NEEDS_LABELS:
         if getattr(cfg, key) > 0 and y1 is None:
             raise ValueError(f"loss.{key} > 0 needs the class of x1 (y1)")
     b = x1.shape[0]
@@ -208,14 +234,8 @@ def vae_losses(
     images = torch.sigmoid(torch.cat([fake_z1, fake_prior]))
     mu1p, mu2 = rows(mu, 1, b), rows(mu, 2, b)
     terms.update(adversarial_terms(discriminator, images, x2, y2, mu1, mu1p))
-    if cfg.class_adversarial > 0:
-        terms["class_adversarial"] = class_adversarial_term(discriminator, mu1)
-    if cfg.specified_consistency > 0:
-        terms["specified_spread"] = specified_spread_term(s1, s1p, s2)
-    if cfg.class_moments > 0:
-        terms["class_moment_leakage"] = class_moment_term(discriminator, mu, torch.cat([y1, y1, y2]))
-    if cfg.reverse_cycle > 0:
-        terms["reverse_cycle"] = reverse_cycle_term(vae, fake_prior, z_prior)
+    codes = StepCodes(s=s, mu=mu, z_prior=z_prior, fake_prior=fake_prior, y1=y1, y2=y2, b=b)
+    terms.update({key: term(vae, discriminator, codes) for key, term in EXTENSIONS.items() if getattr(cfg, key) > 0})
 
     total = weighted_sum(terms, term_weights(cfg, vae.z_dim, x1[0].numel(), step))
     fakes = Fakes(from_z1=images[:b].detach(), from_prior=images[b:].detach(),
