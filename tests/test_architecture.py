@@ -1,5 +1,5 @@
 """The dependency direction of docs/architecture.md, checked on every import in the product code
-(module level and inside functions), and the length of every function:
+(module level and inside functions), the length of every function and of every module:
 
     errors, host, io, signals, process_group -> models -> config -> data -> checkpoint, tracking, api -> eval -> train
     -> cli, demo, sweep
@@ -132,3 +132,12 @@ def test_the_length_check_catches_a_long_function_and_accepts_a_reason():
     body = "".join(f"    x{i} = {i}\n" for i in range(MAX_FUNCTION_LINES))
     assert long_functions(f"def f():\n{body}", "m.py")
     assert not long_functions(f'def f():\n    """Long because it is a table."""\n{body}', "m.py")
+
+
+MAX_MODULE_LINES = 400
+
+
+@pytest.mark.parametrize("path", PRODUCT + LAUNCHER, ids=lambda p: str(p.relative_to(ROOT)))
+def test_modules_do_one_job_within_400_lines(path):
+    lines = len(path.read_text().splitlines())
+    assert lines <= MAX_MODULE_LINES, f"{path.relative_to(ROOT)} has {lines} lines; split it by job (docs/architecture.md)"

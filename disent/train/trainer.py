@@ -33,7 +33,7 @@ from disent.errors import ExitCode
 from disent.io.storage import write_bytes_atomic
 from disent.models.objective import discriminator_losses
 from disent.signals import PreemptionFlag
-from disent.tracking.naming import run_name
+from disent.tracking.naming import run_name, training_tags
 from disent.train.distributed import DistEnv, agree_any, apply_determinism, from_rank_zero, wait_for_rank_zero
 from disent.train.engines import Engines, build_engines, frozen, stage0_grad_norm
 from disent.train.metrics import TrainingMetrics
@@ -382,7 +382,9 @@ class Trainer:
         params["derived.micro_batch_size"] = self.micro_batch
         params["derived.loader_workers"] = getattr(self.loader, "num_workers", None)  # data.num_workers=auto
         run_id = resume_meta.get("mlflow_run_id") if resume_meta else None
-        self.tracker.start(run_id=run_id, run_name=run_name(self.cfg), params=params, tags=self._run_tags())
+        self.tracker.start(run_id=run_id, run_name=run_name(self.cfg), params=params, tags=training_tags(
+            self.cfg, self.env.world_size, self.env.device_type, self.manifest_digest,
+            {self.step: self.world_size_change} if self.world_size_change else {}))
         if self.env.is_main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             write_bytes_atomic(str(self.layout.config), to_yaml(self.cfg).encode())
@@ -392,28 +394,3 @@ class Trainer:
                 write_bytes_atomic(str(ds_dir / f"{name}.json"), json.dumps(ds_cfg, indent=2).encode())
             self.tracker.log_artifact(self.layout.config, "config")
             self.tracker.log_artifact(ds_dir, "config/deepspeed")
-
-    def _run_tags(self) -> dict[str, Any]:
-        import deepspeed
-
-        from disent.tracking import git_commit
-
-        tags = {
-            "git_commit": git_commit(),
-            "data_manifest_sha256": self.manifest_digest,
-            "world_size": self.env.world_size,
-            "device_type": self.env.device_type,
-            "deepspeed_version": deepspeed.__version__,
-            "torch_version": torch.__version__,
-            "config_name": self.cfg.name,
-            "config_source": self.cfg.source,
-            "overrides": " ".join(self.cfg.overrides) or None,
-        }
-        if self.world_size_change is not None:
-            before, after = self.world_size_change
-            tags[f"world_size_change.step_{self.step}"] = f"{before} -> {after}"
-        if tags["git_commit"]:
-            tags["mlflow.source.git.commit"] = tags["git_commit"].removesuffix("-dirty")
-        if self.cfg.tracking.parent_run_id:
-            tags["mlflow.parentRunId"] = self.cfg.tracking.parent_run_id  # the UI nests the run under it
-        return tags
