@@ -81,7 +81,7 @@ def render(label: int, factors: np.ndarray, image_size: int = 32) -> np.ndarray:
     # The largest shape just fits at the extreme positions; shapes fill much of the frame, so the
     # class (the outline) is worth enough pixels to be learned in minutes on a CPU. Rotation stays
     # within 36 degrees for the same reason: over full turns, a model that has not yet pinned the
-    # angle down minimises its loss by drawing the average over angles, a round blob (measured).
+    # angle down minimises its loss by drawing the average over angles, a round blob (docs/results/sprites_tuning.md).
     radius = 0.38 * big * scale
     angle = rotation * 2 * math.pi
     rot = np.array([[math.cos(angle), -math.sin(angle)], [math.sin(angle), math.cos(angle)]])

@@ -92,8 +92,8 @@ class WorkerItems(IterableDataset):
 
 class HandOff:
     """A worker's items go out in shared-memory slots that it reuses round robin. Torch sends a tensor that
-    is already shared without copying it, so an item costs the worker no fresh shared memory (making it
-    runs at about 1 GB/s: page faults and zeroing, the larger part of a worker's time for 64x64 colour
+    is already shared without copying it, so an item costs the worker no fresh shared memory (fresh
+    shared memory is page-faulted and zeroed, which would be the larger part of a worker's time for large
     images). The consumer copies each item out and then counts it in `released`; the worker writes
     into a slot only once the item that used it before is released."""
 

@@ -7,8 +7,8 @@ ENGINES = ("vae", "disc")
 
 
 # ZeRO's bucket sizes default to 5e8 elements (sized for large GPU models). For models of a few
-# million parameters those buffers cost far more than the model: a 2-rank ZeRO-2 run on CPU spent
-# ~95% of its time allocating them (1.5 vs 150 samples/s). Buckets are sized to the model instead.
+# million parameters those buffers cost far more than the model: a ZeRO-2 step spends most of its time
+# allocating them (docs/training.md). Buckets are sized to the model instead.
 MIN_BUCKET = 1_000_000
 MAX_BUCKET = 500_000_000
 # DeepSpeed's ZeRO 1/2 optimizer (deepspeed/runtime/zero/stage_1_and_2.py,

@@ -33,8 +33,8 @@ log = logging.getLogger(__name__)
 
 
 # glibc hands freed blocks above its adaptive mmap threshold back to the kernel and trims the heap
-# top, so each step's large activations and gradients are page-faulted and zeroed anew: measured
-# here at 31k page faults and ~50 ms of kernel time per training step (bare PyTorch: 6.7k, 13 ms).
+# top, so each step's large activations and gradients are page-faulted and zeroed anew, in kernel time
+# every step (figures in docs/benchmarks.md, History).
 # Fixed thresholds keep freed memory in the heap for the next step, as a caching allocator would.
 MALLOC_MMAP_THRESHOLD = 32 << 20  # glibc's ceiling for this setting on 64-bit
 MALLOC_TRIM_THRESHOLD = 256 << 20
@@ -163,7 +163,7 @@ def build_engines(cfg: Config, env: DistEnv) -> Engines:
             engine.module.to(memory_format=torch.channels_last)
     if env.world_size == 1 and cfg.train.zero_stage == 0:
         # One rank: DeepSpeed would still flatten every gradient, all-reduce it with itself and copy
-        # it back (~6 ms a step here). ZeRO 1/2 keep theirs: their optimizers consume the reduction.
+        # it back, every step. ZeRO 1/2 keep theirs: their optimizers consume the reduction.
         for engine in (vae_engine, disc_engine):
             engine.enable_backward_allreduce = False
     return Engines(vae=vae_engine, disc=disc_engine, configs=configs)
