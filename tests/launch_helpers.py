@@ -7,12 +7,11 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import sys
 import time
 from pathlib import Path
 
-from train_helpers import make_tiny_data, tiny_overrides
+from train_helpers import complete_checkpoints, make_tiny_data, resumed_from, tiny_overrides  # noqa: F401 (re-exported)
 
 ROOT = Path(__file__).resolve().parents[1]
 # The real trainer, by its console script next to this interpreter (no spaces: slurm/train.sh splits
@@ -65,19 +64,6 @@ def default_tracking_uri(run_dir: Path) -> str:
 
 
 # --------------------------------------------------------------------------- the run's outcome
-
-
-def complete_checkpoints(run_dir: Path) -> list[int]:
-    """Steps of the complete checkpoints (COMPLETE marker present), oldest first."""
-    root = Path(run_dir) / "checkpoints"
-    if not root.is_dir():
-        return []
-    steps = []
-    for d in root.iterdir():
-        m = re.fullmatch(r"step-(\d{8,})", d.name)
-        if m and (d / "COMPLETE").is_file():
-            steps.append(int(m.group(1)))
-    return sorted(steps)
 
 
 def checkpoint_meta(run_dir: Path, step: int) -> dict:
@@ -142,11 +128,6 @@ def assert_finished(run_dir: Path, steps: int, world_size: int, *, log_every: in
     assert run.data.params["derived.world_size"] == str(world_size)
     assert run.data.tags["world_size"] == str(world_size)
     return {"run_id": run.info.run_id, "params": run.data.params, "tags": run.data.tags}
-
-
-def resumed_from(output: str) -> list[int]:
-    """Steps named by the trainer's "resumed from .../step-N at step N" lines."""
-    return [int(s) for s in re.findall(r"resumed from \S+/step-\d+ at step (\d+)", output)]
 
 
 # --------------------------------------------------------------------------- waiting, finding ranks

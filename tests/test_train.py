@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from train_helpers import ROOT, make_tiny_data, tiny_overrides, torchrun
+from train_helpers import ROOT, complete_checkpoints, make_tiny_data, tiny_overrides, torchrun
 
 pytestmark = pytest.mark.slow
 
@@ -42,10 +42,6 @@ def losses(run_dir: Path) -> dict[int, dict[str, float]]:
 
 def assert_ok(result):
     assert result.returncode == 0, f"rc={result.returncode}\n{result.stdout[-3000:]}\n{result.stderr[-6000:]}"
-
-
-def complete_checkpoints(run_dir: Path) -> list[Path]:
-    return sorted(p for p in (run_dir / "checkpoints").glob("step-*") if (p / "COMPLETE").is_file())
 
 
 def assert_state_dicts_equal(a: dict, b: dict):
@@ -388,17 +384,18 @@ def test_sigterm_two_ranks_checkpoint_then_auto_resume(tmp_path, tiny_data):
         if proc.poll() is None:
             proc.kill()
     assert out.count("exiting with 75") == 2, out[-4000:]  # both ranks
-    ckpts = complete_checkpoints(run)
-    assert len(ckpts) == 1, out[-4000:]
-    step = int(ckpts[0].name.split("-")[1])
+    steps = complete_checkpoints(run)
+    assert len(steps) == 1, out[-4000:]
+    step = steps[0]
     assert 4 <= step < 100000
-    leftovers = [p for p in (run / "checkpoints").iterdir() if p not in ckpts]
-    assert not leftovers and not list(ckpts[0].rglob(".*.tmp*"))
-    assert torch.load(ckpts[0] / "trainer-rank1.pt", weights_only=True)["trainer"]["step"] == step
+    ckpt = run / "checkpoints" / f"step-{step:08d}"
+    leftovers = [p for p in (run / "checkpoints").iterdir() if p != ckpt]
+    assert not leftovers and not list(ckpt.rglob(".*.tmp*"))
+    assert torch.load(ckpt / "trainer-rank1.pt", weights_only=True)["trainer"]["step"] == step
 
     result = torchrun(["train", BASE, *tiny_overrides(run, tiny_data, **{**long, "train.steps": step + 2})], script=None)
     assert_ok(result)
-    assert f"resumed from {ckpts[0]} at step {step}" in result.stderr
+    assert f"resumed from {ckpt} at step {step}" in result.stderr
     logged = metrics(run)
     assert logged[-1]["step"] == step + 2
 

@@ -5,6 +5,7 @@
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -89,3 +90,18 @@ def torchrun(args, nproc=2, env=None, timeout=300, script=WORKER, cwd=ROOT, star
         return subprocess.Popen(cmd, cwd=cwd, env=full_env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                                 text=True, start_new_session=start_new_session)
     return subprocess.run(cmd, cwd=cwd, env=full_env, capture_output=True, text=True, timeout=timeout)
+
+
+def complete_checkpoints(run_dir) -> list[int]:
+    """Steps of the complete checkpoints under run_dir, oldest first (read through the product's own listing)."""
+    from disent.checkpoint import CheckpointManager
+
+    return [c.step for c in CheckpointManager(run_dir).checkpoints() if c.complete]
+
+
+RESUMED = re.compile(r"resumed from \S+step-(\d+) at step (\d+)")
+
+
+def resumed_from(output: str) -> list[int]:
+    """The step of every "resumed from .../step-N at step N" line the trainer logged (the two are one)."""
+    return [int(step) for _, step in RESUMED.findall(output)]

@@ -77,13 +77,6 @@ def wait_for(predicate, timeout: float, what: str, proc: subprocess.Popen | None
     raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what}:\n{tail}")
 
 
-def complete_steps(run_dir: Path) -> list[int]:
-    root = Path(run_dir) / "checkpoints"
-    if not root.is_dir():
-        return []
-    return sorted(int(p.name.split("-")[1]) for p in root.glob("step-*") if (p / "COMPLETE").is_file())
-
-
 def rank_pids(run_dir: Path) -> dict[int, int]:
     """{RANK: pid} of the `disent train` rank processes whose command line names run_dir."""
     found = {}

@@ -7,16 +7,15 @@ uninterrupted run with the same seed: resuming from a complete checkpoint is exa
 from __future__ import annotations
 
 import os
-import re
 import signal
 import time
 
 import pytest
 
+from train_helpers import complete_checkpoints, resumed_from
 from faultkit import (
     RESTART_RUN,
     assert_same_weights,
-    complete_steps,
     final_weights,
     finish,
     launch,
@@ -41,10 +40,6 @@ def reference(tmp_path_factory, fault_data):
     return final_weights(run)
 
 
-def resumed_steps(text: str) -> list[int]:
-    return [int(m) for m in re.findall(r"resumed from \S+/step-(\d+) at step", text)]
-
-
 def assert_one_finished_run(run):
     _, runs = mlflow_runs(f"sqlite:///{run}/mlflow.db")
     assert len(runs) == 1 and runs[0].info.status == "FINISHED", [(r.info.run_id, r.info.status) for r in runs]
@@ -54,7 +49,7 @@ def test_sigkill_of_a_rank_restarts_the_group_which_resumes_exactly(tmp_path, fa
     run = tmp_path / "run"
     proc, log = launch(run, fault_data, extra=RESTART_RUN, max_restarts=1, grace=GRACE)
     try:
-        wait_for(lambda: 20 in complete_steps(run), 240, "the first complete checkpoint", proc, log)
+        wait_for(lambda: 20 in complete_checkpoints(run), 240, "the first complete checkpoint", proc, log)
         pid = wait_for(lambda: rank_pids(run).get(1), 10, "rank 1's pid", proc, log)
         os.kill(pid, signal.SIGKILL)
         killed_at = time.monotonic()
@@ -69,7 +64,7 @@ def test_sigkill_of_a_rank_restarts_the_group_which_resumes_exactly(tmp_path, fa
     assert stopped_in < GRACE + 10, stopped_in
     assert "rank 1 exited with code 137" in text
     assert "still running" not in text  # the survivor stopped on its own (the collective failed)
-    steps = resumed_steps(text)
+    steps = resumed_from(text)
     assert len(steps) == 1 and 20 <= steps[0] < RESTART_RUN["train.steps"], steps
     assert_same_weights(final_weights(run), reference)
     assert_one_finished_run(run)
@@ -91,9 +86,9 @@ def test_a_crash_between_ranks_checkpoint_writes_leaves_the_previous_checkpoint_
     assert rc == 0, text[-4000:]
     assert "DISENT_FAULT_CHECKPOINT_KILL=1:60: rank 1 kills itself while checkpoint step 60" in text
     assert "rank 1 exited with code 137" in text and "restart 1/1" in text
-    assert resumed_steps(text) == [40]  # not the partial step 60
+    assert resumed_from(text) == [40]  # not the partial step 60
     # the partial step-60 directory was replaced by a complete one when the run got there again
-    assert complete_steps(run)[-1] == RESTART_RUN["train.steps"]
+    assert complete_checkpoints(run)[-1] == RESTART_RUN["train.steps"]
     assert all((p / "COMPLETE").is_file() for p in (run / "checkpoints").glob("step-*"))
     assert_same_weights(final_weights(run), reference)
     assert_one_finished_run(run)
@@ -110,8 +105,8 @@ def test_sigterm_and_sigusr1_checkpoint_within_the_grace_period_exit_75_and_requ
         proc, log = launch(run, fault_data, extra=RESTART_RUN, max_restarts=1, grace=GRACE,
                            log_name=f"attempt{attempt}.log")
         try:
-            before = max(complete_steps(run), default=0)
-            wait_for(lambda: max(complete_steps(run), default=0) > before, 240, "a new checkpoint", proc, log)
+            before = max(complete_checkpoints(run), default=0)
+            wait_for(lambda: max(complete_checkpoints(run), default=0) > before, 240, "a new checkpoint", proc, log)
             if attempt == 0:
                 proc.send_signal(signal.SIGTERM)
             else:
@@ -128,12 +123,12 @@ def test_sigterm_and_sigusr1_checkpoint_within_the_grace_period_exit_75_and_requ
         assert took < GRACE, (how, took)  # checkpointed and exited before the SIGKILL would have come
         assert "still running" not in text and "restart 1/1" not in text
         assert text.count("exiting with 75") == 2, text[-3000:]  # both ranks
-        stopped = max(complete_steps(run))
+        stopped = max(complete_checkpoints(run))
         assert stopped < RESTART_RUN["train.steps"]
         assert f"checkpoint {run}/checkpoints/step-{stopped:08d}" in text
         stops.append(stopped)
         if attempt:
-            assert resumed_steps(text) == [stops[0]]
+            assert resumed_from(text) == [stops[0]]
 
     proc, log = launch(run, fault_data, extra=RESTART_RUN, log_name="requeue.log")
     try:
@@ -142,6 +137,6 @@ def test_sigterm_and_sigusr1_checkpoint_within_the_grace_period_exit_75_and_requ
         stop(proc)
     text = log.read_text()
     assert rc == 0, text[-4000:]
-    assert resumed_steps(text) == [stops[1]]
+    assert resumed_from(text) == [stops[1]]
     assert_same_weights(final_weights(run), reference)
     assert_one_finished_run(run)

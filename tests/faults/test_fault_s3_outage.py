@@ -13,7 +13,8 @@ import re
 import pytest
 
 from disent.errors import ExitCode
-from faultkit import complete_steps, finish, launch, metric_lines, mlflow_runs, stop, wait_for
+from train_helpers import complete_checkpoints, resumed_from
+from faultkit import finish, launch, metric_lines, mlflow_runs, stop, wait_for
 from mlflowserver import MLflowServer
 from s3server import WeedServer
 
@@ -38,7 +39,7 @@ def test_s3_outage_mid_run_is_restarted_and_the_run_finishes_in_one_mlflow_run(t
         proc, log = launch(run, f"s3://{BUCKET}/d", max_restarts=3, env=env, extra={
             "train.steps": STEPS, "train.checkpoint_every": 20, "train.log_every": 1, "tracking.uri": mlflow.uri,
             "tracking.run_name": "outage"})
-        wait_for(lambda: complete_steps(run), 240, "a first complete checkpoint", proc, log, poll=0.2)
+        wait_for(lambda: complete_checkpoints(run), 240, "a first complete checkpoint", proc, log, poll=0.2)
         weed.stop()
         wait_for(lambda: "(a retryable failure); stopping the group and restarting (1/3)" in log.read_text(), 120,
                  "a rank to give up on S3 and the launcher to restart the group", proc, log, poll=0.2)
@@ -62,10 +63,10 @@ def test_s3_outage_mid_run_is_restarted_and_the_run_finishes_in_one_mlflow_run(t
     assert weed.access_key not in text and weed.secret_key not in text
     restarts = re.findall(r"restarting \((\d)/3\)", text)
     assert 1 <= len(restarts) <= 3
-    resumed = re.findall(r"resumed from \S+step-(\d+) at step (\d+)", text)
-    assert resumed and int(resumed[-1][1]) >= 20, text[-5000:]
+    resumed = resumed_from(text)
+    assert resumed and resumed[-1] >= 20, text[-5000:]
 
-    assert complete_steps(run)[-1] == STEPS
+    assert complete_checkpoints(run)[-1] == STEPS
     logged = {m["step"] for m in metric_lines(run)}
     assert logged == set(range(1, STEPS + 1))
     assert len(runs) == 1, [r.info.run_name for r in runs]  # every attempt continued the one run
