@@ -33,7 +33,8 @@ def build_parser() -> argparse.ArgumentParser:
                         help="ranks to start on this machine (local runs, multi-GPU pods); under Slurm or "
                         "torchrun the scheduler starts them, and a different value is refused")
     parser.add_argument("--max-restarts", type=int, default=0,
-                        help="local runs: restart the whole group up to R times when a rank fails "
+                        help="local runs: restart the whole group up to R times when a rank fails with "
+                        "anything but 2 (an input error) or 75 (preempted): 69, a crash or a signal death "
                         "(the trainer resumes from its latest checkpoint)")
     parser.add_argument("--grace", type=float, default=60.0,
                         help="seconds ranks get to stop after SIGTERM before SIGKILL (default 60)")
@@ -48,16 +49,14 @@ def threads_per_rank(topology: Topology) -> int:
     return topology.threads_per_rank or max(1, available_cpus() // topology.nproc_per_node)
 
 
-def rank_environment(topology: Topology, base: dict[str, str], local_rank: int | None, port: int | None,
-                     gpus: int) -> dict[str, str]:
+def rank_environment(topology: Topology, base: dict[str, str], local_rank: int | None, port: int | None
+                     ) -> dict[str, str]:
     env = dict(base)
     env.update(topology.rank_env(local_rank, port))
     cores = str(threads_per_rank(topology))
     for name in THREAD_VARS:
         env.setdefault(name, cores)
     env["DISENT_CPUS_PER_RANK"] = cores  # data.num_workers=auto sizes from it
-    if not gpus:
-        env.setdefault("DS_ACCELERATOR", "cpu")  # DeepSpeed would otherwise probe for CUDA
     env["DISENT_LAUNCHER_MODE"] = topology.mode
     return env
 
@@ -102,8 +101,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.dry_run:
         port = topology.master_port or 0
         ranks = (
-            [rank_environment(topology, {}, i, port, gpus) for i in range(topology.nproc_per_node)]
-            if topology.spawn else [rank_environment(topology, {}, None, port, gpus)]
+            [rank_environment(topology, {}, i, port) for i in range(topology.nproc_per_node)]
+            if topology.spawn else [rank_environment(topology, {}, None, port)]
         )
         print(json.dumps({"mode": topology.mode, "world_size": topology.world_size, "nnodes": topology.nnodes,
                           "node_rank": topology.node_rank, "nproc_per_node": topology.nproc_per_node,
@@ -124,7 +123,7 @@ def main(argv: list[str] | None = None) -> int:
         from disent.host import free_port
 
         port = topology.master_port if topology.master_port is not None else free_port(host="")
-        rank_env = rank_environment(topology, env, 0 if topology.spawn else None, port, gpus)
+        rank_env = rank_environment(topology, env, 0 if topology.spawn else None, port)
         if topology.is_global_rank0_process:
             log(topology.describe(command, gpus, port, threads_per_rank(topology)))
         try:
@@ -137,7 +136,7 @@ def main(argv: list[str] | None = None) -> int:
         shown_port = topology.master_port if topology.master_port is not None else "<free port per attempt>"
         log(topology.describe(command, gpus, shown_port, threads_per_rank(topology)))
     return run_group(
-        topology, command, lambda local_rank, port: rank_environment(topology, env, local_rank, port, gpus),
+        topology, command, lambda local_rank, port: rank_environment(topology, env, local_rank, port),
         max_restarts=args.max_restarts, grace_s=args.grace,
     )
 

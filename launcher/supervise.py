@@ -3,10 +3,13 @@
 One rank failing takes the others down (SIGTERM, then SIGKILL after a grace period), so a
 dead rank never leaves its peers hanging in a collective. A failed group is restarted up to
 `max_restarts` times with a fresh rendezvous port; the program resumes from its checkpoints.
-Exit codes (disent.errors.ExitCode): 75 (preempted, requeue me) is propagated and never restarted
-here, since the scheduler that preempted us decides when to run again; 2 (input error) is never
-restarted, since a restart fails the same way; anything else, 69 (a retryable failure) included,
-is restarted while restarts remain.
+Exit codes (disent.errors.ExitCode), the policy slurm/train.sh and k8s/job.yaml follow too (the
+table is in docs/faults.md): 75 (preempted, requeue me) is propagated and never restarted here,
+since the scheduler that preempted us decides when to run again; 2 (input error) is never
+restarted, since a restart fails the same way; anything else, 69 (a retryable failure), a crash
+and a signal death (reported as 128 + N: 134 SIGABRT, 137 SIGKILL, 143 SIGTERM) alike, is restarted
+while restarts remain, and then the group exits with it. The code of the first rank to fail decides,
+not the codes its peers end with once they are stopped.
 """
 from __future__ import annotations
 

@@ -18,16 +18,29 @@
 #   PYTHON               the interpreter with disent installed (default: python3 on PATH)
 #   TRAIN_CMD            the training command (default: disent train)
 #
-#   MAX_RETRIES          requeues after retryable failures (exit 69) before the job fails (default 3)
+#   MAX_RETRIES          requeues after failures (any exit but 0, 2 and 75) before the job fails (default 3)
 #   DISENT_SWEEP         set by `disent sweep --backend slurm`: the sweep file; array task i trains point i
 #
-# Exit codes (disent.errors.ExitCode, read from the installed package below; docs/faults.md):
-#   75  preempted: Slurm sends SIGUSR1 120 s before the time limit (--signal=USR1@120), and SIGTERM
-#       when the job is preempted, cancelled or requeued. The trainer finishes its step, writes a
-#       checkpoint and exits 75; this script requeues the job (--requeue), always.
-#   69  a retryable failure (S3 unreachable past its retries, a shard failing mid-run, a lost peer):
-#       requeued up to MAX_RETRIES times, counted in the job's Comment field across requeues.
-#   2   an input error (config, data at start, checkpoint): never requeued; fix the input.
+# CPUs: srun gets --cpus-per-task=$SLURM_CPUS_PER_TASK explicitly. Since Slurm 22.05 srun no longer
+# inherits sbatch's --cpus-per-task, so without it each task would be bound to one core while it runs
+# OMP_NUM_THREADS=--cpus-per-task threads and its DataLoader workers.
+#
+# Exit codes (disent.errors.ExitCode, read from the installed package below; the one table is in
+# docs/faults.md), as srun reports them for the step:
+#   0      done.
+#   2      an input error (config, data at start, checkpoint): never requeued; fix the input.
+#   75     preempted: Slurm sends SIGUSR1 120 s before the time limit (--signal=USR1@120), and SIGTERM
+#          when the job is preempted, cancelled or requeued. The trainer finishes its step, writes a
+#          checkpoint and exits 75; this script requeues the job (--requeue), always, and it does not
+#          count as a retry.
+#   other  a failure that a restart may get past: 69 (a retryable failure: S3 unreachable past its
+#          retries, a shard failing mid-run, a lost peer), a crash (1), or a signal death (128+N: 134
+#          SIGABRT from NCCL's watchdog, 137 SIGKILL, 143 SIGTERM from srun --kill-on-bad-exit ending the
+#          step). Requeued up to MAX_RETRIES times, counted in the job's Comment field across requeues;
+#          then the job fails with that code.
+# srun reports the highest signal (128+N) of any task, else the highest exit code: when one task
+# exits 2 while another is still starting, srun's SIGTERM to the latter can make the step's code 143,
+# which is retried within MAX_RETRIES rather than failing at once.
 # A requeued job runs this script again and the trainer resumes from the latest complete checkpoint
 # in run_dir. The output file is appended to, so one file holds every restart of the job.
 #
@@ -75,7 +88,10 @@ echo "slurm/train.sh: job ${SLURM_JOB_ID} (restart ${SLURM_RESTART_COUNT:-0}) on
 
 # --kill-on-bad-exit: a task that dies ends the step (srun terminates the others), so no rank is
 # left waiting in a collective for a peer that is gone.
-srun --kill-on-bad-exit=1 "${PYTHON}" -m launcher -- "${train_cmd[@]}" "${CONFIG}" "${overrides[@]}"
+srun_args=(--kill-on-bad-exit=1)
+# Slurm >= 22.05: srun does not inherit sbatch's --cpus-per-task (each task would get one core).
+if [ -n "${SLURM_CPUS_PER_TASK:-}" ]; then srun_args+=("--cpus-per-task=${SLURM_CPUS_PER_TASK}"); fi
+srun "${srun_args[@]}" "${PYTHON}" -m launcher -- "${train_cmd[@]}" "${CONFIG}" "${overrides[@]}"
 rc=$?
 
 retries_so_far() {
@@ -84,25 +100,36 @@ retries_so_far() {
 
 echo "slurm/train.sh: srun exited with ${rc}"
 requeued=0
-if [ "${rc}" -eq "${EXIT_PREEMPTED}" ]; then
+if [ "${rc}" -eq 0 ]; then
+  :
+elif [ "${rc}" -eq "${EXIT_INPUT_ERROR}" ]; then
+  echo "slurm/train.sh: the input was refused (exit ${rc}); not requeueing: fix what the error names."
+elif [ "${rc}" -eq "${EXIT_PREEMPTED}" ]; then
   requeued=1
   echo "slurm/train.sh: preempted; the checkpoint is written. Requeueing job ${SLURM_JOB_ID}."
   # Fails harmlessly when the scheduler is requeueing the job already (scontrol requeue, preemption).
   scontrol requeue "${SLURM_JOB_ID}" || echo "slurm/train.sh: requeue refused (already requeued?)"
-elif [ "${rc}" -eq "${EXIT_RETRYABLE}" ]; then
+else
+  # 69 (a retryable failure), a crash or a signal death (128+N: a rank lost under NCCL may abort with
+  # 134, or be killed with 137 or 143 when srun ends the step): retried within the budget.
+  if [ "${rc}" -eq "${EXIT_RETRYABLE}" ]; then
+    what="a retryable failure (exit ${rc})"
+  elif [ "${rc}" -gt 128 ]; then
+    what="a failure (exit ${rc}: a task died of signal $((rc - 128)) or was killed when the step ended)"
+  else
+    what="a failure (exit ${rc})"
+  fi
   retries=$(retries_so_far)
   if [ "${retries}" -lt "${MAX_RETRIES}" ]; then
     retries=$((retries + 1))
-    echo "slurm/train.sh: a retryable failure (exit ${rc}); requeueing job ${SLURM_JOB_ID}" \
+    echo "slurm/train.sh: ${what}; requeueing job ${SLURM_JOB_ID}" \
       "(retry ${retries}/${MAX_RETRIES}); it resumes from its latest checkpoint."
     scontrol update JobId="${SLURM_JOB_ID}" Comment="disent-retries=${retries}"
     requeued=1
     scontrol requeue "${SLURM_JOB_ID}" || echo "slurm/train.sh: requeue refused (already requeued?)"
   else
-    echo "slurm/train.sh: a retryable failure (exit ${rc}) after ${MAX_RETRIES} retries; the job fails."
+    echo "slurm/train.sh: ${what} after ${MAX_RETRIES} retries; the job fails."
   fi
-elif [ "${rc}" -eq "${EXIT_INPUT_ERROR}" ]; then
-  echo "slurm/train.sh: the input was refused (exit ${rc}); not requeueing: fix what the error names."
 fi
 # A sweep's point that has ended for good (not requeued): the last one summarises the sweep.
 if [ -n "${DISENT_SWEEP:-}" ] && [ -n "${SLURM_ARRAY_TASK_ID:-}" ] && [ "${requeued}" -eq 0 ]; then

@@ -120,12 +120,99 @@ def test_job_contract():
     assert "ReadWriteMany" in docs["PersistentVolumeClaim"]["spec"]["accessModes"]
     train_yaml = yaml.safe_load(config_map["data"][config_path.name])
     assert Path(train_yaml["run_dir"]).is_relative_to(mounts["checkpoints"])
-    # Restarts: failed pods are replaced and resume; 75 (preempted) is not a failure; 2 is final.
+    # Restarts: failed pods are replaced and resume (the exit codes: test_pod_failure_policy_*).
     assert pod["restartPolicy"] == "Never" and spec["backoffLimit"] >= spec["completions"]
-    rules = spec["podFailurePolicy"]["rules"]
-    by_code = {code: r["action"] for r in rules if "onExitCodes" in r for code in r["onExitCodes"]["values"]}
-    assert by_code == {ExitCode.PREEMPTED: "Ignore", ExitCode.INPUT_ERROR: "FailJob", ExitCode.RETRYABLE: "Count"}
     assert pod["terminationGracePeriodSeconds"] >= 60
+    # NCCL: a lost peer raises in Python (the trainer exits 69) instead of a SIGABRT (134).
+    assert env["TORCH_NCCL_ASYNC_ERROR_HANDLING"]["value"] == "2"
+
+
+# --------------------------------------------------------------------------- exit codes
+
+
+def pod_failure_action(job: dict, exit_code: int, conditions: tuple[str, ...] = ()) -> str | None:
+    """What the Job controller does with a pod whose container `train` ended with `exit_code` and that has
+    the pod conditions `conditions` (status True): the action of the first podFailurePolicy rule that
+    matches, as Kubernetes evaluates them (an exit code of 0 matches no onExitCodes rule), or None when no
+    rule matches (Kubernetes then counts the failure: the policy leaves it to a default)."""
+    (c,) = job["spec"]["template"]["spec"]["containers"]
+    for rule in job["spec"]["podFailurePolicy"]["rules"]:
+        if "onExitCodes" in rule:
+            req = rule["onExitCodes"]
+            if req.get("containerName", c["name"]) != c["name"] or exit_code == 0:
+                continue
+            assert req["values"] == sorted(set(req["values"])), "Kubernetes wants the values sorted and unique"
+            assert req["operator"] in ("In", "NotIn"), req
+            if (exit_code in req["values"]) == (req["operator"] == "In"):
+                return rule["action"]
+        else:
+            if any(p["type"] in conditions and p.get("status", "True") == "True" for p in rule["onPodConditions"]):
+                return rule["action"]
+    return None
+
+
+def policy_by_code(job: dict) -> dict[int, str | None]:
+    return {code: pod_failure_action(job, code) for code in range(1, 256)}
+
+
+def expected_policy(code: int) -> str:
+    """The one policy (docs/faults.md): 2 fails at once; 75 is not counted; any other failure is counted."""
+    return {ExitCode.INPUT_ERROR: "FailJob", ExitCode.PREEMPTED: "Ignore"}.get(code, "Count")
+
+
+def sweep_jobs(capsys) -> list[dict]:
+    """The Jobs `disent sweep --backend k8s --dry-run` renders from k8s/job.yaml, one per point."""
+    from disent.cli import main
+
+    assert main(["sweep", str(ROOT / "configs" / "sprites.yaml"), "model.z_dim=8,16",
+                 "data.url=s3://disent-data/sprites", "--tracking-uri", "http://mlflow.mlflow.svc:5000",
+                 "--backend", "k8s", "--dry-run"]) == 0
+    return [d for d in yaml.safe_load_all(capsys.readouterr().out) if d and d["kind"] == "Job"]
+
+
+def test_pod_failure_policy_is_the_one_exit_code_policy(capsys):
+    """Every failing exit code of the container, 1 to 255, meets an explicit rule: 2 (input error) FailJob;
+    75 (preempted) Ignore; everything else Count against backoffLimit: 69, a crash (1), and the signal
+    deaths a lost NCCL peer ends in (134 SIGABRT, 137 SIGKILL, 143 SIGTERM). The same for the Jobs a
+    Kubernetes sweep renders from the template."""
+    for job in [documents()["Job"], *sweep_jobs(capsys)]:
+        name = job["metadata"]["name"]
+        actions = policy_by_code(job)
+        assert None not in actions.values(), [c for c, a in actions.items() if a is None]  # no code left to a default
+        assert actions == {code: expected_policy(code) for code in range(1, 256)}, name
+        for code in (ExitCode.RETRYABLE, 1, 128 + 6, 128 + 9, 128 + 15):
+            assert actions[code] == "Count", (name, code)
+        assert job["spec"]["backoffLimit"] >= 1
+        # A pod the cluster disrupted (drain, eviction, preemption) is not counted, even when it was
+        # killed after its grace period (137) rather than exiting 75.
+        for code in (ExitCode.PREEMPTED, 128 + 9, 128 + 15, ExitCode.RETRYABLE):
+            assert pod_failure_action(job, code, ("DisruptionTarget",)) == "Ignore", (name, code)
+        assert pod_failure_action(job, ExitCode.INPUT_ERROR, ("DisruptionTarget",)) == "FailJob"
+
+
+def test_pod_failure_policy_reads_a_changed_manifest_correctly():
+    """The policy reader itself: a manifest whose catch-all rule is gone leaves codes to the default."""
+    job = documents()["Job"]
+    rules = job["spec"]["podFailurePolicy"]["rules"]
+    job["spec"]["podFailurePolicy"]["rules"] = [r for r in rules if r["action"] != "Count"]
+    actions = policy_by_code(job)
+    assert actions[ExitCode.INPUT_ERROR] == "FailJob" and actions[ExitCode.PREEMPTED] == "Ignore"
+    assert actions[ExitCode.RETRYABLE] is None and actions[134] is None
+
+
+def test_a_sweep_pods_shell_passes_a_signal_death_on_as_its_exit_code(capsys, tmp_path):
+    """A sweep's pod runs the template's command under /bin/sh (to mark the point as ended): a trainer
+    that dies of SIGABRT leaves the container with exit code 134, which the Count rule matches."""
+    (job, *_) = sweep_jobs(capsys)
+    command = job["spec"]["template"]["spec"]["containers"][0]["command"]
+    assert command[:2] == ["/bin/sh", "-c"]
+    script, argv0 = command[2], command[3]
+    abort = [sys.executable, "-c", "import os, resource, signal; resource.setrlimit(resource.RLIMIT_CORE, (0, 0)); "
+             "os.kill(os.getpid(), signal.SIGABRT)"]
+    env = dict(os.environ, JOB_COMPLETION_INDEX="1")  # not pod 0: no sweep bookkeeping
+    result = subprocess.run(["/bin/sh", "-c", script, argv0, *abort], env=env, cwd=tmp_path, timeout=60)
+    assert result.returncode == 128 + 6
+    assert pod_failure_action(job, result.returncode) == "Count"
 
 
 def test_configmap_config_is_valid_against_the_image_layout(tmp_path):

@@ -19,6 +19,7 @@ from pathlib import Path
 
 import pytest
 
+from disent.errors import ExitCode
 from launch_helpers import (
     TRAIN_CMD,
     assert_finished,
@@ -30,7 +31,7 @@ from launch_helpers import (
     tiny_data,
     train_args,
 )
-from slurm_cluster import SlurmCluster, SlurmUnavailable
+from slurm_cluster import TERMINAL, SlurmCluster, SlurmUnavailable
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "slurm" / "train.sh"
@@ -92,7 +93,7 @@ def wait_for(cluster: SlurmCluster, job: str, out: Path, predicate, what: str, t
     while time.monotonic() < deadline:
         if predicate():
             return
-        if cluster.job(job).get("JobState") not in ("PENDING", "RUNNING", "CONFIGURING"):
+        if cluster.job(job).get("JobState") in TERMINAL:  # not while it is requeued and pending again
             break
         time.sleep(0.1)
     pytest.fail(f"no {what} within {timeout}s" + report(cluster, job, out))
@@ -119,6 +120,55 @@ def test_train_sh_runs_two_tasks_to_completion(cluster, tmp_path, data, store):
     assert text.count(topology) == 1, text[-4000:]  # only rank 0 prints it
     assert "threads/rank=1" in text  # --cpus-per-task
     assert f"disent: trained {steps} steps" in text and "srun exited with 0" in text
+
+
+# TRAIN_CMD for the CPU test: what a task started by slurm/train.sh gets (its arguments, the config and
+# overrides, are ignored).
+CPU_PROBE = """\
+import os, subprocess
+step = f"{os.environ['SLURM_JOB_ID']}.{os.environ['SLURM_STEP_ID']}"
+shown = subprocess.run(["scontrol", "show", "step", "--oneliner", step], capture_output=True, text=True).stdout
+print(f"probe: affinity={len(os.sched_getaffinity(0))} SLURM_CPUS_PER_TASK={os.environ.get('SLURM_CPUS_PER_TASK')} "
+      f"OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS')} step: {shown.strip()}", flush=True)
+"""
+
+
+@pytest.mark.timeout(120)
+def test_a_task_gets_the_cpus_per_task_that_sbatch_was_given(tmp_path):
+    """sbatch --cpus-per-task=2: the task slurm/train.sh starts runs on 2 CPUs. Slurm >= 22.05 no longer passes
+    sbatch's --cpus-per-task on to srun, so without slurm/train.sh passing it the step is given 1 CPU per
+    task while the task still sees SLURM_CPUS_PER_TASK=2 (and the launcher sets 2 threads). This cluster
+    binds tasks to their cores (task/affinity, TaskPluginParam=Cores, as production clusters do), so the
+    task's CPU affinity shows what it got; `scontrol show step` shows what srun asked for per task
+    (TresPerStep=cpu:N in Slurm 22.05), which holds even where binding had no effect."""
+    cpus = os.cpu_count() or 1
+    if cpus < 2 or os.sched_getaffinity(0) != set(range(cpus)):
+        pytest.skip(f"binding 2 cores needs 2 or more CPUs, all usable here (have {sorted(os.sched_getaffinity(0))} "
+                    f"of {cpus})")
+    binding = SlurmCluster(bind_cores=True)
+    try:
+        binding.start()
+    except SlurmUnavailable as exc:
+        pytest.skip(str(exc))
+    try:
+        probe = tmp_path / "probe.py"
+        probe.write_text(CPU_PROBE)
+        out = tmp_path / "slurm-%j.out"
+        env = {"PYTHON": sys.executable, "TRAIN_CMD": f"{sys.executable} {probe}", "CONFIG": "unused.yaml"}
+        args = ["--nodes=1", "--ntasks-per-node=1", "--gpus-per-node=0", "--cpus-per-task=2", "--time=5",
+                f"--output={out}"]
+        job = binding.sbatch(SCRIPT, env=env, args=args, cwd=ROOT)
+        out = Path(str(out).replace("%j", job))
+        info = binding.wait(job, timeout=90)
+        text = out.read_text(errors="replace") if out.exists() else ""
+        assert info["JobState"] == "COMPLETED", report(binding, job, out)
+        (line,) = [line for line in text.splitlines() if line.startswith("probe: ")]
+        assert "SLURM_CPUS_PER_TASK=2 OMP_NUM_THREADS=2 " in line, text
+        assert "probe: affinity=2 " in line, text  # the task runs on 2 cores
+        assert "TresPerStep=cpu:2" in line, text  # srun was given --cpus-per-task=2
+        assert "threads/rank=2" in text  # the launcher's line
+    finally:
+        binding.cleanup()
 
 
 @pytest.mark.timeout(240)
@@ -151,22 +201,110 @@ def test_preempted_job_requeues_and_resumes(cluster, tmp_path, data, store, how)
     assert_finished(run_dir, steps, world_size=2, log_every=log_every, tracking_uri=store, experiment=tmp_path.name)
 
 
-@pytest.mark.timeout(150)
-def test_a_killed_rank_fails_the_job_without_hanging(cluster, tmp_path, data, store):
-    """SIGKILL one task's trainer once a checkpoint exists: srun --kill-on-bad-exit ends the step,
-    the job fails (no requeue, no hang) and the checkpoint stays for a resubmission."""
-    job, run_dir, out = submit(cluster, tmp_path, data, store, steps=400, checkpoint_every=5)
+@pytest.mark.timeout(300)
+def test_a_killed_rank_is_requeued_within_max_retries_and_then_fails_the_job_without_hanging(
+        cluster, tmp_path, data, store):
+    """SIGKILL one task's trainer once a checkpoint exists (a signal death, as a rank lost under NCCL
+    ends): srun --kill-on-bad-exit ends the step and reports 128+N, and slurm/train.sh requeues the job
+    (retry 1/1), which resumes from the checkpoint. Killed again, with MAX_RETRIES=1 spent, the job
+    fails without a hang and the checkpoint stays for a resubmission."""
+    job, run_dir, out = submit(cluster, tmp_path, data, store, steps=400, checkpoint_every=5,
+                               extra_env={"MAX_RETRIES": "1"})
+
+    def kill_rank_1() -> None:
+        pids = rank_pids(run_dir, 1)
+        assert len(pids) == 1, pids
+        os.kill(pids[0], signal.SIGKILL)
+
+    def srun_codes() -> list[int]:
+        return [int(c) for c in re.findall(r"srun exited with (\d+)", out.read_text(errors="replace"))]
+
     wait_for(cluster, job, out, lambda: complete_checkpoints(run_dir), "complete checkpoint", timeout=120)
-    pids = rank_pids(run_dir, 1)
-    assert len(pids) == 1, pids
-    os.kill(pids[0], signal.SIGKILL)
+    kill_rank_1()
+    wait_for(cluster, job, out, lambda: resumed_from(out.read_text(errors="replace")),
+             "requeued run resuming", timeout=150)
+    first = srun_codes()[0]
+    assert first > 128, report(cluster, job, out)  # a signal death, 128+N
+    text = out.read_text(errors="replace")
+    assert f"requeueing job {job} (retry 1/1)" in text, report(cluster, job, out)
+    (resumed,) = resumed_from(text)
+    assert resumed in complete_checkpoints(run_dir)
+    # the requeued run trains on; then its rank 1 is killed too: the retry budget is spent
+    wait_for(cluster, job, out, lambda: (logged_steps(run_dir) or [0])[-1] > resumed, "step after resuming",
+             timeout=120)
+    kill_rank_1()
     start = time.monotonic()
     info = cluster.wait(job, timeout=90)
-    assert info["JobState"] == "FAILED", report(cluster, job, out)
-    assert info["ExitCode"] != "0:0" and int(info["Restarts"]) == 0
+    assert info["JobState"] == "FAILED" and int(info["Restarts"]) == 1, report(cluster, job, out)
+    assert info["ExitCode"] != "0:0" and info["Comment"] == "disent-retries=1", report(cluster, job, out)
     assert time.monotonic() - start < 60, report(cluster, job, out)
+    assert len(srun_codes()) == 2 and srun_codes()[1] > 128, report(cluster, job, out)
+    assert "after 1 retries; the job fails" in out.read_text(errors="replace"), report(cluster, job, out)
     assert not (run_dir / "final").exists()
     assert complete_checkpoints(run_dir), report(cluster, job, out)
+
+
+# A stand-in for `disent train` (TRAIN_CMD) that ends each attempt of the job as STUB_EXITS says, one word
+# per restart: a code, or a signal the ranks die of. Every rank ends the same way, also when srun's
+# SIGTERM (--kill-on-bad-exit, after the first rank's exit) reaches it first, so srun reports exactly
+# that code (128+N for a signal) and the test sees slurm/train.sh's policy for it.
+STUB = """\
+import os, resource, signal, sys, time
+restart = int(os.environ.get("SLURM_RESTART_COUNT", "0"))
+how = os.environ["STUB_EXITS"].split()[restart]
+print(f"stub: rank {os.environ['SLURM_PROCID']} attempt {restart}: {how}", flush=True)
+def end(*_):
+    if how.startswith("SIG"):
+        resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
+        sig = getattr(signal, how)
+        if sig != signal.SIGKILL:
+            signal.signal(sig, signal.SIG_DFL)
+        os.kill(os.getpid(), sig)
+        time.sleep(10)
+    sys.exit(int(how))
+signal.signal(signal.SIGTERM, end)
+end()
+"""
+
+
+@pytest.mark.timeout(150)
+@pytest.mark.parametrize("exits, retries, state, restarts, codes", [
+    # 1: a crash; requeued within the budget and the next attempt finishes
+    ("1 0", "1", "COMPLETED", 1, [1, 0]),
+    # 134: SIGABRT (NCCL's watchdog); requeued once, then the budget is spent and the job fails with it
+    ("SIGABRT SIGABRT", "1", "FAILED", 1, [134, 134]),
+    # 137: SIGKILL; MAX_RETRIES=0 fails at once
+    ("SIGKILL", "0", "FAILED", 0, [137]),
+    # 2: an input error; never requeued, whatever the budget
+    ("2", "3", "FAILED", 0, [2]),
+    # 75: preempted, requeued without counting: the 69 after it still has its one retry
+    ("75 69 0", "1", "COMPLETED", 2, [75, 69, 0]),
+], ids=["crash-1", "sigabrt-134", "sigkill-137-no-budget", "input-error-2", "preempted-75-not-counted"])
+def test_exit_codes_policy_requeues_any_failure_but_2_and_75_within_max_retries(
+        cluster, tmp_path, exits, retries, state, restarts, codes):
+    """slurm/train.sh's side of the one exit-code policy (docs/faults.md): 0 done; 2 fails at once; 75 is
+    requeued and not counted; any other code (69, a crash, a signal death) is requeued within MAX_RETRIES,
+    counted in the job's Comment, and then fails the job with that code."""
+    stub = tmp_path / "stub.py"
+    stub.write_text(STUB)
+    out = tmp_path / "slurm-%j.out"
+    env = {"PYTHON": sys.executable, "TRAIN_CMD": f"{sys.executable} {stub}", "CONFIG": "unused.yaml",
+           "STUB_EXITS": exits, "MAX_RETRIES": retries}
+    job = cluster.sbatch(SCRIPT, env=env, args=[*SBATCH_ARGS, f"--output={out}"], cwd=ROOT)
+    out = Path(str(out).replace("%j", job))
+    info = cluster.wait(job, timeout=130)
+    text = out.read_text(errors="replace") if out.exists() else ""
+    assert info["JobState"] == state and int(info["Restarts"]) == restarts, report(cluster, job, out)
+    assert [int(c) for c in re.findall(r"srun exited with (\d+)", text)] == codes, report(cluster, job, out)
+    assert info["ExitCode"] == f"{codes[-1]}:0", report(cluster, job, out)  # the script exits with srun's code
+    counted = [c for c in codes[:-1] if c != ExitCode.PREEMPTED]
+    assert info.get("Comment") == (f"disent-retries={len(counted)}" if counted else None), report(cluster, job, out)
+    for n in range(1, len(counted) + 1):
+        assert f"requeueing job {job} (retry {n}/{retries})" in text, report(cluster, job, out)
+    if state == "FAILED" and codes[-1] != ExitCode.INPUT_ERROR:
+        assert f"after {retries} retries; the job fails" in text, report(cluster, job, out)
+    if codes[-1] == ExitCode.INPUT_ERROR:
+        assert "not requeueing" in text and "requeueing job" not in text, report(cluster, job, out)
 
 
 @pytest.mark.timeout(300)
