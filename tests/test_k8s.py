@@ -336,3 +336,26 @@ def test_pods_train_together_with_the_jobs_environment(tmp_path, tmp_path_factor
     # every rank's part in each checkpoint, one FINISHED MLflow run with world_size 4
     assert_finished(run_dir, steps, world_size=world)
     assert complete_checkpoints(run_dir) == [2, 4]
+
+
+def test_a_sweep_pods_shell_passes_sigterm_on_so_a_preempted_point_checkpoints_and_exits_75(capsys, tmp_path):
+    """Kubernetes sends SIGTERM to the container's first process, the shell; a shell does not pass it on by itself,
+    so the trainer would be SIGKILLed at the end of the grace period (137) instead of checkpointing (75)."""
+    import signal
+    import time
+
+    (job, *_) = sweep_jobs(capsys)
+    script, argv0 = job["spec"]["template"]["spec"]["containers"][0]["command"][2:4]
+    ready = tmp_path / "ready"
+    trainer = [sys.executable, "-c", "import pathlib, signal, sys, time\n"
+               "signal.signal(signal.SIGTERM, lambda *a: sys.exit(75))\n"
+               f"pathlib.Path({str(ready)!r}).write_text('up')\n"
+               "time.sleep(60)\nsys.exit(1)\n"]
+    env = dict(os.environ, JOB_COMPLETION_INDEX="1")
+    shell = subprocess.Popen(["/bin/sh", "-c", script, argv0, *trainer], env=env, cwd=tmp_path)
+    deadline = time.monotonic() + 30
+    while not ready.exists() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    shell.send_signal(signal.SIGTERM)  # to the shell only, as the kubelet does
+    assert shell.wait(timeout=30) == 75
+    assert pod_failure_action(job, 75) == "Ignore"

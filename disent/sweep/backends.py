@@ -143,10 +143,16 @@ def k8s_run_dir(template: Path, requested: str | None, folder: str, uri: str, da
 def _pod_command(command: list[str], overrides: list[str], sweep_file: str, index: int, parent_id: str) -> list[str]:
     """The template's command with the point's overrides, in a shell that marks the point as ended for
     good (exit 0, or an input error, which fails the Job) from pod 0; the last point to end summarises.
-    A preempted or retryable exit is not an end: the Job replaces the pod and the point goes on."""
+    A preempted or retryable exit is not an end: the Job replaces the pod and the point goes on.
+    The shell is the container's first process, which gets Kubernetes' SIGTERM: it passes SIGTERM and
+    SIGUSR1 on to the command (a shell does not by itself), so a preempted point checkpoints and exits 75."""
     python = command[0] if "python" in command[0] else "python3"
     ended = f'[ "$rc" -eq {int(ExitCode.OK)} ] || [ "$rc" -eq {int(ExitCode.INPUT_ERROR)} ]'
-    script = (f'"$@"; rc=$?\n'
+    script = ('"$@" & child=$!\n'
+              'trap \'kill -TERM "$child" 2>/dev/null\' TERM\n'
+              'trap \'kill -USR1 "$child" 2>/dev/null\' USR1\n'
+              # a trapped signal ends `wait` early: wait again until the command itself has exited
+              'while :; do wait "$child"; rc=$?; kill -0 "$child" 2>/dev/null || break; done\n'
               f'if [ "${{JOB_COMPLETION_INDEX:-0}}" = 0 ] && {{ {ended}; }}; then\n'
               f'  {python} -m disent.cli sweep --finish-if-complete {sweep_file} --point {index} '
               f'|| echo "the sweep summary failed; run disent sweep --summarize {parent_id}" >/dev/stderr\n'
