@@ -195,3 +195,15 @@ def test_fake_cuda_catches_what_a_gpu_refuses():
         torch.zeros(3).to(CUDA)
     assert len(check.syncs) == 1 and check.uploads == [(3,)]
     assert Path(__file__).with_name("fake_cuda.py").is_file()
+
+
+def test_the_class_moment_critic_runs_in_half_precision_as_fp16_training_casts_it():
+    """fp16 training casts the critics' buffers to half; their running means are updated in that dtype and the
+    leakage is taken in fp32."""
+    from disent.models.discriminator import ClassMomentCritic
+
+    critic = ClassMomentCritic(4, 3).half()
+    code, labels = torch.randn(12, 4).half(), torch.tensor([0, 1, 2] * 4)
+    critic.update(code, labels)
+    assert critic.centroids.dtype == torch.float16 and critic.centroids.abs().sum() > 0
+    assert critic.leakage(code, labels).dtype == torch.float32 and torch.isfinite(critic.gap())

@@ -106,8 +106,10 @@ class ClassMomentCritic(nn.Module):
         return torch.cat([f, f.pow(2) - 1], dim=1)
 
     def offsets(self) -> torch.Tensor:
-        """Each class's centroid less the centroid of all classes: zero when the code is blind to class."""
-        return self.centroids - (self.frequency[:, None] * self.centroids).sum(0)
+        """Each class's centroid less the centroid of all classes: zero when the code is blind to class (in fp32,
+        whatever the buffers' dtype)."""
+        centroids = self.centroids.float()
+        return centroids - (self.frequency.float()[:, None] * centroids).sum(0)
 
     def gap(self) -> torch.Tensor:
         return (self.frequency * self.offsets().pow(2).sum(1)).sum()
@@ -136,9 +138,10 @@ class ClassMomentCritic(nn.Module):
         summed = all_ranks_sum(torch.cat([class_sums.flatten(), counts]))  # one collective, not two
         class_sums, counts = summed[:-k].view(k, -1), summed[-k:]
         # A class absent from the batch moves by weight 0, i.e. not at all (no boolean indexing: see leakage).
-        weight = (counts > 0).to(self.centroids.dtype)[:, None] * self.momentum
-        self.centroids.lerp_(class_sums / counts.clamp_min(1)[:, None], weight)
-        self.frequency.lerp_(counts / counts.sum(), self.momentum)
+        # The running means are kept in the buffers' own dtype (half when fp16 training casts the module).
+        weight = ((counts > 0).float()[:, None] * self.momentum).to(self.centroids.dtype)
+        self.centroids.lerp_((class_sums / counts.clamp_min(1)[:, None]).to(self.centroids.dtype), weight)
+        self.frequency.lerp_((counts / counts.sum()).to(self.frequency.dtype), self.momentum)
 
 
 def all_ranks_sum(t: torch.Tensor) -> torch.Tensor:
