@@ -158,3 +158,38 @@ def test_upsample_decoder_renders_every_supported_size():
     for channels, size in ((1, 28), (3, 32), (3, 64)):
         vae = DisentVAE(channels, size, 4, 3, 8, decoder="upsample")
         assert vae.decode(torch.zeros(2, 3), torch.zeros(2, 4)).shape == (2, channels, size, size)
+
+
+def _codes(b: int, classes: int, shift: float, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """3 x b codes of 8 dims whose first dimension moves by `shift` per class (0: pure noise)."""
+    g = torch.Generator().manual_seed(seed)
+    labels = torch.arange(3 * b) % classes
+    mu = torch.randn(3 * b, 8, generator=g)
+    mu[:, 0] += shift * labels.float()
+    return mu, labels
+
+
+def test_class_mmd_catches_a_code_that_holds_the_class_and_is_zero_on_noise():
+    from disent.models.objective import class_mmd_per_class
+
+    noise = torch.stack([class_mmd_per_class(*_codes(64, 4, 0.0, seed), 4) for seed in range(20)])
+    holding = torch.stack([class_mmd_per_class(*_codes(64, 4, 1.0, seed), 4) for seed in range(20)])
+    assert noise.mean(0).abs().max() < 0.005  # unbiased: 0 in expectation, for every class
+    assert (holding.mean(0) > 0.01).all() and holding.mean() > 5 * noise.std()  # every class stands out
+    shrunk = class_mmd_per_class(*(lambda m, y: (m * 1e-2, y))(*_codes(64, 4, 1.0, 0)), 4)
+    assert torch.allclose(shrunk, holding[0], rtol=1e-3, atol=1e-5)  # shrinking the code hides nothing
+
+
+def test_class_mmd_is_a_loss_option_that_trains_the_encoder():
+    torch.manual_seed(0)
+    vae = DisentVAE(1, 28, 4, 4, 8)
+    disc = build_critics("pair", 1, 28, 4, 8, z_dim=4, latent_critic=False)
+    x1, x1p, x2, x2p, y2 = batch(b=8)
+    with frozen(disc):
+        loss, terms, _ = vae_losses(vae, disc, x1, x1p, x2, x2p, y2, LossWeights(class_mmd=1.0), 0,
+                                    y1=torch.randint(0, 4, (8,)))
+        loss.backward()
+    assert "class_mmd" in terms and torch.isfinite(terms["class_mmd"])
+    assert vae.encoder.f_z[0].weight.grad is not None
+    with pytest.raises(ValueError, match="loss.class_mmd > 0 needs the class of x1"):
+        vae_losses(vae, disc, x1, x1p, x2, x2p, y2, LossWeights(class_mmd=1.0), 0)

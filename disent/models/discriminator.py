@@ -155,8 +155,9 @@ class Critics(nn.Module):
     the class critic and the class-moment critic."""
 
     def __init__(self, image: nn.Module, latent: LatentCritic | None, classes: ClassCritic | None = None,
-                 class_moments: ClassMomentCritic | None = None):
+                 class_moments: ClassMomentCritic | None = None, num_classes: int = 0):
         super().__init__()
+        self.num_classes = num_classes  # the data's classes (for the terms that read labels)
         self.image = image
         self.latent = latent
         self.classes = classes
@@ -188,7 +189,7 @@ def build_critics(mode: str, channels: int, image_size: int, num_classes: int, b
     image = build_discriminator(mode, channels, image_size, num_classes, base_channels)
     return Critics(image, LatentCritic(z_dim) if latent_critic else None,
                    ClassCritic(z_dim, num_classes) if class_critic else None,
-                   ClassMomentCritic(z_dim, num_classes) if class_moment_critic else None)
+                   ClassMomentCritic(z_dim, num_classes) if class_moment_critic else None, num_classes)
 
 
 def critics_from_config(cfg) -> Critics:

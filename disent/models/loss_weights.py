@@ -32,3 +32,6 @@ class LossWeights:
     # Extension: weight of the spread of s within a class relative to its spread across images,
     # |s1 - s1'|^2 / |s1 - s2|^2, so s keeps what a class shares and nothing of the single image.
     specified_consistency: float = 0.0
+    # Extension: weight of the class-conditional MMD between each class's mean of z and the pooled one
+    # (multi-bandwidth RBF, unbiased; uses the labels): non-adversarial, so nothing is fooled.
+    class_mmd: float = 0.0

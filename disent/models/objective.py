@@ -9,7 +9,7 @@ The discriminator is trained to tell the real (x2, x2') from those fakes.
 
 Extensions beyond the paper follow the paper's terms, each named as its `loss.*` weight and off at 0
 (the paper's objective): `latent_adversarial`, `class_adversarial`, `specified_consistency`,
-`class_moments`, `reverse_cycle`. Each is one function below with its docstring; `EXTENSIONS` lists them.
+`class_moments`, `reverse_cycle`, `class_mmd`. Each is one function below with its docstring; `EXTENSIONS` lists them.
 """
 from __future__ import annotations
 
@@ -65,6 +65,7 @@ def term_weights(cfg: LossWeights, z_dim: int, pixels: int, step: int) -> dict[s
         "specified_consistency": cfg.specified_consistency,
         "class_moments": cfg.class_moments,
         "reverse_cycle": cfg.reverse_cycle,
+        "class_mmd": cfg.class_mmd,
     }
 
 
@@ -179,6 +180,40 @@ def reverse_cycle(vae: DisentVAE, discriminator: torch.nn.Module, c: StepCodes) 
     return (mu_cycle - c.z_prior).abs().mean()
 
 
+MMD_BANDWIDTHS = (0.25, 1.0, 4.0)  # RBF widths, in units of the standardised code's mean squared distance
+
+
+def class_mmd_per_class(mu: torch.Tensor, labels: torch.Tensor, num_classes: int) -> torch.Tensor:
+    """Unbiased multi-bandwidth MMD^2 between each class's codes and the pooled codes, per class ([classes];
+    0 for a class with fewer than two codes). Expected 0 when the code's distribution does not depend on the
+    class; no boolean indexing (one-hot weights), so no host sync."""
+    f = mu.float()
+    f = (f - f.mean(0)) / f.std(0).clamp_min(1e-3)  # shrinking the code is no way to hide the class
+    d2 = torch.cdist(f, f).pow(2)
+    scale = d2.mean().detach().clamp_min(1e-6)
+    n = f.shape[0]
+    k0 = sum(torch.exp(-d2 / (w * scale)) for w in MMD_BANDWIDTHS) * (1 - torch.eye(n, device=f.device))
+    onehot = F.one_hot(labels, num_classes).float()
+    counts = onehot.sum(0)
+    w = onehot / counts.clamp_min(1)
+    u = torch.full((n,), 1.0 / n, device=f.device)
+    within = (w * (k0 @ w)).sum(0) * counts / (counts - 1).clamp_min(1)
+    across = (w.t() @ (k0 @ u)) * n / (n - 1)
+    pooled = (u @ k0 @ u) * n / (n - 1)
+    return torch.where(counts >= 2, within - 2 * across + pooled, torch.zeros_like(counts))
+
+
+def class_mmd(vae: DisentVAE, discriminator: torch.nn.Module, c: StepCodes) -> torch.Tensor:
+    """Class-conditional MMD on the mean of z (as in the VFAE): each class's mu of x1, x1', x2 against the pooled
+    mu, weighted by the class's share of the batch. Non-adversarial, so no critic can be fooled (uses the
+    labels)."""
+    labels = torch.cat([c.y1, c.y1, c.y2])
+    num_classes = int(discriminator.num_classes)
+    per_class = class_mmd_per_class(c.mu, labels, num_classes)
+    share = F.one_hot(labels, num_classes).float().mean(0)
+    return (share * per_class).sum()
+
+
 # The extensions computed from a step's codes, by their loss.* key (latent_adversarial comes with the
 # adversarial term, from the same call of the critics).
 EXTENSIONS: dict[str, Callable[[DisentVAE, torch.nn.Module, StepCodes], torch.Tensor]] = {
@@ -186,8 +221,9 @@ EXTENSIONS: dict[str, Callable[[DisentVAE, torch.nn.Module, StepCodes], torch.Te
     "specified_consistency": specified_consistency,
     "class_moments": class_moments,
     "reverse_cycle": reverse_cycle,
+    "class_mmd": class_mmd,
 }
-NEEDS_LABELS = ("class_adversarial", "class_moments")
+NEEDS_LABELS = ("class_adversarial", "class_moments", "class_mmd")
 
 
 # --------------------------------------------------------------------------- the VAE's loss
