@@ -187,3 +187,18 @@ def test_metric_registry_refuses_a_key_two_metrics_return_and_builds_the_headlin
         run_metrics(None, [first, second])
     line = headline({"class_from_s_mlp": 0.9123, "chance": 0.1, "unlisted": 5.0})
     assert line == "class_from_s_mlp 0.912, chance 0.100"
+
+
+def test_the_leakage_yardstick_reads_a_class_holding_code_and_not_noise():
+    """Constructed codes: one that holds the class is read in full (bits near H(y)); noise is read at chance, as the
+    shuffled-label probe measures it, with about 0 bits."""
+    from disent.eval.leakage import class_leakage
+
+    rng = np.random.default_rng(0)
+    y_train, y_test = rng.integers(0, 4, 800), rng.integers(0, 4, 400)
+    noise = class_leakage(rng.normal(size=(800, 6)), y_train, rng.normal(size=(400, 6)), y_test, 4, max_epochs=15)
+    holding = class_leakage(rng.normal(size=(800, 6)) + 3 * np.eye(6)[y_train], y_train,
+                            rng.normal(size=(400, 6)) + 3 * np.eye(6)[y_test], y_test, 4, max_epochs=15)
+    assert holding["acc"] > 0.9 and holding["bits"] > 0.7 * holding["entropy_bits"]
+    assert abs(noise["acc"] - noise["shuffled_acc"]) < 0.1 and noise["acc"] < 0.4
+    assert noise["bits"] < 0.1 and noise["shuffled_bits"] < 0.1 and noise["acc_std"] >= 0

@@ -172,6 +172,21 @@ def class_probes(ctx: EvalContext) -> dict:
     return out
 
 
+@register_metric("leakage", headline=("leakage_mu_bits",))
+def leakage(ctx: EvalContext) -> dict:
+    """The fixed yardstick (disent/eval/leakage.py) on s and on the mean of z: MLP accuracy and bits over 3 seeds,
+    beside the same probe on shuffled labels."""
+    from disent.eval.leakage import class_leakage
+
+    out: dict = {}
+    for code in ("s", "mu"):
+        found = class_leakage(ctx.train_codes[code], ctx.train.labels, ctx.test_codes[code], ctx.test.labels,
+                              ctx.classes, ctx.epochs)
+        out["class_entropy_bits"] = found.pop("entropy_bits")
+        out.update({f"leakage_{code}_{k}": v for k, v in found.items()})
+    return out
+
+
 @register_metric("reconstruction", headline=("z_gain",))
 def reconstruction(ctx: EvalContext) -> dict:
     return reconstruction_errors(ctx.vae, ctx.test, ctx.test_codes, ctx.device, ctx.seed)
