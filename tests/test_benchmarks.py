@@ -71,3 +71,37 @@ def test_gpu_benchmark_skips_cleanly_without_cuda():
         pytest.skip("a GPU is here: run benchmarks/bench_gpu.py itself")
     out = bench("bench_gpu.py", "--steps", "5")
     assert out == {"benchmark": "one GPU: train step vs loader", "skipped": "no CUDA device"}
+
+
+def test_gpu_check_script_parses_and_exits_2_with_a_clear_message_without_cuda(tmp_path):
+    script = ROOT / "benchmarks" / "gpu_check.sh"
+    syntax = subprocess.run(["bash", "-n", str(script)], capture_output=True, text=True)
+    assert syntax.returncode == 0, syntax.stderr
+    out = tmp_path / "results"
+    env = {**os.environ, "PYTHON": sys.executable, "OUT": str(out), "CUDA_VISIBLE_DEVICES": ""}
+    result = subprocess.run(["bash", str(script)], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2, result.stdout + result.stderr
+    assert "gpu_check: no CUDA device" in result.stderr and "Nothing was run" in result.stderr, result.stderr
+    assert not out.exists()  # nothing installed, nothing written
+
+
+def test_gpu_idle_fraction_is_the_time_no_gpu_work_ran_within_the_profiled_steps(tmp_path):
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    from bench_gpu import gpu_idle
+
+    def event(cat, name, ts, dur):
+        return {"ph": "X", "cat": cat, "name": name, "ts": ts, "dur": dur, "pid": 0, "tid": 0}
+
+    events = [event("user_annotation", "ProfilerStep#6", 100, 100), event("user_annotation", "ProfilerStep#7", 200, 100),
+              event("kernel", "before the steps", 0, 90),  # outside: not counted
+              event("kernel", "a", 90, 30),  # clipped to 100..120
+              event("kernel", "b", 110, 40), event("gpu_memcpy", "c", 140, 20),  # overlap: 100..160 in all
+              event("gpu_memset", "d", 250, 100),  # clipped to 250..300
+              event("cpu_op", "aten::mm", 100, 200)]  # the CPU's work is not the GPU's
+    trace = tmp_path / "trace.json"
+    trace.write_text(json.dumps({"traceEvents": events}))
+    got = gpu_idle(trace)
+    assert got["profiled_steps"] == 2 and abs(got["gpu_idle_fraction"] - (1 - 110 / 200)) < 1e-9, got
+    assert abs(got["profiled_step_ms"] - 0.1) < 1e-9 and abs(got["gpu_busy_ms_per_step"] - 0.055) < 1e-9, got
+    trace.write_text(json.dumps({"traceEvents": events[:2] + events[-1:]}))  # a CPU run: no GPU activity
+    assert gpu_idle(trace) is None

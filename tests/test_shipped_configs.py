@@ -64,6 +64,23 @@ def where_to_run(case_dir: Path, data_url: Path) -> dict[str, object]:
     }
 
 
+def training_signature(path: Path, changes: dict) -> str:
+    """What a case trains, as text: two shipped configs with the same signature (a multi-node file that differs
+    from its single-node parent only in paths, workers and cluster addresses) train the same model the same
+    way on this machine, so the suite trains it once."""
+    from disent.config import to_dict
+
+    cfg = to_dict(load_config(path, [f"{k}={v}" for k, v in changes.items()]))
+    for section, keys in (("data", ("url", "num_workers", "prefetch_factor", "streams")),
+                          ("train", ("steps", "checkpoint_upload_url", "checkpoint_every", "keep_checkpoints",
+                                     "eval_every", "log_every", "progress"))):
+        for key in keys:
+            cfg[section].pop(key)
+    for key in ("name", "run_dir", "tracking", "eval"):
+        cfg.pop(key)
+    return json.dumps(cfg, sort_keys=True)
+
+
 def data_shape(cfg) -> tuple[int, int, int]:
     return cfg.data.image_size, cfg.data.channels, cfg.data.num_classes
 
@@ -120,7 +137,7 @@ def test_every_shipped_config_trains_under_zero_0_1_2_on_two_ranks_and_resumes_o
     on one rank."""
     configs = shipped_configs(tmp_path)
     shards: dict[tuple, Path] = {}
-    cases, expected = [], []
+    cases, expected, trained = [], [], {}
     for name, path in configs.items():
         cfg = load_config(path)
         shape = data_shape(cfg)
@@ -130,6 +147,10 @@ def test_every_shipped_config_trains_under_zero_0_1_2_on_two_ranks_and_resumes_o
             i = len(cases)
             changes = cpu_adaptations(cfg, stage)
             assert not any(k.startswith("model.") or k.startswith("data.") for k in changes)
+            signature = (stage, training_signature(path, changes))
+            if signature in trained:  # the same model trained the same way: covered by that case
+                continue
+            trained[signature] = name
             overrides = {**changes, **where_to_run(tmp_path / "cases" / f"case{i}", shards[shape])}
             cases.append(" ".join([f"config={path}", *(f"{k}={v}" for k, v in overrides.items())]))
             vae, disc = build_modules(load_config(path, ["train.compile=false"]))
