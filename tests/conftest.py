@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import faulthandler
 import multiprocessing
+import os
 import sys
 import threading
 
@@ -10,6 +11,33 @@ import pytest
 
 from mlflowserver import MLflowServer
 from s3server import WeedServer, clear_aws_env
+
+
+RENDEZVOUS_VARS = ("MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE", "LOCAL_RANK", "DS_ACCELERATOR",
+                   "TORCH_NCCL_ASYNC_ERROR_HANDLING", "CUBLAS_WORKSPACE_CONFIG")
+_ENV_BEFORE = pytest.StashKey[dict]()
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_call(item):
+    # after the fixtures' set-up: what a module's own process group sets stays out of the comparison
+    item.stash[_ENV_BEFORE] = {name: os.environ.get(name) for name in RENDEZVOUS_VARS}
+    yield
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_teardown(item):
+    """A test that joins a process group in the suite's own process must put the environment back (checked once
+    its fixtures are torn down, monkeypatch's undo included): every process the suite starts later inherits it (a leaked
+    MASTER_PORT made later runs fail with EADDRINUSE)."""
+    yield
+    before = item.stash.get(_ENV_BEFORE, {})
+    # set or changed, not removed: a module's fixture restoring its own settings removes them
+    leaked = {name: os.environ[name] for name in before if os.environ.get(name) not in (None, before[name])}
+    if leaked:
+        for name, value in before.items():  # put it back so the rest of the suite runs as it should
+            os.environ.pop(name, None) if value is None else os.environ.__setitem__(name, value)
+        raise AssertionError(f"{item.nodeid} left these in the environment: {leaked}")
 
 
 @pytest.fixture(autouse=True)

@@ -73,7 +73,8 @@ def test_the_process_group_is_bound_to_the_gpu_this_rank_sees(gpus, monkeypatch,
     import deepspeed
 
     monkeypatch.setattr(deepspeed, "init_distributed", lambda **kw: calls.update(deepspeed=kw))
-    monkeypatch.delenv("TORCH_NCCL_ASYNC_ERROR_HANDLING", raising=False)
+    monkeypatch.setenv("TORCH_NCCL_ASYNC_ERROR_HANDLING", "unset")  # restored (to absent) after the test
+    monkeypatch.delenv("TORCH_NCCL_ASYNC_ERROR_HANDLING")
     env = DistEnv(rank=local_rank, world_size=8, local_rank=local_rank, device_type="cuda")
     try:
         init_distributed(env, timeout_s=123)
@@ -86,7 +87,8 @@ def test_the_process_group_is_bound_to_the_gpu_this_rank_sees(gpus, monkeypatch,
 
 
 def test_determinism_follows_the_device_unless_set(monkeypatch):
-    monkeypatch.delenv("CUBLAS_WORKSPACE_CONFIG", raising=False)
+    monkeypatch.setenv("CUBLAS_WORKSPACE_CONFIG", "unset")  # restored (to absent) after the test
+    monkeypatch.delenv("CUBLAS_WORKSPACE_CONFIG")
     try:
         assert apply_determinism("auto", "cpu") and torch.are_deterministic_algorithms_enabled()
         assert not apply_determinism("auto", "cuda") and not torch.are_deterministic_algorithms_enabled()
@@ -177,11 +179,30 @@ def test_ranks_agree_on_a_stop_only_at_check_log_and_checkpoint_steps(monkeypatc
 # --------------------------------------------------------------------------- optimizer and versions
 
 
-def test_on_gpu_the_optimizer_is_torchs_fused_adamw_and_nothing_is_compiled(monkeypatch):
+_ENGINE_ON_CPU = """
+import json, sys
+import deepspeed, deepspeed.ops.adam as ds_adam, torch
+from disent.train.distributed import DistEnv, init_distributed, shutdown_distributed
+
+def no_build(*a, **k):
+    raise AssertionError("DeepSpeed's FusedAdam was built")
+
+ds_adam.FusedAdam = no_build
+init_distributed(DistEnv())
+model = torch.nn.Linear(4, 2)
+engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=model.parameters(), config=json.loads(sys.argv[1]))
+print(json.dumps({"type": type(engine.basic_optimizer).__name__, "fused": engine.basic_optimizer.defaults["fused"]}))
+shutdown_distributed()
+"""
+
+
+def test_on_gpu_the_optimizer_is_torchs_fused_adamw_and_nothing_is_compiled():
     """Defect: DeepSpeed's FusedAdam was JIT-built with nvcc at the first GPU start, under a lock every rank waits on.
-    Built here on CPU from the GPU config's optimizer section (torch's fused AdamW runs on CPU too)."""
-    import deepspeed
-    import deepspeed.ops.adam as ds_adam
+    Built on CPU from the GPU config's optimizer section (torch's fused AdamW runs on CPU too), in its own process:
+    DeepSpeed keeps process-wide state (its groups) that later tests must not inherit."""
+    import json
+    import subprocess
+    import sys
 
     from disent.train.ds_config import deepspeed_config
 
@@ -189,18 +210,10 @@ def test_on_gpu_the_optimizer_is_torchs_fused_adamw_and_nothing_is_compiled(monk
     gpu = deepspeed_config(cfg, "vae", 1, "cuda")
     assert gpu["optimizer"]["params"]["torch_adam"] is True and gpu["optimizer"]["params"]["fused"] is True
     assert "fused" not in deepspeed_config(cfg, "vae", 1, "cpu")["optimizer"]["params"]
-
-    def no_build(*a, **k):
-        raise AssertionError("DeepSpeed's FusedAdam was built")
-
-    monkeypatch.setattr(ds_adam, "FusedAdam", no_build)
-    init_distributed(DistEnv())
-    try:
-        model = torch.nn.Linear(4, 2)
-        engine, optimizer, _, _ = deepspeed.initialize(model=model, model_parameters=model.parameters(), config=gpu)
-        assert type(engine.basic_optimizer) is torch.optim.AdamW and engine.basic_optimizer.defaults["fused"] is True
-    finally:
-        distributed.shutdown_distributed()
+    result = subprocess.run([sys.executable, "-c", _ENGINE_ON_CPU, json.dumps(gpu)], capture_output=True, text=True,
+                            timeout=300, cwd=ROOT)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert json.loads(result.stdout.strip().splitlines()[-1]) == {"type": "AdamW", "fused": True}
 
 
 def _floor(requirement: str) -> tuple[int, ...]:
