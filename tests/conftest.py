@@ -1,4 +1,7 @@
-"""Shared fixtures. S3: a real SeaweedFS server on 127.0.0.1 for the whole session (tests/s3server.py)."""
+"""Fixtures of the whole suite (tests/unit, tests/integration, tests/faults, tests/gpu): tiny real shards,
+a real SeaweedFS S3 server and a real `mlflow server` on 127.0.0.1, each started once for the session
+(tests/support/s3server.py, tests/support/mlflowserver.py); the checks every test gets (CPU ranks unless
+marked gpu, no rendezvous settings left behind)."""
 from __future__ import annotations
 
 import faulthandler
@@ -9,8 +12,9 @@ import threading
 
 import pytest
 
-from mlflowserver import MLflowServer
-from s3server import WeedServer, clear_aws_env
+from tests.support.mlflowserver import MLflowServer
+from tests.support.s3server import WeedServer, clear_aws_env
+from tests.support.train_helpers import make_tiny_data
 
 
 RENDEZVOUS_VARS = ("MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE", "LOCAL_RANK", "DS_ACCELERATOR",
@@ -46,6 +50,13 @@ def cpu_ranks_unless_marked_gpu(request, monkeypatch):
     NCCL): the processes a test starts see no GPU. tests/gpu/ (marker `gpu`) is where GPUs are used."""
     if request.node.get_closest_marker("gpu") is None:
         monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
+
+
+@pytest.fixture(scope="session")
+def tiny_data(tmp_path_factory):
+    """Tiny real shards (`disent prepare npz:`; 28x28x1, 4 classes, 600 samples), made once
+    for the session: tests read them and never change them (a test that does, copies them first)."""
+    return make_tiny_data(tmp_path_factory.mktemp("tiny-data"))
 
 
 @pytest.fixture(scope="session")

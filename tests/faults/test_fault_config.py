@@ -10,8 +10,8 @@ import time
 
 import pytest
 
-from faultkit import BASE, LAUNCHER, base_env
-from train_helpers import ROOT, tiny_overrides
+from tests.support.faultkit import BASE, LAUNCHER, base_env
+from tests.support.train_helpers import ROOT, tiny_overrides
 
 pytestmark = pytest.mark.slow
 
@@ -78,9 +78,9 @@ DEEPSPEED_REFUSES = {
 
 
 @pytest.mark.parametrize("case", list(DEEPSPEED_REFUSES))
-def test_a_setting_deepspeed_refuses_is_named_in_one_line(case, tmp_path, fault_data):
+def test_a_setting_deepspeed_refuses_is_named_in_one_line(case, tmp_path, tiny_data):
     extra, needles = DEEPSPEED_REFUSES[case]
-    result, took = run([sys.executable, "-m", "disent.cli", "train", BASE, *tiny_overrides(tmp_path / "run", fault_data),
+    result, took = run([sys.executable, "-m", "disent.cli", "train", BASE, *tiny_overrides(tmp_path / "run", tiny_data),
                         *extra])
     out = result.stdout + result.stderr
     assert result.returncode == 2, out[-3000:]
@@ -93,19 +93,19 @@ def test_a_setting_deepspeed_refuses_is_named_in_one_line(case, tmp_path, fault_
 
 
 @pytest.mark.parametrize("case", list(CASES))
-def test_bad_config_is_refused_before_anything_starts(case, tmp_path, fault_data):
+def test_bad_config_is_refused_before_anything_starts(case, tmp_path, tiny_data):
     extra, needles = CASES[case]
-    result, took = run([sys.executable, "-m", "disent.cli", "train", BASE, *tiny_overrides(tmp_path / "run", fault_data),
+    result, took = run([sys.executable, "-m", "disent.cli", "train", BASE, *tiny_overrides(tmp_path / "run", tiny_data),
                         *extra])
     assert_refused(result, took, needles)
     assert "hunter2-pw" not in result.stdout + result.stderr
     assert not (tmp_path / "run").exists()
 
 
-def test_bad_config_files(tmp_path, fault_data):
+def test_bad_config_files(tmp_path, tiny_data):
     bad = tmp_path / "bad.yaml"
     bad.write_text("extends: " + str(ROOT / BASE) + "\nmodel:\n  z_dimm: 8\n")
-    result, took = run([sys.executable, "-m", "disent.cli", "train", str(bad), *tiny_overrides(tmp_path / "r", fault_data)])
+    result, took = run([sys.executable, "-m", "disent.cli", "train", str(bad), *tiny_overrides(tmp_path / "r", tiny_data)])
     assert_refused(result, took, ["'model.z_dimm'", f"(from {bad})", "did you mean 'model.z_dim'"])
 
     broken = tmp_path / "broken.yaml"
@@ -130,16 +130,16 @@ def test_bad_arguments_are_usage_errors(tmp_path):
     (["model.discriminator=triplet"], ["'model.discriminator'"]),
     (["data.url=/nonexistent/data"], ["no manifest for split 'train'"]),
 ])
-def test_bad_config_under_the_launcher_is_refused_by_every_rank_without_a_rendezvous(tmp_path, fault_data, extra,
+def test_bad_config_under_the_launcher_is_refused_by_every_rank_without_a_rendezvous(tmp_path, tiny_data, extra,
                                                                                       needles):
     result, took = run([*LAUNCHER, "--nproc", "2", "--grace", "5", "--", sys.executable, "-m", "disent.cli", "train",
-                        BASE, *tiny_overrides(tmp_path / "run", fault_data), *extra])
+                        BASE, *tiny_overrides(tmp_path / "run", tiny_data), *extra])
     assert_refused(result, took, needles, ranks=2)
     assert "launcher: rank" in result.stderr and "exited with code 2" in result.stderr
 
 
-def test_a_config_error_is_not_restarted_by_the_launcher(tmp_path, fault_data):
+def test_a_config_error_is_not_restarted_by_the_launcher(tmp_path, tiny_data):
     result, _ = run([*LAUNCHER, "--nproc", "2", "--max-restarts", "2", "--grace", "5", "--", sys.executable, "-m",
-                     "disent.cli", "train", BASE, *tiny_overrides(tmp_path / "run", fault_data), "model.z_dimm=8"])
+                     "disent.cli", "train", BASE, *tiny_overrides(tmp_path / "run", tiny_data), "model.z_dimm=8"])
     assert result.returncode == 2
     assert "restart 1/2" not in result.stderr

@@ -15,9 +15,10 @@ import uuid
 import pytest
 
 from disent.tracking import MLflowLogger
-from faultkit import BASE, base_env, metric_lines, mlflow_runs, stop, wait_for
-from mlflowserver import MLflowServer
-from train_helpers import ROOT, tiny_overrides
+from tests.support.faultkit import BASE, base_env, mlflow_runs
+from tests.support.mlflowserver import MLflowServer
+from tests.support.processes import stop, wait_for
+from tests.support.train_helpers import ROOT, logged_steps, metric_lines, tiny_overrides
 
 LONG = {"train.steps": 240, "train.log_every": 10, "train.checkpoint_every": 1000}
 
@@ -46,7 +47,7 @@ def assert_everything_arrived(uri, experiment, run_dir):
     assert len(runs) == 1, [r.info.run_id for r in runs]  # no duplicate run
     r = runs[0]
     assert r.info.status == "FINISHED"
-    logged = [m["step"] for m in metric_lines(run_dir)]
+    logged = logged_steps(run_dir)
     assert logged == list(range(10, 241, 10))
     history = client.get_metric_history(r.info.run_id, "vae_loss")
     assert sorted(m.step for m in history) == logged  # every value, once
@@ -55,10 +56,10 @@ def assert_everything_arrived(uri, experiment, run_dir):
 
 
 @pytest.mark.slow
-def test_server_killed_and_restarted_mid_run(tmp_path, fault_data, server):
+def test_server_killed_and_restarted_mid_run(tmp_path, tiny_data, server):
     experiment = "outage-" + uuid.uuid4().hex[:8]
     run = tmp_path / "run"
-    proc, log = train(run, fault_data, server.uri, experiment)
+    proc, log = train(run, tiny_data, server.uri, experiment)
     try:
         wait_for(lambda: len(mlflow_runs(server.uri, experiment)[1]) == 1 and len(metric_lines(run)) >= 1, 180,
                  "the run to exist and log", proc, log, poll=0.2)
@@ -80,12 +81,12 @@ def test_server_killed_and_restarted_mid_run(tmp_path, fault_data, server):
 
 
 @pytest.mark.slow
-def test_server_down_at_start(tmp_path, fault_data, server):
+def test_server_down_at_start(tmp_path, tiny_data, server):
     experiment = "down-at-start-" + uuid.uuid4().hex[:8]
     run = tmp_path / "run"
     server.stop()
     try:
-        proc, log = train(run, fault_data, server.uri, experiment)
+        proc, log = train(run, tiny_data, server.uri, experiment)
         try:
             wait_for(lambda: len(metric_lines(run)) >= 3, 180, "training to go on without MLflow", proc, log, poll=0.2)
         finally:

@@ -12,18 +12,9 @@ import time
 
 import pytest
 
-from train_helpers import complete_checkpoints, resumed_from
-from faultkit import (
-    RESTART_RUN,
-    assert_same_weights,
-    final_weights,
-    finish,
-    launch,
-    mlflow_runs,
-    rank_pids,
-    stop,
-    wait_for,
-)
+from tests.support.faultkit import RESTART_RUN, assert_same_weights, final_weights, finish, launch, mlflow_runs
+from tests.support.processes import rank_pids, stop, wait_for
+from tests.support.train_helpers import complete_checkpoints, resumed_from, step_dir
 
 pytestmark = pytest.mark.slow
 
@@ -31,10 +22,10 @@ GRACE = 15
 
 
 @pytest.fixture(scope="module")
-def reference(tmp_path_factory, fault_data):
+def reference(tmp_path_factory, tiny_data):
     """The uninterrupted run every interrupted one is compared with."""
     run = tmp_path_factory.mktemp("reference") / "run"
-    proc, log = launch(run, fault_data, extra=RESTART_RUN)
+    proc, log = launch(run, tiny_data, extra=RESTART_RUN)
     rc = finish(proc, 300)
     assert rc == 0, log.read_text()[-4000:]
     return final_weights(run)
@@ -45,12 +36,12 @@ def assert_one_finished_run(run):
     assert len(runs) == 1 and runs[0].info.status == "FINISHED", [(r.info.run_id, r.info.status) for r in runs]
 
 
-def test_sigkill_of_a_rank_restarts_the_group_which_resumes_exactly(tmp_path, fault_data, reference):
+def test_sigkill_of_a_rank_restarts_the_group_which_resumes_exactly(tmp_path, tiny_data, reference):
     run = tmp_path / "run"
-    proc, log = launch(run, fault_data, extra=RESTART_RUN, max_restarts=1, grace=GRACE)
+    proc, log = launch(run, tiny_data, extra=RESTART_RUN, max_restarts=1, grace=GRACE)
     try:
         wait_for(lambda: 20 in complete_checkpoints(run), 240, "the first complete checkpoint", proc, log)
-        pid = wait_for(lambda: rank_pids(run).get(1), 10, "rank 1's pid", proc, log)
+        (pid,) = wait_for(lambda: rank_pids(run).get(1), 10, "rank 1's pid", proc, log)
         os.kill(pid, signal.SIGKILL)
         killed_at = time.monotonic()
         wait_for(lambda: "restart 1/1" in log.read_text(), GRACE + 30, "the group to be restarted", proc, log)
@@ -71,12 +62,12 @@ def test_sigkill_of_a_rank_restarts_the_group_which_resumes_exactly(tmp_path, fa
 
 
 def test_a_crash_between_ranks_checkpoint_writes_leaves_the_previous_checkpoint_in_force(
-        tmp_path, fault_data, reference):
+        tmp_path, tiny_data, reference):
     """Rank 1 is SIGKILLed after writing its DeepSpeed files for step 60 but before its trainer file and
     the COMPLETE barrier (test-only hook DISENT_FAULT_CHECKPOINT_KILL). Step 60 stays partial, is never
     used, and the restarted group resumes from step 40."""
     run = tmp_path / "run"
-    proc, log = launch(run, fault_data, extra=RESTART_RUN, max_restarts=1, grace=GRACE,
+    proc, log = launch(run, tiny_data, extra=RESTART_RUN, max_restarts=1, grace=GRACE,
                        env={"DISENT_FAULT_CHECKPOINT_KILL": "1:60"})
     try:
         rc = finish(proc, 400)
@@ -95,14 +86,14 @@ def test_a_crash_between_ranks_checkpoint_writes_leaves_the_previous_checkpoint_
 
 
 def test_sigterm_and_sigusr1_checkpoint_within_the_grace_period_exit_75_and_requeue_resumes(
-        tmp_path, fault_data, reference):
+        tmp_path, tiny_data, reference):
     """SIGTERM to the launcher (Kubernetes, `scontrol requeue`), then SIGUSR1 straight to the ranks (Slurm's
     --signal): each time every rank finishes its step, writes a complete checkpoint and exits 75 well
     within the grace period; the launcher exits 75 without restarting; the requeued job resumes."""
     run = tmp_path / "run"
     stops = []
     for attempt, how in enumerate(("SIGTERM to the launcher", "SIGUSR1 to every rank")):
-        proc, log = launch(run, fault_data, extra=RESTART_RUN, max_restarts=1, grace=GRACE,
+        proc, log = launch(run, tiny_data, extra=RESTART_RUN, max_restarts=1, grace=GRACE,
                            log_name=f"attempt{attempt}.log")
         try:
             before = max(complete_checkpoints(run), default=0)
@@ -110,8 +101,8 @@ def test_sigterm_and_sigusr1_checkpoint_within_the_grace_period_exit_75_and_requ
             if attempt == 0:
                 proc.send_signal(signal.SIGTERM)
             else:
-                for pid in wait_for(lambda: rank_pids(run) if len(rank_pids(run)) == 2 else None, 10, "ranks",
-                                    proc, log).values():
+                for (pid,) in wait_for(lambda: rank_pids(run) if len(rank_pids(run)) == 2 else None, 10, "ranks",
+                                       proc, log).values():
                     os.kill(pid, signal.SIGUSR1)
             sent = time.monotonic()
             rc = finish(proc, GRACE + 60)
@@ -125,12 +116,12 @@ def test_sigterm_and_sigusr1_checkpoint_within_the_grace_period_exit_75_and_requ
         assert text.count("exiting with 75") == 2, text[-3000:]  # both ranks
         stopped = max(complete_checkpoints(run))
         assert stopped < RESTART_RUN["train.steps"]
-        assert f"checkpoint {run}/checkpoints/step-{stopped:08d}" in text
+        assert f"checkpoint {step_dir(run, stopped)}" in text
         stops.append(stopped)
         if attempt:
             assert resumed_from(text) == [stops[0]]
 
-    proc, log = launch(run, fault_data, extra=RESTART_RUN, log_name="requeue.log")
+    proc, log = launch(run, tiny_data, extra=RESTART_RUN, log_name="requeue.log")
     try:
         rc = finish(proc, 300)
     finally:

@@ -1,7 +1,7 @@
 """S3 faults: a server that is down, slow, answers 403/404/500 for a shard, or holds a truncated or
 corrupted shard. Loader level (PairLoader on a fake S3 holding real shards) and through `disent train`.
 
-tests/test_data_s3.py already covers throttling retries, a broken stream resumed with a Range GET,
+tests/integration/test_data_s3.py already covers throttling retries, a broken stream resumed with a Range GET,
 a 403 not being retried, a missing object on a real server and wrong credentials; this file adds the
 rest. Every case asserts the outcome: the exact batches, the shard named, the request count, the
 exit code and message.
@@ -23,9 +23,9 @@ from disent.data.errors import DataUnavailable, ShardError
 from disent.errors import ExitCode
 from disent.data.manifest import read_manifest
 from disent.data.stream import PairLoader
-from faultkit import BASE, base_env, metric_lines
-from s3server import FlakyS3, clear_aws_env
-from train_helpers import ROOT, tiny_overrides
+from tests.support.faultkit import BASE, base_env
+from tests.support.s3server import FlakyS3, clear_aws_env
+from tests.support.train_helpers import ROOT, metric_lines, tiny_overrides
 
 PREFIX = "bkt/d"
 URL = f"s3://{PREFIX}"
@@ -39,10 +39,10 @@ def _load_objects(server: FlakyS3, data: Path) -> None:
 
 
 @pytest.fixture
-def flaky(fault_data, monkeypatch):
+def flaky(tiny_data, monkeypatch):
     clear_aws_env(monkeypatch)
     with FlakyS3() as server:
-        _load_objects(server, fault_data)
+        _load_objects(server, tiny_data)
         for k, v in server.env().items():
             monkeypatch.setenv(k, v)
         monkeypatch.setenv("DISENT_S3_RETRIES", "2")
@@ -70,8 +70,8 @@ def requests_for(server: FlakyS3, key: str) -> int:
     return sum(1 for r in server.requests if r[1] == key and r[0] == "GET")
 
 
-def test_5xx_on_a_shard_is_retried_with_backoff_and_the_stream_is_unchanged(flaky, fault_data, caplog):
-    local = PairLoader(cfg(fault_data), "train", 4, with_ids=True)
+def test_5xx_on_a_shard_is_retried_with_backoff_and_the_stream_is_unchanged(flaky, tiny_data, caplog):
+    local = PairLoader(cfg(tiny_data), "train", 4, with_ids=True)
     expected = ids(take(local, local.batches_per_epoch))
     flaky.fail[shard_key(1)] = [500, 503]
     caplog.set_level(logging.WARNING, logger="disent.io.s3")
@@ -135,8 +135,8 @@ def test_a_truncated_or_corrupted_shard_on_s3_raises_or_is_skipped(flaky, damage
     assert loader.skipped_shards >= 1
 
 
-def test_a_slow_server_is_waited_for_and_the_stream_is_unchanged(flaky, fault_data):
-    local = PairLoader(cfg(fault_data), "train", 4, with_ids=True)
+def test_a_slow_server_is_waited_for_and_the_stream_is_unchanged(flaky, tiny_data):
+    local = PairLoader(cfg(tiny_data), "train", 4, with_ids=True)
     expected = ids(take(local, local.batches_per_epoch))
     for i in range(3):
         flaky.delay[shard_key(i)] = 0.3
@@ -201,9 +201,9 @@ def test_train_with_the_s3_server_down_exits_69_naming_the_data(tmp_path):
 
 
 @pytest.mark.slow
-def test_train_with_a_corrupted_shard_raises_or_skips(tmp_path, fault_data):
+def test_train_with_a_corrupted_shard_raises_or_skips(tmp_path, tiny_data):
     with FlakyS3() as server:
-        _load_objects(server, fault_data)
+        _load_objects(server, tiny_data)
         key = shard_key(1)
         server.objects[key] = server.objects[key][: len(server.objects[key]) // 2]  # truncated object
         env = {**server.env(), "DISENT_S3_RETRIES": "1"}

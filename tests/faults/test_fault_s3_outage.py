@@ -13,26 +13,27 @@ import re
 import pytest
 
 from disent.errors import ExitCode
-from train_helpers import complete_checkpoints, resumed_from
-from faultkit import finish, launch, metric_lines, mlflow_runs, stop, wait_for
-from mlflowserver import MLflowServer
-from s3server import WeedServer
+from tests.support.faultkit import finish, launch, mlflow_runs
+from tests.support.mlflowserver import MLflowServer
+from tests.support.processes import stop, wait_for
+from tests.support.s3server import WeedServer
+from tests.support.train_helpers import complete_checkpoints, logged_steps, resumed_from
 
 STEPS = 240
 BUCKET = "outage"
 
 
 @pytest.mark.slow
-def test_s3_outage_mid_run_is_restarted_and_the_run_finishes_in_one_mlflow_run(tmp_path, fault_data):
+def test_s3_outage_mid_run_is_restarted_and_the_run_finishes_in_one_mlflow_run(tmp_path, tiny_data):
     weed = WeedServer(tmp_path / "weed").start()
     mlflow = MLflowServer(tmp_path / "mlflow").start()
     proc = None
     try:
         client = weed.client()
         client.create_bucket(Bucket=BUCKET)
-        for path in sorted(fault_data.rglob("*")):
+        for path in sorted(tiny_data.rglob("*")):
             if path.is_file():
-                client.put_object(Bucket=BUCKET, Key=f"d/{path.relative_to(fault_data)}", Body=path.read_bytes())
+                client.put_object(Bucket=BUCKET, Key=f"d/{path.relative_to(tiny_data)}", Body=path.read_bytes())
         run = tmp_path / "run"
         # Retries (4, from 0.3 s doubling) span a few seconds: longer than a blip, far shorter than the outage.
         env = {**weed.env(), "DISENT_S3_RETRIES": "4", "DISENT_S3_BACKOFF": "0.3"}
@@ -67,7 +68,7 @@ def test_s3_outage_mid_run_is_restarted_and_the_run_finishes_in_one_mlflow_run(t
     assert resumed and resumed[-1] >= 20, text[-5000:]
 
     assert complete_checkpoints(run)[-1] == STEPS
-    logged = {m["step"] for m in metric_lines(run)}
+    logged = set(logged_steps(run))
     assert logged == set(range(1, STEPS + 1))
     assert len(runs) == 1, [r.info.run_name for r in runs]  # every attempt continued the one run
     assert runs[0].info.status == "FINISHED"

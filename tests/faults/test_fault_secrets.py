@@ -22,8 +22,9 @@ from pathlib import Path
 
 import pytest
 import torch
-from faultkit import BASE, base_env, finish, launch, mlflow_runs, stop
-from train_helpers import ROOT, tiny_overrides
+from tests.support.faultkit import BASE, base_env, finish, launch, mlflow_runs
+from tests.support.processes import stop
+from tests.support.train_helpers import ROOT, tiny_overrides
 
 from disent.checkpoint import CheckpointError, CheckpointManager, safe_torch_load
 
@@ -50,12 +51,12 @@ def tree(root: Path, prefix: str) -> dict[str, bytes]:
 
 
 @pytest.mark.slow
-def test_planted_secrets_never_appear_in_logs_mlflow_artifacts_or_files(tmp_path, fault_data, s3_server, mlflow_server):
+def test_planted_secrets_never_appear_in_logs_mlflow_artifacts_or_files(tmp_path, tiny_data, s3_server, mlflow_server):
     bucket = s3_server.create_bucket("secrets-" + uuid.uuid4().hex[:8])
     s3 = s3_server.client()
-    for f in Path(fault_data).rglob("*"):
+    for f in Path(tiny_data).rglob("*"):
         if f.is_file():
-            s3.upload_file(str(f), bucket[len("s3://"):], f"data/{f.relative_to(fault_data).as_posix()}")
+            s3.upload_file(str(f), bucket[len("s3://"):], f"data/{f.relative_to(tiny_data).as_posix()}")
     markers = [s3_server.access_key, s3_server.secret_key, SESSION_TOKEN, MLFLOW_TOKEN, MLFLOW_PASSWORD]
     env = {**s3_server.env(), "MLFLOW_TRACKING_TOKEN": MLFLOW_TOKEN, "MLFLOW_TRACKING_USERNAME": MLFLOW_USER,
            "MLFLOW_TRACKING_PASSWORD": MLFLOW_PASSWORD, "OMP_NUM_THREADS": "1"}
@@ -112,10 +113,10 @@ def test_planted_secrets_never_appear_in_logs_mlflow_artifacts_or_files(tmp_path
     "data.url=s3://AKIAKEY:{secret}@bucket/data",
     "train.checkpoint_upload_url=s3://key:{secret}@bucket/ckpt",
 ])
-def test_a_secret_in_a_config_url_is_refused_and_not_repeated(tmp_path, fault_data, override):
+def test_a_secret_in_a_config_url_is_refused_and_not_repeated(tmp_path, tiny_data, override):
     secret = f"CONFIGSECRETMARKER{MARK}"
     result = subprocess.run(
-        [sys.executable, "-m", "disent.cli", "train", BASE, *tiny_overrides(tmp_path / "run", fault_data),
+        [sys.executable, "-m", "disent.cli", "train", BASE, *tiny_overrides(tmp_path / "run", tiny_data),
          override.format(secret=secret)],
         cwd=ROOT, env=base_env(), capture_output=True, text=True, timeout=120)
     assert result.returncode == 2 and "holds credentials in its URL" in result.stderr, result.stderr[-2000:]
@@ -166,7 +167,7 @@ def test_a_tampered_checkpoint_file_is_refused_and_never_run(tmp_path):
     assert not marker.exists()
 
     # a complete checkpoint whose trainer file is tampered with
-    from test_checkpoint import fake_parts, save
+    from tests.support.fake_checkpoint import fake_parts, save
 
     mgr = CheckpointManager(tmp_path / "run")
     path = save(mgr, 3)
@@ -177,11 +178,11 @@ def test_a_tampered_checkpoint_file_is_refused_and_never_run(tmp_path):
 
 
 @pytest.mark.slow
-def test_resume_from_a_tampered_deepspeed_checkpoint_runs_nothing(tmp_path, fault_data):
+def test_resume_from_a_tampered_deepspeed_checkpoint_runs_nothing(tmp_path, tiny_data):
     """DeepSpeed 0.19.8 loads its own files with weights_only=False; our loads go through safe_torch_load."""
     marker = tmp_path / "pwned"
     run = tmp_path / "run"
-    overrides = tiny_overrides(run, fault_data)
+    overrides = tiny_overrides(run, tiny_data)
     from disent.config import load_config, to_dict
 
     ckpt = run / "checkpoints" / "step-00000003"
@@ -200,10 +201,10 @@ def test_resume_from_a_tampered_deepspeed_checkpoint_runs_nothing(tmp_path, faul
     assert not marker.exists()
 
 
-def test_a_resume_path_is_never_executed(tmp_path, fault_data):
+def test_a_resume_path_is_never_executed(tmp_path, tiny_data):
     marker = tmp_path / "pwned"
     result = subprocess.run(
-        [sys.executable, "-m", "disent.cli", "train", BASE, *tiny_overrides(tmp_path / "run", fault_data),
+        [sys.executable, "-m", "disent.cli", "train", BASE, *tiny_overrides(tmp_path / "run", tiny_data),
          "--resume", f"{tmp_path}/step-00000001; touch {marker}", "--resume", f"$(touch {marker})"],
         cwd=ROOT, env=base_env(), capture_output=True, text=True, timeout=120)
     assert result.returncode == 2 and "--resume" in result.stderr
@@ -211,12 +212,12 @@ def test_a_resume_path_is_never_executed(tmp_path, fault_data):
 
 
 @pytest.mark.slow
-def test_credentials_in_the_tracking_uri_environment_variable_do_not_leak(tmp_path, fault_data, mlflow_server):
+def test_credentials_in_the_tracking_uri_environment_variable_do_not_leak(tmp_path, tiny_data, mlflow_server):
     secret = f"ENVURISECRETMARKER{MARK}"
     uri = mlflow_server.replace("http://", f"http://user:{secret}@")
     result = subprocess.run(
         [sys.executable, "-m", "disent.cli", "train", BASE,
-         *tiny_overrides(tmp_path / "run", fault_data, **{"tracking.uri": "null", "tracking.experiment": "envuri"})],
+         *tiny_overrides(tmp_path / "run", tiny_data, **{"tracking.uri": "null", "tracking.experiment": "envuri"})],
         cwd=ROOT, env=base_env(OMP_NUM_THREADS="1", MLFLOW_TRACKING_URI=uri), capture_output=True, text=True,
         timeout=240)
     assert result.returncode == 0, result.stderr[-3000:]

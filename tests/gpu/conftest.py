@@ -5,7 +5,7 @@ CUDA device is visible.
 
 Each test trains with the real command (`python -m disent.cli train`, torchrun for 2 ranks) on the
 shipped GPU config, on sprites shards drawn here (no data set needs to be on the machine), for a few
-dozen steps with small evaluations (tests/gpu/gpu_helpers.py). Every run's output goes to
+dozen steps with small evaluations (tests/support/gpu_helpers.py). Every run's output goes to
 $DISENT_GPU_CHECK_OUT/logs/ when that variable is set (gpu_check.sh sets it), else to a temp folder.
 
 DISENT_GPU_TESTS_DEVICE=cpu runs the same test code on CPU with a tiny model, no compile and no fp16,
@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from gpu_helpers import DRY_RUN, SKIP_REASON, Runs, cuda_devices
+from tests.support.gpu_helpers import DRY_RUN, SKIP_REASON, Runs, cuda_devices
 
 HERE = Path(__file__).resolve().parent
 

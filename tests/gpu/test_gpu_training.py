@@ -15,13 +15,10 @@ import sys
 import pytest
 import yaml
 
-from gpu_helpers import DEVICE, DRY_RUN, GPU_CONFIG, MICRO_BATCH, ROOT, cuda_devices, metrics, output, tail
+from tests.support.gpu_helpers import DEVICE, DRY_RUN, GPU_CONFIG, MICRO_BATCH, ROOT, cuda_devices, output, tail
+from tests.support.train_helpers import logged_steps, metric_lines, step_dir
 
 pytestmark = pytest.mark.gpu  # also set for every test in tests/gpu/ by conftest.py, with the skip
-
-
-def checkpoint(run_dir, step):
-    return run_dir / "checkpoints" / f"step-{step:08d}"
 
 
 def evaluation(run_dir, step) -> dict:
@@ -36,8 +33,8 @@ def assert_trained(result, run_dir, last_step: int):
     text = output(result)
     assert f"device: {DEVICE}" in text, tail(result)
     assert "ERROR: the evaluation" not in text, tail(result)  # an evaluation failure fails the check
-    assert (checkpoint(run_dir, last_step) / "COMPLETE").is_file(), tail(result)
-    lines = metrics(run_dir)
+    assert (step_dir(run_dir, last_step) / "COMPLETE").is_file(), tail(result)
+    lines = metric_lines(run_dir)
     assert lines and lines[-1]["step"] == last_step, lines[-1:]
     bad = [m["step"] for m in lines if not (math.isfinite(m["vae_loss"]) and math.isfinite(m["disc_loss"]))]
     assert not bad, f"non-finite losses at steps {bad}"
@@ -64,14 +61,14 @@ def compiled_run(runs, tmp_path_factory):
 def test_shipped_gpu_config_trains_compiled_in_bf16_resumes_and_evaluates(compiled_run):
     run_dir, resumed = compiled_run["dir"], compiled_run["resumed"]
     assert_trained(resumed, run_dir, 30)
-    assert f"resumed from {checkpoint(run_dir, 20)} at step 20" in output(resumed), tail(resumed)
+    assert f"resumed from {step_dir(run_dir, 20)} at step 20" in output(resumed), tail(resumed)
     saved = yaml.safe_load((run_dir / "config.yaml").read_text())["train"]
     if not DRY_RUN:
         assert (saved["precision"], saved["compile"], saved["channels_last"]) == ("bf16", True, True), saved
     assert saved["device"] == DEVICE and saved["global_batch_size"] == MICRO_BATCH
-    assert [m["step"] for m in metrics(run_dir)] == list(range(5, 31, 5))  # one log window every 5 steps
+    assert logged_steps(run_dir) == list(range(5, 31, 5))  # one log window every 5 steps
     for step in (10, 20, 30):  # in training, at the end of the first run, at the end of the resumed one
-        assert (checkpoint(run_dir, step) / "COMPLETE").is_file(), step
+        assert (step_dir(run_dir, step) / "COMPLETE").is_file(), step
         report = evaluation(run_dir, step)
         assert math.isfinite(report["class_from_s_mlp"]) and report["grids"], (step, sorted(report))
     assert (run_dir / "final" / "vae.pt").is_file() and (run_dir / "final" / "model" / "MLmodel").is_file()
@@ -103,7 +100,7 @@ def test_fp16_trains_with_loss_scaling_and_its_evaluation_is_present(fp16_run, r
     evaluated = runs.run("fp16_eval", ["eval", run_dir, "eval.max_train_samples=500", "eval.max_test_samples=200",
                                        "eval.probe_epochs=5", "eval.grid_size=4", "--no-mlflow"], timeout=180)
     assert evaluated.returncode == 0, tail(evaluated)
-    path = checkpoint(run_dir, 15) / "eval" / "eval.json"
+    path = step_dir(run_dir, 15) / "eval" / "eval.json"
     assert path.is_file(), tail(evaluated)
     assert math.isfinite(json.loads(path.read_text())["class_from_s_mlp"])
 
@@ -177,7 +174,7 @@ def determinism_runs(runs, gpu_out, tmp_path_factory):
             run_dir, **settings, **{"train.deterministic": on})], timeout=240)
         results[name] = (result, run_dir)
         if result.returncode == 0 and (run_dir / "metrics.jsonl").is_file():
-            timed = metrics(run_dir)[1:] or metrics(run_dir)
+            timed = metric_lines(run_dir)[1:] or metric_lines(run_dir)
             report[name] = {key: statistics.fmean(w[key] for w in timed)
                             for key in ("steps_per_s", "samples_per_s", "data_wait_fraction")}
         else:

@@ -1,0 +1,143 @@
+"""The dependency direction of docs/architecture.md, checked on every import in the product code
+(module level and inside functions), the length of every function and of every module:
+
+    errors, host, io, signals, process_group -> models -> config -> data -> checkpoint, tracking, api -> eval -> train
+    -> cli, demo, sweep
+
+A module may import its own layer and the layers to its left. `launcher/` imports only
+`disent.errors` and `disent.host` (so it starts without torch), and nothing in `disent/` imports
+`launcher`. No function in either is longer than 60 lines unless its docstring says why
+("long because ...").
+"""
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+LAYERS = [
+    {"errors", "host", "io", "signals", "process_group"},
+    {"models"},
+    {"config"},
+    {"data"},
+    {"checkpoint", "tracking", "api"},
+    {"eval"},
+    {"train"},
+    {"cli", "demo", "sweep"},
+]
+LAUNCHER_MAY_IMPORT = {"disent", "disent.errors", "disent.host"}
+
+
+def layer_of(module: str) -> int:
+    """disent.data.stream -> the index of the layer holding `data`."""
+    part = module.split(".")[1]
+    for index, names in enumerate(LAYERS):
+        if part in names:
+            return index
+    raise AssertionError(f"{module} is in no layer of tests/unit/test_architecture.py; add `{part}` to one")
+
+
+def module_name(path: Path) -> str:
+    parts = path.relative_to(ROOT).with_suffix("").parts
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def resolve(base: str, name: str) -> str:
+    """`from disent.data import stream` imports the module disent.data.stream; `from disent.config
+    import Config` imports disent.config."""
+    candidate = ROOT / base.replace(".", "/") / name
+    return f"{base}.{name}" if candidate.with_suffix(".py").is_file() or candidate.is_dir() else base
+
+
+def imports(source: str, package: str) -> list[tuple[int, str]]:
+    """(line, absolute module name) for every import of disent or launcher in `source`, a module of `package`."""
+    found = []
+    for node in ast.walk(ast.parse(source)):
+        if isinstance(node, ast.Import):
+            found += [(node.lineno, alias.name) for alias in node.names]
+        elif isinstance(node, ast.ImportFrom):
+            base = node.module or ""
+            if node.level:
+                anchor = package.split(".")[: len(package.split(".")) - node.level + 1]
+                base = ".".join(anchor + ([base] if base else []))
+            found += [(node.lineno, resolve(base, alias.name)) for alias in node.names]
+    return [(line, name) for line, name in found if name.split(".")[0] in ("disent", "launcher")]
+
+
+def upward_imports(module: str, source: str, is_package: bool = False) -> list[str]:
+    """The imports in `source` (module `module`; a package's __init__ when is_package) that break the order."""
+    package = module if is_package else module.rpartition(".")[0]
+    wrong = []
+    for line, target in imports(source, package):
+        if target.split(".")[0] == "launcher":
+            wrong.append(f"{module}:{line} imports {target}: disent never imports the launcher")
+        elif target != "disent" and layer_of(target) > layer_of(module):
+            wrong.append(f"{module}:{line} imports {target}, a layer above it")
+    return wrong
+
+
+PRODUCT = sorted((ROOT / "disent").rglob("*.py"))
+LAUNCHER = sorted((ROOT / "launcher").rglob("*.py"))
+
+
+@pytest.mark.parametrize("path", PRODUCT, ids=lambda p: str(p.relative_to(ROOT)))
+def test_disent_imports_only_its_own_layer_and_those_below(path):
+    module = module_name(path)
+    if module == "disent":
+        return
+    wrong = upward_imports(module, path.read_text(), is_package=path.name == "__init__.py")
+    assert not wrong, "\n".join(wrong)
+
+
+@pytest.mark.parametrize("path", LAUNCHER, ids=lambda p: str(p.relative_to(ROOT)))
+def test_launcher_imports_only_the_torch_free_base_of_disent(path):
+    wrong = [f"{path.name}:{line} imports {target}" for line, target in imports(path.read_text(), "launcher")
+             if target.startswith("disent") and target not in LAUNCHER_MAY_IMPORT]
+    assert not wrong, "\n".join(wrong)
+
+
+def test_the_check_catches_an_upward_import_and_a_launcher_import():
+    assert upward_imports("disent.models.objective", "def f():\n    from disent.train.trainer import Trainer\n")
+    assert upward_imports("disent.data.stream", "from launcher.topology import Topology\n")
+    assert upward_imports("disent.checkpoint", "from .eval import evaluate\n")
+    assert not upward_imports("disent.checkpoint", "from disent.io.storage import write_bytes_atomic\n")
+
+
+MAX_FUNCTION_LINES = 60
+LONG_REASON = "long because"  # a longer function says why in its docstring, in these words
+
+
+def long_functions(source: str, where: str) -> list[str]:
+    """Functions (and methods) of more than MAX_FUNCTION_LINES lines whose docstring gives no reason."""
+    found = []
+    for node in ast.walk(ast.parse(source)):
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+            lines = node.end_lineno - node.lineno + 1
+            reason = LONG_REASON in (ast.get_docstring(node) or "").lower()
+            if lines > MAX_FUNCTION_LINES and not reason:
+                found.append(f"{where}:{node.lineno} {node.name} is {lines} lines (over {MAX_FUNCTION_LINES}; split "
+                             f"it, or say why it is not in its docstring: '{LONG_REASON} ...')")
+    return found
+
+
+@pytest.mark.parametrize("path", PRODUCT + LAUNCHER, ids=lambda p: str(p.relative_to(ROOT)))
+def test_functions_are_short_or_say_why_not(path):
+    found = long_functions(path.read_text(), str(path.relative_to(ROOT)))
+    assert not found, "\n".join(found)
+
+
+def test_the_length_check_catches_a_long_function_and_accepts_a_reason():
+    body = "".join(f"    x{i} = {i}\n" for i in range(MAX_FUNCTION_LINES))
+    assert long_functions(f"def f():\n{body}", "m.py")
+    assert not long_functions(f'def f():\n    """Long because it is a table."""\n{body}', "m.py")
+
+
+MAX_MODULE_LINES = 400
+
+
+@pytest.mark.parametrize("path", PRODUCT + LAUNCHER, ids=lambda p: str(p.relative_to(ROOT)))
+def test_modules_do_one_job_within_400_lines(path):
+    lines = len(path.read_text().splitlines())
+    assert lines <= MAX_MODULE_LINES, f"{path.relative_to(ROOT)} has {lines} lines; split it by job (docs/architecture.md)"

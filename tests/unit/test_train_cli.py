@@ -1,0 +1,35 @@
+"""`disent train` refuses bad input before any process group starts (exit 2, one clear message)."""
+from __future__ import annotations
+
+import pytest
+
+from disent.cli import main
+from tests.support.train_helpers import tiny_overrides
+
+
+@pytest.mark.parametrize("extra,env,message", [
+    (["train.global_batch_size=10"], {"WORLD_SIZE": "4"}, "not divisible by world size (4)"),
+    (["train.precision=fp16"], {}, "needs a GPU"),
+    (["data.url=/nonexistent/data"], {}, "no manifest for split 'train'"),
+    (["data.num_classes=7"], {}, "data.num_classes=7 but the data has 4 classes"),
+    (["--resume", "/nonexistent/step-00000003"], {}, "--resume"),
+])
+def test_rejected_before_init(tmp_path, tiny_data, monkeypatch, capsys, extra, env, message):
+    for var in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):
+        monkeypatch.delenv(var, raising=False)
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    called = []
+    monkeypatch.setattr("disent.train.commands.run_training", lambda *a, **k: called.append(1) or 0)
+    rc = main(["train", "configs/base.yaml", *tiny_overrides(tmp_path, tiny_data), *extra])
+    assert rc == 2 and not called
+    assert message in capsys.readouterr().err
+
+
+def test_valid_input_reaches_training(tmp_path, tiny_data, monkeypatch):
+    for var in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):
+        monkeypatch.delenv(var, raising=False)
+    seen = {}
+    monkeypatch.setattr("disent.train.commands.run_training", lambda cfg, **kw: seen.update(kw, cfg=cfg) or 75)
+    assert main(["train", "configs/base.yaml", *tiny_overrides(tmp_path, tiny_data), "--no-auto-resume"]) == 75
+    assert seen["auto_resume"] is False and len(seen["manifest_digest"]) == 64 and seen["cfg"].name == "tiny"
