@@ -24,7 +24,7 @@ def validate(cfg: Config, world_size: int | None = None) -> None:
     _positive(
         cfg,
         "data.image_size", "data.channels", "data.num_classes", "data.shuffle_buffer",
-        "data.prefetch_factor", "model.s_dim", "model.z_dim", "model.base_channels",
+        "data.prefetch_factor", "model.z_dim", "model.base_channels",
         "model.disc_channels", "train.steps", "train.global_batch_size", "train.grad_accum",
         "train.log_every", "train.eval_every", "train.checkpoint_every", "train.keep_checkpoints",
         "train.stop_check_every", "train.collective_timeout_s", "eval.timeout_s", "optim.vae.lr", "optim.disc.lr",
@@ -49,6 +49,7 @@ def validate(cfg: Config, world_size: int | None = None) -> None:
             f"config key 'train.channels_last' needs train.zero_stage=0, got zero_stage {cfg.train.zero_stage}: "
             "ZeRO keeps parameters as views of one contiguous buffer, which channels_last would detach them from"
         )
+    _plain_vae_has_no_specified_terms(cfg)
     if not 0.0 < cfg.loss.real_label <= 1.0:
         raise ConfigError(f"config key 'loss.real_label' must be in (0, 1], got {cfg.loss.real_label}")
     for name in ("vae", "disc"):
@@ -72,6 +73,25 @@ def validate(cfg: Config, world_size: int | None = None) -> None:
             )
     if world_size is not None:
         micro_batch_size(cfg, world_size)
+
+
+# Every term beyond reconstruction and KL: a plain VAE (model.s_dim 0, the reference for leakage figures) has none.
+_TERMS_ON_S = ("swap", "adversarial", "latent_adversarial", "specified_consistency", "class_adversarial",
+               "class_moments", "class_mmd", "class_probe", "reverse_cycle")
+
+
+def _plain_vae_has_no_specified_terms(cfg: Config) -> None:
+    if cfg.model.s_dim < 0:
+        raise ConfigError(f"config key 'model.s_dim' must be >= 0 (0: a plain VAE), got {cfg.model.s_dim}")
+    if cfg.model.s_dim > 0:
+        return
+    on = [f"loss.{t}={get_dotted(cfg, 'loss.' + t)}" for t in _TERMS_ON_S if get_dotted(cfg, "loss." + t) > 0]
+    if on or cfg.model.class_channel:
+        on += ["model.class_channel=true"] if cfg.model.class_channel else []
+        raise ConfigError(
+            f"config key 'model.s_dim' is 0 (a plain VAE: reconstruction and KL only) but {', '.join(on)}; "
+            f"set {' '.join(o.split('=')[0] + ('=false' if 'channel' in o else '=0') for o in on)} for the reference VAE"
+        )
 
 
 def micro_batch_size(cfg: Config, world_size: int) -> int:

@@ -39,6 +39,9 @@ class ModelConfig:
     # transposed: stride-2 transposed convs (the authors'); upsample: nearest 2x then a 3x3 conv, which
     # has no checkerboard pattern (Odena et al., 2016)
     decoder: Literal["transposed", "upsample"] = "transposed"
+    # LORD-style class channel (extension): while training the decoder gets a learned code per class in place
+    # of s, and s is pulled toward it; needs the labels
+    class_channel: bool = False
 
 
 @dataclass

@@ -142,6 +142,8 @@ def factor_matrix(train: Split, test: Split, train_codes: dict, test_codes: dict
     out: dict = {}
     continuous = [k for k, f in enumerate(test.factor_names) if f not in test.categorical]
     for code, name in (("s", "s"), ("mu", "z")):
+        if not train_codes[code].shape[1]:  # a plain VAE's empty s
+            continue
         if continuous:
             r2 = regression_probe(train_codes[code], train.factors[:, continuous], test_codes[code],
                                   test.factors[:, continuous], "mlp", epochs, seed)
@@ -166,6 +168,8 @@ def class_probes(ctx: EvalContext) -> dict:
     train, test = ctx.train, ctx.test
     out: dict = {"chance": chance_accuracy(test.labels), "num_train": len(train.labels), "num_test": len(test.labels)}
     for code, name in (("s", "s"), ("mu", "z_mean"), ("z", "z_sample")):
+        if not ctx.train_codes[code].shape[1]:  # a plain VAE's empty s
+            continue
         for kind in ("linear", "mlp"):
             out[f"class_from_{name}_{kind}"] = classification_probe(
                 ctx.train_codes[code], train.labels, ctx.test_codes[code], test.labels, ctx.classes, kind, ctx.epochs, ctx.seed)
@@ -180,11 +184,30 @@ def leakage(ctx: EvalContext) -> dict:
 
     out: dict = {}
     for code in ("s", "mu"):
+        if not ctx.train_codes[code].shape[1]:  # a plain VAE's empty s
+            continue
         found = class_leakage(ctx.train_codes[code], ctx.train.labels, ctx.test_codes[code], ctx.test.labels,
                               ctx.classes, ctx.epochs)
         out["class_entropy_bits"] = found.pop("entropy_bits")
         out.update({f"leakage_{code}_{k}": v for k, v in found.items()})
+    if ctx.test.factor_names:  # the floor: what the true style factors themselves say of the class
+        train_f, test_f = factor_features(ctx.train, ctx.test)
+        found = class_leakage(train_f, ctx.train.labels, test_f, ctx.test.labels, ctx.classes, ctx.epochs)
+        found.pop("entropy_bits")
+        out.update({f"leakage_factors_{k}": v for k, v in found.items()})
     return out
+
+
+def factor_features(train: Split, test: Split) -> tuple[np.ndarray, np.ndarray]:
+    """The known factors as probe inputs: a categorical one (glyphs' font) one-hot, a continuous one as it is."""
+    def features(split: Split, counts: dict[int, int]) -> np.ndarray:
+        columns = [np.eye(counts[k], dtype=np.float32)[split.factors[:, k].astype(np.int64)] if k in counts
+                   else split.factors[:, k:k + 1] for k in range(len(split.factor_names))]
+        return np.concatenate(columns, axis=1)
+
+    counts = {k: int(max(train.factors[:, k].max(), test.factors[:, k].max())) + 1
+              for k, f in enumerate(test.factor_names) if f in test.categorical}
+    return features(train, counts), features(test, counts)
 
 
 @register_metric("reconstruction", headline=("z_gain",))

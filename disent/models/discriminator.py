@@ -11,6 +11,8 @@ whether they come from images of one class (z1, z1') or from independent images 
 the encoder is trained to fool it, which pushes class information out of z.
 `ClassCritic` (optional, `loss.class_adversarial` > 0): a label-aware adversary on the mean of z.
 It guesses the class from mu; the encoder is trained to leave it at a uniform guess.
+`ProbeCritic` (optional, `loss.class_probe` > 0; probe_critic.py): a class critic on the mean of z run the way a
+probe is fitted, with its own optimizer and a replay buffer.
 `Critics` bundles the image discriminator and the critics into the one module that the
 discriminator engine trains, so all share its optimizer and its single backward.
 """
@@ -22,6 +24,7 @@ import torch.nn.functional as F
 
 from disent import process_group
 
+from disent.models.probe_critic import ProbeCritic
 from disent.models.vae import DOWNSAMPLINGS, feature_size
 
 
@@ -152,16 +155,18 @@ def all_ranks_sum(t: torch.Tensor) -> torch.Tensor:
 
 class Critics(nn.Module):
     """The discriminator engine's module: the image discriminator and, optionally, the latent critic,
-    the class critic and the class-moment critic."""
+    the class critic, the class-moment critic and the probe-like class critic."""
 
     def __init__(self, image: nn.Module, latent: LatentCritic | None, classes: ClassCritic | None = None,
-                 class_moments: ClassMomentCritic | None = None, num_classes: int = 0):
+                 class_moments: ClassMomentCritic | None = None, num_classes: int = 0,
+                 class_probe: ProbeCritic | None = None):
         super().__init__()
         self.num_classes = num_classes  # the data's classes (for the terms that read labels)
         self.image = image
         self.latent = latent
         self.classes = classes
         self.class_moments = class_moments
+        self.class_probe = class_probe
 
     def forward(
         self, image: torch.Tensor, reference: torch.Tensor, label: torch.Tensor,
@@ -185,11 +190,11 @@ def build_discriminator(mode: str, channels: int, image_size: int, num_classes: 
 
 def build_critics(mode: str, channels: int, image_size: int, num_classes: int, base_channels: int,
                   z_dim: int, latent_critic: bool, class_critic: bool = False,
-                  class_moment_critic: bool = False) -> Critics:
+                  class_moment_critic: bool = False, class_probe: ProbeCritic | None = None) -> Critics:
     image = build_discriminator(mode, channels, image_size, num_classes, base_channels)
     return Critics(image, LatentCritic(z_dim) if latent_critic else None,
                    ClassCritic(z_dim, num_classes) if class_critic else None,
-                   ClassMomentCritic(z_dim, num_classes) if class_moment_critic else None, num_classes)
+                   ClassMomentCritic(z_dim, num_classes) if class_moment_critic else None, num_classes, class_probe)
 
 
 def critics_from_config(cfg) -> Critics:
@@ -198,4 +203,6 @@ def critics_from_config(cfg) -> Critics:
         cfg.model.discriminator, cfg.data.channels, cfg.data.image_size, cfg.data.num_classes, cfg.model.disc_channels,
         cfg.model.z_dim, latent_critic=cfg.loss.latent_adversarial > 0, class_critic=cfg.loss.class_adversarial > 0,
         class_moment_critic=cfg.loss.class_moments > 0,
+        class_probe=ProbeCritic(cfg.model.z_dim, cfg.data.num_classes, cfg.loss.class_probe_steps,
+                                cfg.loss.class_probe_refit_every) if cfg.loss.class_probe > 0 else None,
     )

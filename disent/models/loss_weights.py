@@ -35,3 +35,9 @@ class LossWeights:
     # Extension: weight of the class-conditional MMD between each class's mean of z and the pooled one
     # (multi-bandwidth RBF, unbiased; uses the labels): non-adversarial, so nothing is fooled.
     class_mmd: float = 0.0
+    # Extension: weight of a class critic run like a probe (disent/models/probe_critic.py; uses the labels): fitted
+    # on a replay buffer of past codes, class_probe_steps critic steps per encoder step, re-initialised and refitted
+    # every class_probe_refit_every steps (0: never); the encoder is pushed toward its uniform guess.
+    class_probe: float = 0.0
+    class_probe_steps: int = 4
+    class_probe_refit_every: int = 250

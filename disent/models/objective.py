@@ -9,7 +9,7 @@ The discriminator is trained to tell the real (x2, x2') from those fakes.
 
 Extensions beyond the paper follow the paper's terms, each named as its `loss.*` weight and off at 0
 (the paper's objective): `latent_adversarial`, `class_adversarial`, `specified_consistency`,
-`class_moments`, `reverse_cycle`, `class_mmd`. Each is one function below with its docstring; `EXTENSIONS` lists them.
+`class_moments`, `reverse_cycle`, `class_mmd`, `class_probe`. Each is one function below with its docstring; `EXTENSIONS` lists them.
 """
 from __future__ import annotations
 
@@ -66,6 +66,8 @@ def term_weights(cfg: LossWeights, z_dim: int, pixels: int, step: int) -> dict[s
         "class_moments": cfg.class_moments,
         "reverse_cycle": cfg.reverse_cycle,
         "class_mmd": cfg.class_mmd,
+        "class_probe": cfg.class_probe * ramp,
+        "class_code": 1.0,  # model.class_channel's distillation of s toward c_y (present only with the channel)
     }
 
 
@@ -118,6 +120,12 @@ def kl_term(mu1: torch.Tensor, logvar1: torch.Tensor) -> torch.Tensor:
 def swap_term(swap_logits: torch.Tensor, x1: torch.Tensor) -> torch.Tensor:
     """2. Dec(z1, s1') -> x1: s must carry what x1 and x1' share (the class)."""
     return reconstruction_loss(swap_logits, x1)
+
+
+def class_code_term(s: torch.Tensor, class_codes: torch.Tensor) -> torch.Tensor:
+    """model.class_channel: |s - c_y|^2 per dimension, with c_y fixed (it is the decoder's): s learns to stand in
+    for the class code it replaces while training, so Dec(z, s) works at test time (OverLORD's distillation)."""
+    return (s.float() - class_codes.detach().float()).pow(2).mean()
 
 
 def adversarial_terms(discriminator: torch.nn.Module, images: torch.Tensor, x2: torch.Tensor, y2: torch.Tensor,
@@ -214,6 +222,12 @@ def class_mmd(vae: DisentVAE, discriminator: torch.nn.Module, c: StepCodes) -> t
     return (share * per_class).sum()
 
 
+def class_probe(vae: DisentVAE, discriminator: torch.nn.Module, c: StepCodes) -> torch.Tensor:
+    """The probe-like critic's guess of the class from the mean of z (of x1, x1', x2), held to uniform: 0 when it
+    can do no better than chance. The critic learns in the discriminator's step (uses the labels there)."""
+    return discriminator.class_probe.encoder_loss(c.mu)
+
+
 # The extensions computed from a step's codes, by their loss.* key (latent_adversarial comes with the
 # adversarial term, from the same call of the critics).
 EXTENSIONS: dict[str, Callable[[DisentVAE, torch.nn.Module, StepCodes], torch.Tensor]] = {
@@ -222,8 +236,9 @@ EXTENSIONS: dict[str, Callable[[DisentVAE, torch.nn.Module, StepCodes], torch.Te
     "class_moments": class_moments,
     "reverse_cycle": reverse_cycle,
     "class_mmd": class_mmd,
+    "class_probe": class_probe,
 }
-NEEDS_LABELS = ("class_adversarial", "class_moments", "class_mmd")
+NEEDS_LABELS = ("class_adversarial", "class_moments", "class_mmd", "class_probe")
 
 
 # --------------------------------------------------------------------------- the VAE's loss
@@ -249,16 +264,23 @@ def vae_losses(
     for key in NEEDS_LABELS:
         if getattr(cfg, key) > 0 and y1 is None:
             raise ValueError(f"loss.{key} > 0 needs the class of x1 (y1)")
+    if vae.class_codes is not None and y1 is None:
+        raise ValueError("model.class_channel needs the class of x1 (y1)")
     b = x1.shape[0]
     s, mu, logvar = batched(vae.encode, (x1,), (x1p,), (x2,))  # one encoder pass
     s1, s1p, s2 = rows(s, 0, b), rows(s, 1, b), rows(s, 2, b)
     mu1, logvar1 = rows(mu, 0, b), rows(logvar, 0, b)
     z1 = vae.sample(mu1, logvar1)
     z_prior = vae.prior(b, like=z1)
+    terms = {}
+    if vae.class_codes is not None:  # model.class_channel: the decoder's class comes from c_y, s learns to stand in
+        c1, c2 = vae.class_codes(y1).to(s.dtype), vae.class_codes(y2).to(s.dtype)
+        terms["class_code"] = class_code_term(s, torch.cat([c1, c1, c2]))
+        s1, s2 = c1, c2
     # One decoder pass: Dec(z1, s1), Dec(z1, s1'), Dec(z1, s2), Dec(z_prior, s2).
     recon1, swap1, fake_z1, fake_prior = batched(vae.decode, (z1, s1), (z1, s1p), (z1, s2), (z_prior, s2)).split(b)
 
-    terms = {"reconstruction": reconstruction_term(recon1, x1)}
+    terms["reconstruction"] = reconstruction_term(recon1, x1)
     if cfg.reconstruct_x1_prime:
         terms["reconstruction"] = terms["reconstruction"] + resampled_reconstruction_term(
             vae, rows(mu, 1, b), rows(logvar, 1, b), s1p, x1p)
@@ -341,4 +363,7 @@ def discriminator_losses(
     if discriminator.class_moments is not None:  # exact running averages, no gradient
         discriminator.class_moments.update(torch.cat([fakes.mu1, fakes.mu1p, fakes.mu2]), torch.cat([fakes.y1, fakes.y1, y2]))
         terms["class_moment_gap"] = discriminator.class_moments.gap().detach()
+    if discriminator.class_probe is not None:  # its own optimizer, on detached codes
+        terms.update(discriminator.class_probe.update(torch.cat([fakes.mu1, fakes.mu1p, fakes.mu2]),
+                                                      torch.cat([fakes.y1, fakes.y1, y2])))
     return total, terms

@@ -37,12 +37,13 @@ class Encoder(nn.Module):
     def __init__(self, channels: int, image_size: int, s_dim: int, z_dim: int, base_channels: int):
         super().__init__()
         self.trunk, features = conv_trunk(channels, base_channels, image_size)
-        self.f_s = nn.Sequential(nn.Linear(features, 256), nn.SiLU(), nn.Linear(256, s_dim))
+        # s_dim 0 is a plain VAE (the reference a leakage figure is read against): s is an empty code
+        self.f_s = nn.Sequential(nn.Linear(features, 256), nn.SiLU(), nn.Linear(256, s_dim)) if s_dim else None
         self.f_z = nn.Sequential(nn.Linear(features + s_dim, 256), nn.SiLU(), nn.Linear(256, 2 * z_dim))
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         h = self.trunk(x)
-        s = self.f_s(h)
+        s = self.f_s(h) if self.f_s is not None else h.new_zeros(h.shape[0], 0)
         mu, logvar = self.f_z(torch.cat([h, s], dim=1)).chunk(2, dim=1)
         return s, mu, logvar.clamp(-10.0, 10.0)
 
@@ -82,11 +83,13 @@ class Decoder(nn.Module):
 
 class DisentVAE(nn.Module):
     def __init__(self, channels: int, image_size: int, s_dim: int, z_dim: int, base_channels: int = 32,
-                 decoder: str = "transposed"):
+                 decoder: str = "transposed", class_channel_classes: int = 0):
         super().__init__()
         self.z_dim = z_dim
         self.encoder = Encoder(channels, image_size, s_dim, z_dim, base_channels)
         self.decoder = Decoder(channels, image_size, s_dim, z_dim, base_channels, decoder)
+        # LORD's class codes c_y (model.class_channel): what the decoder sees in place of s while training
+        self.class_codes = nn.Embedding(class_channel_classes, s_dim) if class_channel_classes else None
 
     def encode(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         return self.encoder(x)
@@ -122,4 +125,5 @@ def reconstruction_loss(logits: torch.Tensor, target: torch.Tensor) -> torch.Ten
 def vae_from_config(cfg) -> DisentVAE:
     """The VAE a config describes: image shape from cfg.data, sizes and decoder from cfg.model."""
     m = cfg.model
-    return DisentVAE(cfg.data.channels, cfg.data.image_size, m.s_dim, m.z_dim, m.base_channels, m.decoder)
+    return DisentVAE(cfg.data.channels, cfg.data.image_size, m.s_dim, m.z_dim, m.base_channels, m.decoder,
+                     class_channel_classes=cfg.data.num_classes if m.class_channel else 0)

@@ -23,7 +23,7 @@ from tests.support.train_helpers import ROOT, tiny_overrides
 
 EVERY_TERM = ["loss.latent_adversarial=1.0", "loss.class_adversarial=0.5", "loss.class_moments=1.0",
               "loss.reverse_cycle=0.5", "loss.specified_consistency=1.0", "loss.reconstruct_x1_prime=true",
-              "loss.reconstruct_x2=true", "loss.class_mmd=1.0"]
+              "loss.reconstruct_x2=true", "loss.class_mmd=1.0", "model.class_channel=true"]
 GPU = DistEnv(rank=0, world_size=1, local_rank=0, device_type="cuda")
 
 
@@ -42,10 +42,27 @@ def test_one_step_of_the_objective_stays_on_the_gpu_without_a_sync_or_a_host_cop
         check.uploads.clear()  # the modules' own move
         loss, terms, fakes = vae_losses(vae, critics, *x, y2, cfg.loss, step=3, y1=y1)
         d_loss, d_terms = discriminator_losses(critics, x[2], x[3], y2, fakes, cfg.loss)
-    assert {"latent_adversarial", "class_adversarial", "class_moments", "reverse_cycle", "class_mmd"} <= set(terms)
+    assert {"latent_adversarial", "class_adversarial", "class_moments", "reverse_cycle", "class_mmd",
+            "class_code"} <= set(terms)
     assert "latent_critic" in d_terms and "class_moment_gap" in d_terms
     for value in [loss, d_loss, *terms.values(), *d_terms.values()]:
         assert value.device == CUDA and value.dtype == torch.float32
+    assert check.syncs == [] and check.uploads == []
+
+
+def test_the_probe_critics_encoder_loss_and_replay_buffer_stay_on_the_gpu_without_a_sync():
+    """Its own fit runs autograd, which fake CUDA cannot (see tests/support/fake_cuda.py); the parts on the VAE's
+    path and the buffer's bookkeeping can."""
+    from disent.models.probe_critic import ProbeCritic, standardised
+
+    critic = ProbeCritic(4, 10)
+    with fake_cuda() as check:
+        to_fake_cuda(critic, check)
+        check.uploads.clear()
+        mu, y = torch.randn(24, 4, device=CUDA), torch.randint(0, 10, (24,), device=CUDA)
+        loss = critic.encoder_loss(mu)
+        critic._remember(standardised(mu), y)
+    assert loss.device == CUDA and loss.dtype == torch.float32 and critic.seen.device == CUDA
     assert check.syncs == [] and check.uploads == []
 
 
