@@ -110,12 +110,9 @@ class Model:
     @classmethod
     def copy_of(cls, vae: torch.nn.Module, config: Config, source: str) -> "Model":
         """A CPU model holding a float32 copy of `vae`'s weights (a model in training is left as it is)."""
-        from disent.checkpoint import cpu_state
-        from disent.models.vae import vae_from_config
+        from disent.models.vae import float32_copy
 
-        copy = vae_from_config(config)
-        copy.load_state_dict(cpu_state(vae))
-        return cls(copy, config, source, "cpu")
+        return cls(float32_copy(vae, config, "cpu"), config, source, "cpu")
 
 
 def _from_exported(directory: Path, source: str, device) -> Model:

@@ -261,15 +261,11 @@ def in_float32(vae: DisentVAE, cfg: Config) -> DisentVAE:
     """The model itself when its weights are float32; otherwise (fp16 training keeps them in half) an uncompiled
     float32 copy on the same device, so evaluation reads images and codes in one precision whatever the
     training's."""
-    first = next(vae.parameters())
     if all(p.dtype == torch.float32 for p in vae.parameters()):
         return vae
-    from disent.models.vae import vae_from_config
+    from disent.models.vae import float32_copy
 
-    with torch.device(first.device):  # built where the weights are: no CPU copy first
-        copy = vae_from_config(cfg)
-    copy.load_state_dict(vae.state_dict())  # casts each tensor to the copy's float32
-    return copy
+    return float32_copy(vae, cfg, next(vae.parameters()).device)
 
 
 def evaluate(vae: DisentVAE, cfg: Config, out_dir: Path, device: torch.device | str = "cpu",

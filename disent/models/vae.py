@@ -127,3 +127,12 @@ def vae_from_config(cfg) -> DisentVAE:
     m = cfg.model
     return DisentVAE(cfg.data.channels, cfg.data.image_size, m.s_dim, m.z_dim, m.base_channels, m.decoder,
                      class_channel_classes=cfg.data.num_classes if m.class_channel else 0)
+
+
+def float32_copy(vae: nn.Module, cfg, device: torch.device | str) -> DisentVAE:
+    """A fresh, uncompiled float32 VAE on `device` holding `vae`'s weights (fp16 training keeps them in half; the
+    evaluation and the logged model read them in full). `vae` itself is left as it is."""
+    with torch.device(device):  # built where it will live: no CPU copy first
+        copy = vae_from_config(cfg)
+    copy.load_state_dict(vae.state_dict())  # casts each tensor to the copy's float32 and device
+    return copy
