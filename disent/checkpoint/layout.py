@@ -9,15 +9,14 @@ from pathlib import Path
 
 import torch
 
+from disent.checkpoint.errors import CheckpointError
+from disent.checkpoint.safe_load import safe_torch_load
+
 COMPLETE = "COMPLETE"
 META = "meta.json"
 VAE_WEIGHTS = "vae_weights.pt"
 STEP_DIR = re.compile(r"^step-(\d{8,})$")
 EXPORTED_FILES = ("vae.pt", "config.yaml")  # an exported model folder: the weights and the training config
-
-
-class CheckpointError(RuntimeError):
-    """A checkpoint that cannot be used (incomplete, missing, written by another world size)."""
 
 
 def step_dir_name(step: int) -> str:
@@ -103,8 +102,6 @@ class CheckpointInfo:
 
     def read_vae_weights(self) -> dict[str, torch.Tensor]:
         """The bare VAE's state_dict (what eval and swap load), read with weights_only."""
-        from disent.checkpoint.safe_load import safe_torch_load
-
         weights = self.path / VAE_WEIGHTS
         if not weights.is_file():
             raise CheckpointError(f"checkpoint {self.path} has no {VAE_WEIGHTS}; it was written by an older disent")

@@ -9,7 +9,7 @@ from typing import Any
 
 import torch
 
-from disent.checkpoint.layout import CheckpointError
+from disent.checkpoint.errors import CheckpointError
 
 
 def _deepspeed_safe_globals() -> list:

@@ -4,10 +4,13 @@
     errors, host, io, signals, process_group -> models -> config -> data -> checkpoint, tracking, api -> eval -> train
     -> cli, demo, sweep
 
-A module may import its own layer and the layers to its left. `launcher/` imports only
-`disent.errors` and `disent.host` (so it starts without torch), and nothing in `disent/` imports
-`launcher`. No function in either is longer than 60 lines unless its docstring says why
-("long because ...").
+A module may import its own layer and the layers to its left, and no modules import each other in a circle
+(within a layer too). Imports count wherever they are (module level or inside a function), dynamic ones
+(`importlib.import_module`) where their names can be read from the source (a literal, a module-level tuple
+of literals looped over, an f-string of those and `__name__`); imports under `if TYPE_CHECKING:` never run
+and do not count. `launcher/` imports only `disent.errors` and `disent.host` (so it starts without torch),
+and nothing in `disent/` imports `launcher`. No function in either is longer than 60 lines unless its
+docstring says why ("long because ...").
 """
 from __future__ import annotations
 
@@ -51,10 +54,68 @@ def resolve(base: str, name: str) -> str:
     return f"{base}.{name}" if candidate.with_suffix(".py").is_file() or candidate.is_dir() else base
 
 
-def imports(source: str, package: str) -> list[tuple[int, str]]:
-    """(line, absolute module name) for every import of disent or launcher in `source`, a module of `package`."""
+def _runs(tree: ast.AST):
+    """Every node of the tree except those under `if TYPE_CHECKING:` (type-only imports never run)."""
+    for node in ast.iter_child_nodes(tree):
+        if isinstance(node, ast.If) and "TYPE_CHECKING" in ast.unparse(node.test):
+            for branch in node.orelse:
+                yield branch
+                yield from _runs(branch)
+            continue
+        yield node
+        yield from _runs(node)
+
+
+def _string_tuples(tree: ast.Module) -> dict[str, list[str]]:
+    """Module-level NAME = ("a", "b", ...) (annotated or not): what a dynamic import may loop over."""
+    found = {}
+    for node in tree.body:
+        target = node.targets[0] if isinstance(node, ast.Assign) and len(node.targets) == 1 else getattr(node, "target", None)
+        value = getattr(node, "value", None)
+        if isinstance(target, ast.Name) and isinstance(value, (ast.Tuple, ast.List)) and all(
+                isinstance(e, ast.Constant) and isinstance(e.value, str) for e in value.elts):
+            found[target.id] = [e.value for e in value.elts]
+    return found
+
+
+def _named_strings(expr: ast.AST, names: dict[str, list[str]]) -> list[str]:
+    """The strings `expr` can be, when the source says: a literal, a name bound to known strings, an f-string of
+    those; [] when it cannot be read from the source."""
+    if isinstance(expr, ast.Constant) and isinstance(expr.value, str):
+        return [expr.value]
+    if isinstance(expr, ast.Name):
+        return names.get(expr.id, [])
+    if isinstance(expr, ast.JoinedStr):
+        results = [""]
+        for part in expr.values:
+            options = _named_strings(part.value if isinstance(part, ast.FormattedValue) else part, names)
+            if not options:
+                return []
+            results = [r + o for r in results for o in options]
+        return results
+    return []
+
+
+def dynamic_imports(tree: ast.Module, module: str) -> list[tuple[int, str]]:
+    """(line, module name) of each `importlib.import_module(...)` whose argument can be named from the source."""
+    names = {"__name__": [module]}
+    tuples = _string_tuples(tree)
+    for node in _runs(tree):
+        if isinstance(node, ast.For) and isinstance(node.target, ast.Name) and isinstance(node.iter, ast.Name):
+            names[node.target.id] = tuples.get(node.iter.id, [])
     found = []
-    for node in ast.walk(ast.parse(source)):
+    for node in _runs(tree):
+        if isinstance(node, ast.Call) and node.args and ast.unparse(node.func).split(".")[-1] == "import_module":
+            found += [(node.lineno, name) for name in _named_strings(node.args[0], names)]
+    return found
+
+
+def imports(source: str, package: str, module: str | None = None) -> list[tuple[int, str]]:
+    """(line, absolute module name) for every import of disent or launcher in `source`, a module of `package`
+    (named `module`: the package itself for an __init__), dynamic ones included where they can be named."""
+    tree = ast.parse(source)
+    found = dynamic_imports(tree, module or package)
+    for node in _runs(tree):
         if isinstance(node, ast.Import):
             found += [(node.lineno, alias.name) for alias in node.names]
         elif isinstance(node, ast.ImportFrom):
@@ -70,7 +131,7 @@ def upward_imports(module: str, source: str, is_package: bool = False) -> list[s
     """The imports in `source` (module `module`; a package's __init__ when is_package) that break the order."""
     package = module if is_package else module.rpartition(".")[0]
     wrong = []
-    for line, target in imports(source, package):
+    for line, target in imports(source, package, module):
         if target.split(".")[0] == "launcher":
             wrong.append(f"{module}:{line} imports {target}: disent never imports the launcher")
         elif target != "disent" and layer_of(target) > layer_of(module):
@@ -103,6 +164,68 @@ def test_the_check_catches_an_upward_import_and_a_launcher_import():
     assert upward_imports("disent.data.stream", "from launcher.topology import Topology\n")
     assert upward_imports("disent.checkpoint", "from .eval import evaluate\n")
     assert not upward_imports("disent.checkpoint", "from disent.io.storage import write_bytes_atomic\n")
+    dynamic = 'import importlib\nMODS = ("disent.train.trainer",)\nfor m in MODS:\n    importlib.import_module(m)\n'
+    assert upward_imports("disent.models.objective", dynamic)
+    assert upward_imports("disent.models", 'import importlib\nfor n in ("a",):\n    pass\n'
+                          'NAMES = ("trainer",)\nfor n in NAMES:\n    importlib.import_module(f"disent.train.{n}")\n',
+                          is_package=True)
+    assert not upward_imports("disent.models.objective",
+                              "from typing import TYPE_CHECKING\nif TYPE_CHECKING:\n    from disent.train import trainer\n")
+
+
+def import_graph(paths: list[Path]) -> dict[str, set[str]]:
+    """Module -> the product modules it imports (a name that is not a module counts as its nearest package)."""
+    modules = {module_name(p): p for p in paths}
+    graph = {}
+    for module, path in modules.items():
+        package = module if path.name == "__init__.py" else module.rpartition(".")[0]
+        targets = set()
+        for _, target in imports(path.read_text(), package, module):
+            while target not in modules and "." in target:
+                target = target.rpartition(".")[0]
+            if target in modules and target != module:
+                targets.add(target)
+        graph[module] = targets
+    return graph
+
+
+def circles(graph: dict[str, set[str]]) -> list[list[str]]:
+    """The groups of modules that import each other in a circle (strongly connected, more than one module)."""
+    order, low, stack, on_stack, found = {}, {}, [], set(), []
+
+    def visit(node: str) -> None:
+        order[node] = low[node] = len(order)
+        stack.append(node)
+        on_stack.add(node)
+        for nxt in sorted(graph.get(node, ())):
+            if nxt not in order:
+                visit(nxt)
+                low[node] = min(low[node], low[nxt])
+            elif nxt in on_stack:
+                low[node] = min(low[node], order[nxt])
+        if low[node] == order[node]:
+            group = []
+            while not group or group[-1] != node:
+                group.append(stack.pop())
+                on_stack.discard(group[-1])
+            if len(group) > 1:
+                found.append(sorted(group))
+
+    for node in sorted(graph):
+        if node not in order:
+            visit(node)
+    return found
+
+
+def test_no_modules_import_each_other_in_a_circle():
+    found = circles(import_graph(PRODUCT + LAUNCHER))
+    assert not found, "modules that import each other (move what both need into a module of its own):\n" + "\n".join(
+        " <-> ".join(group) for group in found)
+
+
+def test_the_circle_check_finds_a_circle_inside_a_layer():
+    assert circles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == [["a", "b", "c"]]
+    assert circles({"a": {"b"}, "b": set()}) == []
 
 
 MAX_FUNCTION_LINES = 60

@@ -7,7 +7,7 @@ from typing import Any
 import numpy as np
 
 from disent.data.errors import DataError
-from disent.data.sources import Part, SourceData, SourceOptions, check_part, register_source
+from disent.data.sources.registry import Part, SourceData, SourceOptions, check_part, register_source
 
 IMAGE_EXTENSIONS = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm", ".pbm"}
 

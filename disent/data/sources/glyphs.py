@@ -1,7 +1,7 @@
 """``glyphs``: the 26 capitals rendered from real typefaces by :mod:`disent.data.glyphs`."""
 from __future__ import annotations
 
-from disent.data.sources import Part, SourceData, SourceOptions, check_drawn, check_part, register_source
+from disent.data.sources.registry import Part, SourceData, SourceOptions, check_drawn, check_part, register_source
 
 
 @register_source(

@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 
 from disent.data.errors import DataError
-from disent.data.sources import Part, SourceData, SourceOptions, check_part, limit_part, register_source, resolve_classes
+from disent.data.sources.registry import Part, SourceData, SourceOptions, check_part, limit_part, register_source, resolve_classes
 
 FASHION_MNIST_CLASSES = [
     "T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot",

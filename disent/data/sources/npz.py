@@ -6,7 +6,7 @@ from pathlib import Path
 import numpy as np
 
 from disent.data.errors import DataError
-from disent.data.sources import Part, SourceData, SourceOptions, check_part, limit_part, register_source, resolve_classes
+from disent.data.sources.registry import Part, SourceData, SourceOptions, check_part, limit_part, register_source, resolve_classes
 
 # The array names each part may use: (images, labels, factors).
 _TRAIN_KEYS = (("images", "x", "X", "x_train", "train_images"), ("labels", "y", "Y", "y_train", "train_labels"),

@@ -1,7 +1,7 @@
 """``sprites``: procedural shapes with known factors, drawn by :mod:`disent.data.sprites`."""
 from __future__ import annotations
 
-from disent.data.sources import Part, SourceData, SourceOptions, check_drawn, check_part, register_source
+from disent.data.sources.registry import Part, SourceData, SourceOptions, check_drawn, check_part, register_source
 
 
 @register_source("sprites", help="procedural shapes with known factors (x, y, scale, rotation, hue)")

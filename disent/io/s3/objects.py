@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from disent.io.s3.connection import S3Error, S3NotFound, call, status_and_code, client, parse_s3_url
-from disent.io.s3.streams import open_read
+from disent.io.s3.streams import open_read, upload_fileobj
 
 
 log = logging.getLogger("disent.io.s3")
@@ -36,25 +36,6 @@ def download(url: str, local: str | os.PathLike | None = None) -> bytes | Path:
             dst.write(chunk)
     os.replace(tmp, path)
     return path
-
-
-def upload_fileobj(fileobj, url: str) -> None:
-    bucket, key = parse_s3_url(url)
-    start = fileobj.tell() if fileobj.seekable() else None
-    # put_object for small bodies keeps one request per object (atomic replace, no multipart
-    # state left behind); large bodies go through the managed multipart transfer.
-    fileobj.seek(0, io.SEEK_END)
-    size = fileobj.tell() - (start or 0)
-    fileobj.seek(start or 0)
-
-    def put():
-        fileobj.seek(start or 0)
-        if size <= 64 << 20:
-            client().put_object(Bucket=bucket, Key=key, Body=fileobj.read())
-        else:
-            client().upload_fileobj(fileobj, bucket, key)
-
-    call(put, url, "upload")
 
 
 def upload_bytes(data: bytes, url: str) -> None:

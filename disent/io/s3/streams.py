@@ -121,8 +121,6 @@ class S3Writer(io.RawIOBase):
     def close(self) -> None:
         if not self.closed:
             try:
-                from disent.io.s3.objects import upload_fileobj  # objects reads through this module's streams
-
                 self._buffer.seek(0)
                 upload_fileobj(self._buffer, self.url)
             finally:
@@ -149,3 +147,22 @@ def register_gopen() -> None:
     # `webdataset.gopen` the attribute is the function; the dispatch table lives in the module.
     wds_gopen = importlib.import_module("webdataset.gopen")
     wds_gopen.gopen_schemes["s3"] = gopen_s3
+
+
+def upload_fileobj(fileobj, url: str) -> None:
+    bucket, key = parse_s3_url(url)
+    start = fileobj.tell() if fileobj.seekable() else None
+    # put_object for small bodies keeps one request per object (atomic replace, no multipart
+    # state left behind); large bodies go through the managed multipart transfer.
+    fileobj.seek(0, io.SEEK_END)
+    size = fileobj.tell() - (start or 0)
+    fileobj.seek(start or 0)
+
+    def put():
+        fileobj.seek(start or 0)
+        if size <= 64 << 20:
+            client().put_object(Bucket=bucket, Key=key, Body=fileobj.read())
+        else:
+            client().upload_fileobj(fileobj, bucket, key)
+
+    call(put, url, "upload")
