@@ -139,7 +139,7 @@ def test_a_plain_vae_config_with_terms_that_need_s_is_refused_in_one_line():
     with pytest.raises(ConfigError, match=r"'model.s_dim' is 0 .* loss.swap=1.0.*set loss.swap=0"):
         load_config(ROOT / "configs/glyphs.yaml", ["model.s_dim=0"])
     plain = ["model.s_dim=0", "loss.swap=0", "loss.adversarial=0", "loss.latent_adversarial=0",
-             "loss.specified_consistency=0"]
+             "loss.specified_consistency=0", "loss.class_mmd=0", "loss.reverse_cycle=0"]
     assert load_config(ROOT / "configs/glyphs.yaml", plain).model.s_dim == 0
     with pytest.raises(ConfigError, match="must be >= 0"):
         load_config(ROOT / "configs/glyphs.yaml", ["model.s_dim=-1"])
