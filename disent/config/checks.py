@@ -85,12 +85,14 @@ def _plain_vae_has_no_specified_terms(cfg: Config) -> None:
         raise ConfigError(f"config key 'model.s_dim' must be >= 0 (0: a plain VAE), got {cfg.model.s_dim}")
     if cfg.model.s_dim > 0:
         return
-    on = [f"loss.{t}={get_dotted(cfg, 'loss.' + t)}" for t in _TERMS_ON_S if get_dotted(cfg, "loss." + t) > 0]
-    if on or cfg.model.class_channel:
-        on += ["model.class_channel=true"] if cfg.model.class_channel else []
+    on = [(f"loss.{t}", get_dotted(cfg, "loss." + t), "0") for t in _TERMS_ON_S if get_dotted(cfg, "loss." + t) > 0]
+    if cfg.model.class_channel:
+        on.append(("model.class_channel", "true", "false"))
+    if on:
         raise ConfigError(
-            f"config key 'model.s_dim' is 0 (a plain VAE: reconstruction and KL only) but {', '.join(on)}; "
-            f"set {' '.join(o.split('=')[0] + ('=false' if 'channel' in o else '=0') for o in on)} for the reference VAE"
+            f"config key 'model.s_dim' is 0 (a plain VAE: reconstruction and KL only) but "
+            f"{', '.join(f'{key}={value}' for key, value, _ in on)}; "
+            f"set {' '.join(f'{key}={off}' for key, _, off in on)} for the reference VAE"
         )
 
 

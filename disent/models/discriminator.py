@@ -24,7 +24,7 @@ import torch.nn.functional as F
 
 from disent import process_group
 
-from disent.models.probe_critic import ProbeCritic
+from disent.models.probe_critic import ProbeCritic, standardised
 from disent.models.vae import DOWNSAMPLINGS, feature_size
 
 
@@ -104,8 +104,7 @@ class ClassMomentCritic(nn.Module):
     def features(code: torch.Tensor) -> torch.Tensor:
         """Standardised on the batch itself (as a probe standardises), so shrinking or
         collapsing the code is no way to hide the class."""
-        code = code.float()
-        f = (code - code.mean(0)) / code.std(0).clamp_min(1e-3)
+        f = standardised(code)
         return torch.cat([f, f.pow(2) - 1], dim=1)
 
     def offsets(self) -> torch.Tensor:

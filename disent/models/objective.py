@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 
 from disent.models.loss_weights import LossWeights
+from disent.models.probe_critic import standardised
 from disent.models.vae import DisentVAE, kl_to_standard_normal, reconstruction_loss
 
 
@@ -195,8 +196,7 @@ def class_mmd_per_class(mu: torch.Tensor, labels: torch.Tensor, num_classes: int
     """Unbiased multi-bandwidth MMD^2 between each class's codes and the pooled codes, per class ([classes];
     0 for a class with fewer than two codes). Expected 0 when the code's distribution does not depend on the
     class; no boolean indexing (one-hot weights), so no host sync."""
-    f = mu.float()
-    f = (f - f.mean(0)) / f.std(0).clamp_min(1e-3)  # shrinking the code is no way to hide the class
+    f = standardised(mu)  # shrinking the code is no way to hide the class
     d2 = torch.cdist(f, f).pow(2)
     scale = d2.mean().detach().clamp_min(1e-6)
     n = f.shape[0]

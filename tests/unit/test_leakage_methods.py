@@ -158,3 +158,10 @@ def test_known_factors_become_probe_inputs_with_categories_one_hot():
     train, test = factor_features(split([0, 2], [0.5, 0.7]), split([1, 1, 0], [0.1, 0.2, 0.3]))
     assert train.shape == (2, 4) and test.shape == (3, 4)
     assert train[1].tolist() == pytest.approx([0, 0, 1, 0.7]) and test[0].tolist() == pytest.approx([0, 1, 0, 0.1])
+
+
+def test_the_plain_vae_check_knows_every_term_beyond_reconstruction_and_kl():
+    from disent.config.checks import _TERMS_ON_S
+    from disent.models.objective import EXTENSIONS
+
+    assert set(_TERMS_ON_S) == {"swap", "adversarial", "latent_adversarial", *EXTENSIONS}
