@@ -202,3 +202,29 @@ def test_the_leakage_yardstick_reads_a_class_holding_code_and_not_noise():
     assert holding["acc"] > 0.9 and holding["bits"] > 0.7 * holding["entropy_bits"]
     assert abs(noise["acc"] - noise["shuffled_acc"]) < 0.1 and noise["acc"] < 0.4
     assert noise["bits"] < 0.1 and noise["shuffled_bits"] < 0.1 and noise["acc_std"] >= 0
+
+
+def test_the_leakage_yardsticks_chance_is_averaged_over_one_permutation_per_seed():
+    """On a code that clusters by class, a single shuffled-label probe maps whole clusters to one random class
+    each, so one permutation's chance lands far from 1/K; the three seeds' permutations are averaged."""
+    import unittest.mock
+
+    from disent.eval import leakage
+
+    rng = np.random.default_rng(0)
+    y_train, y_test = rng.integers(0, 10, 1000), rng.integers(0, 10, 500)
+    seen = []
+    scores = leakage.probe_scores
+
+    def recorded(codes, labels, *rest):
+        seen.append(labels.copy())
+        return scores(codes, labels, *rest)
+
+    clustered = 4 * np.eye(10)
+    with unittest.mock.patch.object(leakage, "probe_scores", recorded):
+        out = leakage.class_leakage(clustered[y_train] + rng.normal(size=(1000, 10)) * 0.1, y_train,
+                                    clustered[y_test] + rng.normal(size=(500, 10)) * 0.1, y_test, 10, max_epochs=5)
+    permutations = seen[3:]
+    assert len(permutations) == 3 and len({p.tobytes() for p in permutations}) == 3
+    assert all(sorted(p) == sorted(y_train) and not np.array_equal(p, y_train) for p in permutations)
+    assert out["acc"] > 0.95 and abs(out["shuffled_acc"] - 0.1) < 0.1
