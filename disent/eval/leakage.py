@@ -91,7 +91,7 @@ def class_leakage(train_codes: np.ndarray, train_labels: np.ndarray, test_codes:
     real = np.array([probe_scores(train_codes, train_labels, test_codes, test_labels, num_classes, max_epochs, s)
                      for s in seeds])
     # One permutation per seed: on a code that clusters by class, one permutation maps whole clusters to one
-    # random class each, so a single draw of chance can land far from it (0.02 for 10 classes, measured).
+    # random class each, so a single draw of chance can land far from it.
     shuffled = np.array([probe_scores(train_codes, np.random.default_rng(s).permutation(train_labels), test_codes,
                                       test_labels, num_classes, max_epochs, s) for s in seeds])
     return {"acc": float(real[:, 0].mean()), "acc_std": float(real[:, 0].std()),
