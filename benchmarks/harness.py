@@ -31,6 +31,7 @@ class BareLoop:
 
         from disent.config import load_config
         from disent.models.discriminator import critics_from_config
+        from disent.models.objective import Objective
         from disent.models.vae import vae_from_config
 
         torch.set_num_threads(threads)
@@ -39,6 +40,7 @@ class BareLoop:
         self.device = torch.device(device)
         self.vae = vae_from_config(cfg).to(self.device)
         self.critics = critics_from_config(cfg).to(self.device)
+        self.objective = Objective(cfg.loss, cfg.data.num_classes)
         self.opt_vae = torch.optim.AdamW(self.vae.parameters(), cfg.optim.vae.lr, betas=tuple(cfg.optim.vae.betas))
         self.opt_disc = torch.optim.AdamW(self.critics.parameters(), cfg.optim.disc.lr,
                                           betas=tuple(cfg.optim.disc.betas))
@@ -54,21 +56,19 @@ class BareLoop:
     def step(self) -> None:
         import torch
 
-        from disent.models.objective import discriminator_losses, vae_losses
-
         cfg = self.cfg
         batch = self.batches[self.steps_done % len(self.batches)]
         x = {k: batch[k].to(self.device).float().div_(255) for k in ("x1", "x1p", "x2", "x2p")}
         y1, y2 = batch["y1"].to(self.device), batch["y2"].to(self.device)
         self.critics.requires_grad_(False)
-        loss, _, fakes = vae_losses(self.vae, self.critics, x["x1"], x["x1p"], x["x2"], x["x2p"], y2, cfg.loss,
-                                    self.steps_done, y1=y1)
+        loss, _, fakes = self.objective.vae_losses(self.vae, self.critics, x["x1"], x["x1p"], x["x2"], x["x2p"], y2,
+                                                   self.steps_done, y1=y1)
         self.opt_vae.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(self.vae.parameters(), cfg.train.grad_clip)
         self.opt_vae.step()
         self.critics.requires_grad_(True)
-        d_loss, _ = discriminator_losses(self.critics, x["x2"], x["x2p"], y2, fakes, cfg.loss)
+        d_loss, _ = self.objective.discriminator_losses(self.critics, x["x2"], x["x2p"], y2, fakes)
         self.opt_disc.zero_grad(set_to_none=True)
         d_loss.backward()
         torch.nn.utils.clip_grad_norm_(self.critics.parameters(), cfg.train.grad_clip)

@@ -29,6 +29,9 @@ def validate(cfg: Config, world_size: int | None = None) -> None:
         "train.log_every", "train.eval_every", "train.checkpoint_every", "train.keep_checkpoints",
         "train.stop_check_every", "train.collective_timeout_s", "eval.timeout_s", "optim.vae.lr", "optim.disc.lr",
     )
+    if cfg.model.posterior_sigma < 0:
+        raise ConfigError(f"config key 'model.posterior_sigma' must be >= 0 (0: a learned variance), "
+                          f"got {cfg.model.posterior_sigma}")
     if cfg.data.image_size not in (28, 32, 64):
         raise ConfigError(f"config key 'data.image_size' must be 28, 32 or 64, got {cfg.data.image_size}")
     if cfg.data.channels not in (1, 3):
@@ -75,17 +78,13 @@ def validate(cfg: Config, world_size: int | None = None) -> None:
         micro_batch_size(cfg, world_size)
 
 
-# Every term beyond reconstruction and KL: a plain VAE (model.s_dim 0, the reference for leakage figures) has none.
-_TERMS_ON_S = ("swap", "adversarial", "latent_adversarial", "specified_consistency", "class_adversarial",
-               "class_moments", "class_mmd", "class_probe", "reverse_cycle")
-
-
 def _plain_vae_has_no_specified_terms(cfg: Config) -> None:
     if cfg.model.s_dim < 0:
         raise ConfigError(f"config key 'model.s_dim' must be >= 0 (0: a plain VAE), got {cfg.model.s_dim}")
     if cfg.model.s_dim > 0:
         return
-    on = [(f"loss.{t}", get_dotted(cfg, "loss." + t), "0") for t in _TERMS_ON_S if get_dotted(cfg, "loss." + t) > 0]
+    # TERMS' on_s: every term beyond reconstruction and KL; a plain VAE (the reference for leakage figures) has none
+    on = [(f"loss.{t.name}", getattr(cfg.loss, t.name), "0") for t in cfg.loss.on() if t.on_s]
     if cfg.model.class_channel:
         on.append(("model.class_channel", "true", "false"))
     if on:

@@ -42,6 +42,10 @@ class ModelConfig:
     # LORD-style class channel (extension): while training the decoder gets a learned code per class in place
     # of s, and s is pulled toward it; needs the labels
     class_channel: bool = False
+    # 0: the paper's posterior, a learned variance per unit. > 0: a fixed-variance posterior z = mu + sigma * eps for
+    # every unit (LORD), under which the KL term is an L2 penalty on mu: z has a fixed capacity the decoder spends on
+    # what s does not give it, and no unit can go quiet with a learned variance while its mean keeps the class
+    posterior_sigma: float = 0.0
 
 
 @dataclass

@@ -29,6 +29,7 @@ from disent.eval.probes import (
     regression_probe,
     signal_to_noise,
 )
+from disent.eval.units import class_by_units
 from disent.models.vae import DisentVAE
 
 log = logging.getLogger(__name__)
@@ -196,6 +197,13 @@ def leakage(ctx: EvalContext) -> dict:
         found.pop("entropy_bits")
         out.update({f"leakage_factors_{k}": v for k, v in found.items()})
     return out
+
+
+@register_metric("units", headline=("units_active",))
+def units(ctx: EvalContext) -> dict:
+    """Where the class sits in z (disent/eval/units.py): per-unit KL, the active units, and the yardstick on the
+    active and inactive units of the mean of z apart."""
+    return class_by_units(ctx.train_codes, ctx.train.labels, ctx.test_codes, ctx.test.labels, ctx.classes, ctx.epochs)
 
 
 def factor_features(train: Split, test: Split) -> tuple[np.ndarray, np.ndarray]:

@@ -24,6 +24,7 @@ import torch.nn.functional as F
 
 from disent import process_group
 
+from disent.models.loss_weights import LossWeights
 from disent.models.probe_critic import ProbeCritic, standardised
 from disent.models.vae import DOWNSAMPLINGS, feature_size
 
@@ -153,14 +154,13 @@ def all_ranks_sum(t: torch.Tensor) -> torch.Tensor:
 
 
 class Critics(nn.Module):
-    """The discriminator engine's module: the image discriminator and, optionally, the latent critic,
-    the class critic, the class-moment critic and the probe-like class critic."""
+    """The discriminator engine's module: the image discriminator and the critics the objective's terms ask for
+    (TERMS' `critic`, by attribute): the latent critic, the class critic, the class-moment critic and the probe-like
+    class critic; an attribute is None when its term is off."""
 
-    def __init__(self, image: nn.Module, latent: LatentCritic | None, classes: ClassCritic | None = None,
-                 class_moments: ClassMomentCritic | None = None, num_classes: int = 0,
-                 class_probe: ProbeCritic | None = None):
+    def __init__(self, image: nn.Module, latent: LatentCritic | None = None, classes: ClassCritic | None = None,
+                 class_moments: ClassMomentCritic | None = None, class_probe: ProbeCritic | None = None):
         super().__init__()
-        self.num_classes = num_classes  # the data's classes (for the terms that read labels)
         self.image = image
         self.latent = latent
         self.classes = classes
@@ -187,21 +187,21 @@ def build_discriminator(mode: str, channels: int, image_size: int, num_classes: 
     raise ValueError(f"unknown discriminator mode {mode!r}; use 'pair' or 'label' (config key model.discriminator)")
 
 
-def build_critics(mode: str, channels: int, image_size: int, num_classes: int, base_channels: int,
-                  z_dim: int, latent_critic: bool, class_critic: bool = False,
-                  class_moment_critic: bool = False, class_probe: ProbeCritic | None = None) -> Critics:
-    image = build_discriminator(mode, channels, image_size, num_classes, base_channels)
-    return Critics(image, LatentCritic(z_dim) if latent_critic else None,
-                   ClassCritic(z_dim, num_classes) if class_critic else None,
-                   ClassMomentCritic(z_dim, num_classes) if class_moment_critic else None, num_classes, class_probe)
+def build_critics(mode: str, channels: int, image_size: int, num_classes: int, base_channels: int, z_dim: int,
+                  weights: LossWeights) -> Critics:
+    """The image discriminator and the critics of the terms `weights` turns on (TERMS' `critic`)."""
+    makers = {
+        "latent": lambda: LatentCritic(z_dim),
+        "classes": lambda: ClassCritic(z_dim, num_classes),
+        "class_moments": lambda: ClassMomentCritic(z_dim, num_classes),
+        "class_probe": lambda: ProbeCritic(z_dim, num_classes, weights.class_probe_steps,
+                                           weights.class_probe_refit_every),
+    }
+    critics = {t.critic: makers[t.critic]() for t in weights.on() if t.critic}
+    return Critics(build_discriminator(mode, channels, image_size, num_classes, base_channels), **critics)
 
 
 def critics_from_config(cfg) -> Critics:
     """The discriminator engine's module a config describes, with the critics its loss weights ask for."""
-    return build_critics(
-        cfg.model.discriminator, cfg.data.channels, cfg.data.image_size, cfg.data.num_classes, cfg.model.disc_channels,
-        cfg.model.z_dim, latent_critic=cfg.loss.latent_adversarial > 0, class_critic=cfg.loss.class_adversarial > 0,
-        class_moment_critic=cfg.loss.class_moments > 0,
-        class_probe=ProbeCritic(cfg.model.z_dim, cfg.data.num_classes, cfg.loss.class_probe_steps,
-                                cfg.loss.class_probe_refit_every) if cfg.loss.class_probe > 0 else None,
-    )
+    return build_critics(cfg.model.discriminator, cfg.data.channels, cfg.data.image_size, cfg.data.num_classes,
+                         cfg.model.disc_channels, cfg.model.z_dim, cfg.loss)

@@ -1,13 +1,46 @@
-"""The objective's weights, owned by the model. Plain Python (no torch), so the config schema
-can embed them without loading the model."""
+"""The objective's weights and the table of its terms, owned by the model. Plain Python (no torch), so the
+config schema and its checks can read them without loading the model."""
 from __future__ import annotations
 
 from dataclasses import dataclass
 
 
+@dataclass(frozen=True)
+class Term:
+    """One term of the VAE's objective, declared once: the objective, the config checks and the critics read this.
+
+    Its weight is the `loss.<name>` field of LossWeights (0 turns it off) and it is logged as `losses/<name>`."""
+
+    name: str
+    # The function of disent.models.objective that computes it from a step's codes (StepCodes), called only when
+    # the weight is > 0; None for the paper's terms and the latent critic's, which the step computes itself.
+    function: str | None = None
+    needs_labels: bool = False  # reads the class of x1 (y1), not only the same-class grouping
+    ramps: bool = False  # scaled by the adversarial warm-up (loss.adversarial_warmup_steps)
+    on_s: bool = True  # belongs to the split into s and z: refused for a plain VAE (model.s_dim 0)
+    critic: str | None = None  # the critic (an attribute of Critics) the discriminator engine builds and trains for it
+
+
+# In the order the total adds them: the paper's, then the extensions.
+TERMS: tuple[Term, ...] = (
+    Term("reconstruction", on_s=False),
+    Term("kl", on_s=False),
+    Term("swap"),
+    Term("adversarial", ramps=True),
+    Term("latent_adversarial", ramps=True, critic="latent"),
+    Term("class_adversarial", "class_adversarial", needs_labels=True, ramps=True, critic="classes"),
+    Term("specified_consistency", "specified_consistency"),
+    Term("class_moments", "class_moments", needs_labels=True, critic="class_moments"),
+    Term("reverse_cycle", "reverse_cycle"),
+    Term("class_mmd", "class_mmd", needs_labels=True),
+    Term("class_probe", "class_probe", needs_labels=True, ramps=True, critic="class_probe"),
+)
+
+
 @dataclass
 class LossWeights:
-    """The weight of each term of the objective (`loss.*` in a config); 0 turns an extension off."""
+    """The weight of each term of the objective (`loss.*` in a config; TERMS says what each term is and needs);
+    0 turns an extension off."""
 
     reconstruction: float = 0.5
     swap: float = 1.0
@@ -41,3 +74,7 @@ class LossWeights:
     class_probe: float = 0.0
     class_probe_steps: int = 4
     class_probe_refit_every: int = 250
+
+    def on(self) -> list[Term]:
+        """The terms whose weight is > 0, in TERMS' order."""
+        return [t for t in TERMS if getattr(self, t.name) > 0]

@@ -9,7 +9,8 @@ The discriminator is trained to tell the real (x2, x2') from those fakes.
 
 Extensions beyond the paper follow the paper's terms, each named as its `loss.*` weight and off at 0
 (the paper's objective): `latent_adversarial`, `class_adversarial`, `specified_consistency`,
-`class_moments`, `reverse_cycle`, `class_mmd`, `class_probe`. Each is one function below with its docstring; `EXTENSIONS` lists them.
+`class_moments`, `reverse_cycle`, `class_mmd`, `class_probe`. Each is one function below with its docstring,
+declared once in `disent.models.loss_weights.TERMS`. `Objective` holds one run's weights and runs the step.
 """
 from __future__ import annotations
 
@@ -20,7 +21,7 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
-from disent.models.loss_weights import LossWeights
+from disent.models.loss_weights import TERMS, LossWeights
 from disent.models.probe_critic import standardised
 from disent.models.vae import DisentVAE, kl_to_standard_normal, reconstruction_loss
 
@@ -53,23 +54,13 @@ def adversarial_ramp(cfg: LossWeights, step: int) -> float:
 
 
 def term_weights(cfg: LossWeights, z_dim: int, pixels: int, step: int) -> dict[str, float]:
-    """The weight of each VAE term, in the order the total adds them: the paper's, then the extensions (the
-    adversarial ones ramp up)."""
+    """The weight of each VAE term, in the order the total adds them (TERMS'); the ramped ones follow the
+    adversarial warm-up."""
     ramp = adversarial_ramp(cfg, step)
-    return {
-        "reconstruction": cfg.reconstruction,
-        "kl": kl_weight(cfg, z_dim, pixels),
-        "swap": cfg.swap,
-        "adversarial": cfg.adversarial * ramp,
-        "latent_adversarial": cfg.latent_adversarial * ramp,
-        "class_adversarial": cfg.class_adversarial * ramp,
-        "specified_consistency": cfg.specified_consistency,
-        "class_moments": cfg.class_moments,
-        "reverse_cycle": cfg.reverse_cycle,
-        "class_mmd": cfg.class_mmd,
-        "class_probe": cfg.class_probe * ramp,
-        "class_code": 1.0,  # model.class_channel's distillation of s toward c_y (present only with the channel)
-    }
+    weights = {t.name: getattr(cfg, t.name) * (ramp if t.ramps else 1.0) for t in TERMS}
+    weights["kl"] = kl_weight(cfg, z_dim, pixels)
+    weights["class_code"] = 1.0  # model.class_channel's distillation of s toward c_y (present only with the channel)
+    return weights
 
 
 def weighted_sum(terms: dict[str, torch.Tensor], weights: dict[str, float]) -> torch.Tensor:
@@ -114,7 +105,8 @@ def resampled_reconstruction_term(vae: DisentVAE, mu: torch.Tensor, logvar: torc
 
 
 def kl_term(mu1: torch.Tensor, logvar1: torch.Tensor) -> torch.Tensor:
-    """1. KL(q(z1 | x1, s1) || N(0, I))."""
+    """1. KL(q(z1 | x1, s1) || N(0, I)). With a fixed sigma (model.posterior_sigma) it is 0.5 * |mu1|^2 plus a
+    constant: an L2 penalty on mu, LORD's activation penalty."""
     return kl_to_standard_normal(mu1, logvar1)
 
 
@@ -158,6 +150,7 @@ class StepCodes:
     y1: torch.Tensor | None
     y2: torch.Tensor
     b: int
+    num_classes: int  # the data's classes, for the terms that read labels
 
 
 def class_adversarial(vae: DisentVAE, discriminator: torch.nn.Module, c: StepCodes) -> torch.Tensor:
@@ -216,9 +209,8 @@ def class_mmd(vae: DisentVAE, discriminator: torch.nn.Module, c: StepCodes) -> t
     mu, weighted by the class's share of the batch. Non-adversarial, so no critic can be fooled (uses the
     labels)."""
     labels = torch.cat([c.y1, c.y1, c.y2])
-    num_classes = int(discriminator.num_classes)
-    per_class = class_mmd_per_class(c.mu, labels, num_classes)
-    share = F.one_hot(labels, num_classes).float().mean(0)
+    per_class = class_mmd_per_class(c.mu, labels, c.num_classes)
+    share = F.one_hot(labels, c.num_classes).float().mean(0)
     return (share * per_class).sum()
 
 
@@ -228,80 +220,7 @@ def class_probe(vae: DisentVAE, discriminator: torch.nn.Module, c: StepCodes) ->
     return discriminator.class_probe.encoder_loss(c.mu)
 
 
-# The extensions computed from a step's codes, by their loss.* key (latent_adversarial comes with the
-# adversarial term, from the same call of the critics).
-EXTENSIONS: dict[str, Callable[[DisentVAE, torch.nn.Module, StepCodes], torch.Tensor]] = {
-    "class_adversarial": class_adversarial,
-    "specified_consistency": specified_consistency,
-    "class_moments": class_moments,
-    "reverse_cycle": reverse_cycle,
-    "class_mmd": class_mmd,
-    "class_probe": class_probe,
-}
-NEEDS_LABELS = ("class_adversarial", "class_moments", "class_mmd", "class_probe")
-
-
-# --------------------------------------------------------------------------- the VAE's loss
-
-
-def vae_losses(
-    vae: DisentVAE,
-    discriminator: torch.nn.Module,
-    x1: torch.Tensor,
-    x1p: torch.Tensor,
-    x2: torch.Tensor,
-    x2p: torch.Tensor,
-    y2: torch.Tensor,
-    cfg: LossWeights,
-    step: int,
-    y1: torch.Tensor | None = None,
-) -> tuple[torch.Tensor, dict[str, torch.Tensor], Fakes]:
-    """The VAE's total loss, its terms (detached), and the fakes for the discriminator.
-
-    `discriminator` is the bare `Critics` module with frozen parameters: gradients flow through
-    it into the VAE but never into its own weights. x2' is the discriminator's alone.
-    """
-    for key in NEEDS_LABELS:
-        if getattr(cfg, key) > 0 and y1 is None:
-            raise ValueError(f"loss.{key} > 0 needs the class of x1 (y1)")
-    if vae.class_codes is not None and y1 is None:
-        raise ValueError("model.class_channel needs the class of x1 (y1)")
-    b = x1.shape[0]
-    s, mu, logvar = batched(vae.encode, (x1,), (x1p,), (x2,))  # one encoder pass
-    s1, s1p, s2 = rows(s, 0, b), rows(s, 1, b), rows(s, 2, b)
-    mu1, logvar1 = rows(mu, 0, b), rows(logvar, 0, b)
-    z1 = vae.sample(mu1, logvar1)
-    z_prior = vae.prior(b, like=z1)
-    terms = {}
-    if vae.class_codes is not None:  # model.class_channel: the decoder's class comes from c_y, s learns to stand in
-        c1, c2 = vae.class_codes(y1).to(s.dtype), vae.class_codes(y2).to(s.dtype)
-        terms["class_code"] = class_code_term(s, torch.cat([c1, c1, c2]))
-        s1, s2 = c1, c2
-    # One decoder pass: Dec(z1, s1), Dec(z1, s1'), Dec(z1, s2), Dec(z_prior, s2).
-    recon1, swap1, fake_z1, fake_prior = batched(vae.decode, (z1, s1), (z1, s1p), (z1, s2), (z_prior, s2)).split(b)
-
-    terms["reconstruction"] = reconstruction_term(recon1, x1)
-    if cfg.reconstruct_x1_prime:
-        terms["reconstruction"] = terms["reconstruction"] + resampled_reconstruction_term(
-            vae, rows(mu, 1, b), rows(logvar, 1, b), s1p, x1p)
-    if cfg.reconstruct_x2:
-        terms["reconstruction"] = terms["reconstruction"] + resampled_reconstruction_term(
-            vae, rows(mu, 2, b), rows(logvar, 2, b), s2, x2)
-    terms["kl"] = kl_term(mu1, logvar1)
-    terms["swap"] = swap_term(swap1, x1)
-    images = torch.sigmoid(torch.cat([fake_z1, fake_prior]))
-    mu1p, mu2 = rows(mu, 1, b), rows(mu, 2, b)
-    terms.update(adversarial_terms(discriminator, images, x2, y2, mu1, mu1p))
-    codes = StepCodes(s=s, mu=mu, z_prior=z_prior, fake_prior=fake_prior, y1=y1, y2=y2, b=b)
-    terms.update({key: term(vae, discriminator, codes) for key, term in EXTENSIONS.items() if getattr(cfg, key) > 0})
-
-    total = weighted_sum(terms, term_weights(cfg, vae.z_dim, x1[0].numel(), step))
-    fakes = Fakes(from_z1=images[:b].detach(), from_prior=images[b:].detach(),
-                  mu1=mu1.detach(), mu1p=mu1p.detach(), mu2=mu2.detach(), y1=y1)
-    return total, {k: v.detach() for k, v in terms.items()}, fakes
-
-
-# --------------------------------------------------------------------------- the discriminator's loss
+# --------------------------------------------------------------------------- the discriminator's losses
 
 
 def real_vs_fake_losses(real: torch.Tensor, fake: torch.Tensor, real_label: float) -> tuple[torch.Tensor, dict]:
@@ -337,33 +256,109 @@ def class_critic_loss(discriminator: torch.nn.Module, mu1: torch.Tensor, y1: tor
     return loss, {"class_critic": loss.detach(), "class_critic_acc": acc}
 
 
-def discriminator_losses(
-    discriminator: torch.nn.Module,
-    x2: torch.Tensor,
-    x2p: torch.Tensor,
-    y2: torch.Tensor,
-    fakes: Fakes,
-    cfg: LossWeights,
-) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """Real (x2, x2') against (x2, Dec(z1, s2)) and (x2, Dec(z_prior, s2)), plus the latent
-    critic's same-class guesses when it exists; one backward for the sum."""
-    b = x2.shape[0]
-    images = torch.cat([x2p, fakes.from_z1, fakes.from_prior])
-    code_a, code_b = torch.cat([fakes.mu1, fakes.mu1]), torch.cat([fakes.mu1p, fakes.mu2])
-    logits, same_class = discriminator(images, torch.cat([x2, x2, x2]), torch.cat([y2, y2, y2]), code_a, code_b)
-    total, terms = real_vs_fake_losses(logits[:b], logits[b:], cfg.real_label)
-    if same_class is not None:
-        loss, critic_terms = latent_critic_loss(same_class, b)
-        total = total + loss
-        terms.update(critic_terms)
-    if cfg.class_adversarial > 0:
-        loss, critic_terms = class_critic_loss(discriminator, fakes.mu1, fakes.y1)
-        total = total + loss
-        terms.update(critic_terms)
-    if discriminator.class_moments is not None:  # exact running averages, no gradient
-        discriminator.class_moments.update(torch.cat([fakes.mu1, fakes.mu1p, fakes.mu2]), torch.cat([fakes.y1, fakes.y1, y2]))
-        terms["class_moment_gap"] = discriminator.class_moments.gap().detach()
-    if discriminator.class_probe is not None:  # its own optimizer, on detached codes
-        terms.update(discriminator.class_probe.update(torch.cat([fakes.mu1, fakes.mu1p, fakes.mu2]),
-                                                      torch.cat([fakes.y1, fakes.y1, y2])))
-    return total, terms
+# --------------------------------------------------------------------------- one run's objective
+
+
+class Objective:
+    """One run's objective: its weights (the config's `loss` section), held once, and the function of each
+    extension they turn on (TERMS names it)."""
+
+    def __init__(self, weights: LossWeights, num_classes: int):
+        self.weights = weights
+        self.num_classes = num_classes
+        on = weights.on()
+        self.extensions: dict[str, Callable[[DisentVAE, torch.nn.Module, StepCodes], torch.Tensor]] = {
+            t.name: globals()[t.function] for t in on if t.function}  # TERMS names functions of this module
+        self.needs_labels = [t.name for t in on if t.needs_labels]
+
+    def term_weights(self, z_dim: int, pixels: int, step: int) -> dict[str, float]:
+        return term_weights(self.weights, z_dim, pixels, step)
+
+    def vae_losses(
+        self,
+        vae: DisentVAE,
+        discriminator: torch.nn.Module,
+        x1: torch.Tensor,
+        x1p: torch.Tensor,
+        x2: torch.Tensor,
+        x2p: torch.Tensor,
+        y2: torch.Tensor,
+        step: int,
+        y1: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor], Fakes]:
+        """The VAE's total loss, its terms (detached), and the fakes for the discriminator.
+
+        `discriminator` is the bare `Critics` module with frozen parameters: gradients flow through
+        it into the VAE but never into its own weights. x2' is the discriminator's alone.
+        """
+        cfg = self.weights
+        if self.needs_labels and y1 is None:
+            raise ValueError(f"loss.{self.needs_labels[0]} > 0 needs the class of x1 (y1)")
+        if vae.class_codes is not None and y1 is None:
+            raise ValueError("model.class_channel needs the class of x1 (y1)")
+        b = x1.shape[0]
+        s, mu, logvar = batched(vae.encode, (x1,), (x1p,), (x2,))  # one encoder pass
+        s1, s1p, s2 = rows(s, 0, b), rows(s, 1, b), rows(s, 2, b)
+        mu1, logvar1 = rows(mu, 0, b), rows(logvar, 0, b)
+        z1 = vae.sample(mu1, logvar1)
+        z_prior = vae.prior(b, like=z1)
+        terms = {}
+        if vae.class_codes is not None:  # model.class_channel: the decoder's class comes from c_y, s learns to stand in
+            c1, c2 = vae.class_codes(y1).to(s.dtype), vae.class_codes(y2).to(s.dtype)
+            terms["class_code"] = class_code_term(s, torch.cat([c1, c1, c2]))
+            s1, s2 = c1, c2
+        # One decoder pass: Dec(z1, s1), Dec(z1, s1'), Dec(z1, s2), Dec(z_prior, s2).
+        recon1, swap1, fake_z1, fake_prior = batched(vae.decode, (z1, s1), (z1, s1p), (z1, s2), (z_prior, s2)).split(b)
+
+        terms["reconstruction"] = reconstruction_term(recon1, x1)
+        if cfg.reconstruct_x1_prime:
+            terms["reconstruction"] = terms["reconstruction"] + resampled_reconstruction_term(
+                vae, rows(mu, 1, b), rows(logvar, 1, b), s1p, x1p)
+        if cfg.reconstruct_x2:
+            terms["reconstruction"] = terms["reconstruction"] + resampled_reconstruction_term(
+                vae, rows(mu, 2, b), rows(logvar, 2, b), s2, x2)
+        terms["kl"] = kl_term(mu1, logvar1)
+        terms["swap"] = swap_term(swap1, x1)
+        images = torch.sigmoid(torch.cat([fake_z1, fake_prior]))
+        mu1p, mu2 = rows(mu, 1, b), rows(mu, 2, b)
+        terms.update(adversarial_terms(discriminator, images, x2, y2, mu1, mu1p))
+        codes = StepCodes(s=s, mu=mu, z_prior=z_prior, fake_prior=fake_prior, y1=y1, y2=y2, b=b,
+                          num_classes=self.num_classes)
+        terms.update({name: term(vae, discriminator, codes) for name, term in self.extensions.items()})
+
+        total = weighted_sum(terms, self.term_weights(vae.z_dim, x1[0].numel(), step))
+        fakes = Fakes(from_z1=images[:b].detach(), from_prior=images[b:].detach(),
+                      mu1=mu1.detach(), mu1p=mu1p.detach(), mu2=mu2.detach(), y1=y1)
+        return total, {k: v.detach() for k, v in terms.items()}, fakes
+
+    def discriminator_losses(
+        self,
+        discriminator: torch.nn.Module,
+        x2: torch.Tensor,
+        x2p: torch.Tensor,
+        y2: torch.Tensor,
+        fakes: Fakes,
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """Real (x2, x2') against (x2, Dec(z1, s2)) and (x2, Dec(z_prior, s2)), plus the critics the weights
+        turned on (each learns from the codes of this step's fakes); one backward for the sum."""
+        b = x2.shape[0]
+        images = torch.cat([x2p, fakes.from_z1, fakes.from_prior])
+        code_a, code_b = torch.cat([fakes.mu1, fakes.mu1]), torch.cat([fakes.mu1p, fakes.mu2])
+        logits, same_class = discriminator(images, torch.cat([x2, x2, x2]), torch.cat([y2, y2, y2]), code_a, code_b)
+        total, terms = real_vs_fake_losses(logits[:b], logits[b:], self.weights.real_label)
+        if same_class is not None:
+            loss, critic_terms = latent_critic_loss(same_class, b)
+            total = total + loss
+            terms.update(critic_terms)
+        if discriminator.classes is not None:
+            loss, critic_terms = class_critic_loss(discriminator, fakes.mu1, fakes.y1)
+            total = total + loss
+            terms.update(critic_terms)
+        if discriminator.class_moments is not None:  # exact running averages, no gradient
+            discriminator.class_moments.update(torch.cat([fakes.mu1, fakes.mu1p, fakes.mu2]),
+                                               torch.cat([fakes.y1, fakes.y1, y2]))
+            terms["class_moment_gap"] = discriminator.class_moments.gap().detach()
+        if discriminator.class_probe is not None:  # its own optimizer, on detached codes
+            terms.update(discriminator.class_probe.update(torch.cat([fakes.mu1, fakes.mu1p, fakes.mu2]),
+                                                          torch.cat([fakes.y1, fakes.y1, y2])))
+        return total, terms

@@ -25,7 +25,7 @@ import torch.nn as nn
 
 from disent.config import Config, ConfigError
 from disent.models.discriminator import critics_from_config
-from disent.models.objective import Fakes, vae_losses
+from disent.models.objective import Fakes, Objective
 from disent.models.vae import DisentVAE, vae_from_config
 from disent.train.distributed import DistEnv
 
@@ -64,11 +64,13 @@ def keep_freed_memory_for_reuse() -> bool:
 
 
 class VAEObjective(nn.Module):
-    """The VAE plus its training objective; the VAE engine's module (`.vae` is the bare model)."""
+    """The VAE plus its training objective; the VAE engine's module (`.vae` is the bare model, `.objective` the
+    run's weights and terms)."""
 
-    def __init__(self, vae: DisentVAE):
+    def __init__(self, vae: DisentVAE, objective: Objective):
         super().__init__()
         self.vae = vae
+        self.objective = objective
 
     def forward(
         self,
@@ -79,11 +81,10 @@ class VAEObjective(nn.Module):
         y2: torch.Tensor,
         *,
         discriminator: nn.Module,
-        loss_cfg: Any,
         step: int,
         y1: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, dict[str, torch.Tensor], Fakes]:
-        return vae_losses(self.vae, discriminator, x1, x1p, x2, x2p, y2, loss_cfg, step, y1=y1)
+        return self.objective.vae_losses(self.vae, discriminator, x1, x1p, x2, x2p, y2, step, y1=y1)
 
 
 def build_modules(cfg: Config) -> tuple[VAEObjective, nn.Module]:
@@ -94,7 +95,7 @@ def build_modules(cfg: Config) -> tuple[VAEObjective, nn.Module]:
         # encode/decode, and the critics run frozen inside the VAE step and trainable in their own.
         for part in (vae.encoder, vae.decoder, *disc.children()):
             part.compile()
-    return VAEObjective(vae), disc
+    return VAEObjective(vae, Objective(cfg.loss, cfg.data.num_classes)), disc
 
 
 @contextlib.contextmanager
@@ -125,6 +126,10 @@ class Engines:
     @property
     def disc_model(self) -> nn.Module:
         return self.disc.module
+
+    @property
+    def objective(self) -> Objective:
+        return self.vae.module.objective
 
     def lrs(self) -> dict[str, float]:
         return {"lr/vae": float(self.vae.get_lr()[0]), "lr/disc": float(self.disc.get_lr()[0])}

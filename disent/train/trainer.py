@@ -31,7 +31,6 @@ from disent.checkpoint import CheckpointInfo, CheckpointManager
 from disent.config import Config, changed_keys, flatten, micro_batch_size, to_dict, to_yaml
 from disent.errors import ExitCode
 from disent.io.storage import write_bytes_atomic
-from disent.models.objective import discriminator_losses
 from disent.signals import PreemptionFlag
 from disent.tracking.naming import run_name, training_tags
 from disent.train.distributed import DistEnv, agree_any, apply_determinism, from_rank_zero, wait_for_rank_zero
@@ -213,14 +212,14 @@ class Trainer:
         with frozen(disc_module):
             vae_loss, terms, fakes = vae_engine(
                 b["x1"], b["x1p"], b["x2"], b["x2p"], b["y2"],
-                discriminator=disc_module, loss_cfg=self.cfg.loss, step=self.step, y1=b["y1"],
+                discriminator=disc_module, step=self.step, y1=b["y1"],
             )
             vae_engine.backward(vae_loss)
         if boundary:
             stage0_norms["vae"] = stage0_grad_norm(vae_engine)
         vae_engine.step()
 
-        d_loss, d_terms = discriminator_losses(disc_engine, b["x2"], b["x2p"], b["y2"], fakes, self.cfg.loss)
+        d_loss, d_terms = self.engines.objective.discriminator_losses(disc_engine, b["x2"], b["x2p"], b["y2"], fakes)
         disc_engine.backward(d_loss)
         if boundary:
             stage0_norms["disc"] = stage0_grad_norm(disc_engine)

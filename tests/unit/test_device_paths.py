@@ -15,7 +15,7 @@ import torch
 
 from disent.config import load_config
 from disent.models.discriminator import critics_from_config
-from disent.models.objective import discriminator_losses, vae_losses
+from disent.models.objective import Objective
 from disent.models.vae import vae_from_config
 from disent.train.distributed import DistEnv
 from tests.support.fake_cuda import CUDA, as_fake, fake_cuda, to_fake_cuda
@@ -40,8 +40,9 @@ def test_one_step_of_the_objective_stays_on_the_gpu_without_a_sync_or_a_host_cop
         x = [torch.rand(8, 1, 28, 28, device=CUDA) for _ in range(4)]
         y1, y2 = torch.randint(0, 10, (8,), device=CUDA), torch.randint(0, 10, (8,), device=CUDA)
         check.uploads.clear()  # the modules' own move
-        loss, terms, fakes = vae_losses(vae, critics, *x, y2, cfg.loss, step=3, y1=y1)
-        d_loss, d_terms = discriminator_losses(critics, x[2], x[3], y2, fakes, cfg.loss)
+        objective = Objective(cfg.loss, cfg.data.num_classes)
+        loss, terms, fakes = objective.vae_losses(vae, critics, *x, y2, step=3, y1=y1)
+        d_loss, d_terms = objective.discriminator_losses(critics, x[2], x[3], y2, fakes)
     assert {"latent_adversarial", "class_adversarial", "class_moments", "reverse_cycle", "class_mmd",
             "class_code"} <= set(terms)
     assert "latent_critic" in d_terms and "class_moment_gap" in d_terms

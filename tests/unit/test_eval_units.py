@@ -228,3 +228,26 @@ def test_the_leakage_yardsticks_chance_is_averaged_over_one_permutation_per_seed
     assert len(permutations) == 3 and len({p.tobytes() for p in permutations}) == 3
     assert all(sorted(p) == sorted(y_train) and not np.array_equal(p, y_train) for p in permutations)
     assert out["acc"] > 0.95 and abs(out["shuffled_acc"] - 0.1) < 0.1
+
+
+def test_the_unit_diagnosis_finds_a_class_hidden_in_units_the_decoder_barely_uses():
+    """Constructed codes: two active units of pure noise, two inactive units (Var(mu) 1e-4) whose tiny means follow
+    the class, as a learned log-variance allows. The diagnosis counts 2 active units, gives each unit its KL, and
+    reads the class from the inactive units and not from the active ones."""
+    from disent.eval.units import class_by_units, unit_kl
+
+    rng = np.random.default_rng(0)
+
+    def codes(n):
+        y = rng.integers(0, 4, n)
+        mu = np.concatenate([rng.normal(size=(n, 2)), 0.01 * (np.eye(4)[y][:, :2] + 0.1 * rng.normal(size=(n, 2)))], 1)
+        logvar = np.concatenate([np.full((n, 2), -4.0), np.zeros((n, 2))], 1)
+        return {"mu": mu.astype(np.float32), "logvar": logvar.astype(np.float32)}, y
+
+    (train, y_train), (test, y_test) = codes(800), codes(400)
+    out = class_by_units(train, y_train, test, y_test, 4, max_epochs=15)
+    assert out["units_active"] == 2 and len(out["unit_kl"]) == 4
+    assert out["unit_kl"][0] > 1.0 and out["unit_kl"][3] < 1e-3  # noise of sigma e^-2 costs nats; a still unit none
+    assert out["units_kl_active"] == pytest.approx(sum(out["unit_kl"][:2]), rel=1e-3)
+    assert out["leakage_mu_inactive_acc"] > 0.6 and out["leakage_mu_active_acc"] < 0.4
+    assert unit_kl(np.zeros((3, 2)), np.zeros((3, 2))) == pytest.approx([0.0, 0.0])

@@ -2,12 +2,14 @@
 caught, a code of pure noise leaves them at zero; and each is a config option that trains what it should."""
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 
 from disent.models.discriminator import build_critics
 from disent.models.loss_weights import LossWeights
-from disent.models.objective import discriminator_losses, vae_losses
+from disent.models.objective import Objective
 from disent.models.probe_critic import ProbeCritic, standardised
 from disent.models.vae import DisentVAE
 from disent.train.engines import frozen
@@ -71,18 +73,19 @@ def test_the_probe_critic_is_a_loss_option_that_trains_the_encoder_and_learns_in
     torch.manual_seed(0)
     cfg = LossWeights(class_probe=1.0, class_probe_steps=2, class_probe_refit_every=10)
     vae = DisentVAE(1, 28, 4, 4, 8)
-    disc = build_critics("pair", 1, 28, 4, 8, z_dim=4, latent_critic=False, class_probe=ProbeCritic(4, 4, 2, 10))
+    disc = build_critics("pair", 1, 28, 4, 8, 4, cfg)
+    assert (disc.class_probe.steps, disc.class_probe.refit_every) == (2, 10)
     x1, x1p, x2, x2p, y2 = _batch(8)
     y1 = torch.randint(0, 4, (8,))
     with frozen(disc):
-        loss, terms, fakes = vae_losses(vae, disc, x1, x1p, x2, x2p, y2, cfg, 0, y1=y1)
+        loss, terms, fakes = Objective(cfg, 4).vae_losses(vae, disc, x1, x1p, x2, x2p, y2, 0, y1=y1)
         loss.backward()
     assert "class_probe" in terms and terms["class_probe"] >= 0
     assert vae.encoder.f_z[0].weight.grad is not None
-    _, d_terms = discriminator_losses(disc, x2, x2p, y2, fakes, cfg)
+    _, d_terms = Objective(cfg, 4).discriminator_losses(disc, x2, x2p, y2, fakes)
     assert {"class_probe_critic", "class_probe_critic_acc"} <= set(d_terms) and int(disc.class_probe.seen) == 24
     with pytest.raises(ValueError, match="loss.class_probe > 0 needs the class of x1"):
-        vae_losses(vae, disc, x1, x1p, x2, x2p, y2, cfg, 0)
+        Objective(cfg, 4).vae_losses(vae, disc, x1, x1p, x2, x2p, y2, 0)
 
 
 def _batch(b: int):
@@ -96,17 +99,17 @@ def test_the_class_channel_feeds_the_decoder_class_codes_and_distils_s_toward_th
     vae = DisentVAE(1, 28, 4, 4, 8, class_channel_classes=4)
     plain = DisentVAE(1, 28, 4, 4, 8)
     assert vae.class_codes.weight.shape == (4, 4) and plain.class_codes is None
-    disc = build_critics("pair", 1, 28, 4, 8, z_dim=4, latent_critic=False)
+    disc = build_critics("pair", 1, 28, 4, 8, 4, LossWeights())
     x1, x1p, x2, x2p, y2 = _batch(8)
     y1 = torch.randint(0, 4, (8,))
     with frozen(disc):
-        loss, terms, _ = vae_losses(vae, disc, x1, x1p, x2, x2p, y2, LossWeights(), 0, y1=y1)
+        loss, terms, _ = Objective(LossWeights(), 4).vae_losses(vae, disc, x1, x1p, x2, x2p, y2, 0, y1=y1)
         loss.backward()
     assert "class_code" in terms and terms["class_code"] > 0
     assert vae.class_codes.weight.grad is not None  # the decoder's class comes from c_y
     assert vae.encoder.f_s[0].weight.grad is not None  # s learns through the swap term and the distillation
     with pytest.raises(ValueError, match="model.class_channel needs the class of x1"):
-        vae_losses(vae, disc, x1, x1p, x2, x2p, y2, LossWeights(), 0)
+        Objective(LossWeights(), 4).vae_losses(vae, disc, x1, x1p, x2, x2p, y2, 0)
 
 
 def test_the_class_code_term_is_zero_when_s_is_the_class_code_and_the_code_is_fixed():
@@ -125,10 +128,11 @@ def test_s_dim_0_is_a_plain_vae_the_reference_for_leakage():
     x = torch.rand(3, 1, 28, 28)
     s, mu, _ = vae.encode(x)
     assert s.shape == (3, 0) and vae.encoder.f_s is None and vae.decode(mu, s).shape == (3, 1, 28, 28)
-    disc = build_critics("pair", 1, 28, 4, 8, z_dim=4, latent_critic=False)
+    disc = build_critics("pair", 1, 28, 4, 8, 4, LossWeights())
     x1, x1p, x2, x2p, y2 = _batch(4)
     with frozen(disc):
-        loss, terms, _ = vae_losses(vae, disc, x1, x1p, x2, x2p, y2, LossWeights(swap=0, adversarial=0), 0)
+        loss, terms, _ = Objective(LossWeights(swap=0, adversarial=0), 4).vae_losses(vae, disc, x1, x1p, x2, x2p, y2,
+                                                                                   0)
         loss.backward()
     assert torch.isfinite(loss) and vae.encoder.f_z[0].weight.grad is not None
 
@@ -160,8 +164,61 @@ def test_known_factors_become_probe_inputs_with_categories_one_hot():
     assert train[1].tolist() == pytest.approx([0, 0, 1, 0.7]) and test[0].tolist() == pytest.approx([0, 1, 0, 0.1])
 
 
-def test_the_plain_vae_check_knows_every_term_beyond_reconstruction_and_kl():
-    from disent.config.checks import _TERMS_ON_S
-    from disent.models.objective import EXTENSIONS
+def test_every_term_is_declared_once_and_everything_reads_the_declaration():
+    """TERMS is the one declaration: each has a weight in LossWeights and base.yaml, its function exists in the
+    objective, its critic in Critics; the plain-VAE check refuses exactly the terms on s; the critics built and the
+    labels asked for follow the weights."""
+    import yaml
 
-    assert set(_TERMS_ON_S) == {"swap", "adversarial", "latent_adversarial", *EXTENSIONS}
+    from disent.config import ConfigError, load_config
+    from disent.models import objective
+    from disent.models.discriminator import Critics
+    from disent.models.loss_weights import TERMS
+
+    base = yaml.safe_load((ROOT / "configs/base.yaml").read_text())["loss"]
+    for term in TERMS:
+        assert hasattr(LossWeights(), term.name) and term.name in base, term.name
+        assert term.function is None or callable(getattr(objective, term.function)), term.name
+    assert [t.name for t in TERMS if not t.on_s] == ["reconstruction", "kl"]
+    every = {t.name: 1.0 for t in TERMS}
+    disc = build_critics("pair", 1, 28, 4, 8, 4, LossWeights(**every))
+    assert isinstance(disc, Critics) and not hasattr(disc, "num_classes")
+    assert {t.critic for t in TERMS if t.critic} == {n for n, m in disc.named_children() if n != "image"}
+    assert Objective(LossWeights(**every), 4).needs_labels == [t.name for t in TERMS if t.needs_labels]
+    assert set(Objective(LossWeights(**every), 4).extensions) == {t.name for t in TERMS if t.function}
+    for term in TERMS:
+        if term.on_s:
+            off = [f"loss.{t.name}=0" for t in TERMS if t.on_s and t.name != term.name]
+            with pytest.raises(ConfigError, match=f"loss.{term.name}=1.0"):
+                load_config(ROOT / "configs/base.yaml", ["name=x", "data.url=d", "model.s_dim=0", *off,
+                                                         f"loss.{term.name}=1.0"])
+
+
+def test_a_fixed_variance_posterior_gives_mu_only_and_its_kl_is_an_l2_penalty_on_mu():
+    """model.posterior_sigma: f_z outputs mu alone, logvar is log sigma^2 everywhere, z = mu + sigma * eps, and the
+    KL term's gradient on mu is mu itself (0.5 |mu|^2 plus a constant), whatever the encoder did."""
+    from disent.config import load_config
+    from disent.models.objective import kl_term
+    from disent.models.vae import vae_from_config
+
+    torch.manual_seed(0)
+    vae = DisentVAE(1, 28, 4, 6, 8, posterior_sigma=0.1)
+    assert vae.encoder.f_z[-1].out_features == 6  # no log-variance head
+    s, mu, logvar = vae.encode(torch.rand(5, 1, 28, 28))
+    assert mu.shape == logvar.shape == (5, 6) and torch.allclose(logvar, torch.full_like(mu, 2 * math.log(0.1)))
+    z = torch.stack([vae.sample(mu, logvar) for _ in range(2000)])
+    assert (z.std(0) - 0.1).abs().max() < 0.01 and (z.mean(0) - mu).abs().max() < 0.01
+    codes = torch.randn(7, 6, requires_grad=True)
+    constant = kl_term(torch.zeros(7, 6), torch.full((7, 6), 2 * math.log(0.1)))
+    penalty = kl_term(codes, torch.full((7, 6), 2 * math.log(0.1)))
+    assert torch.isclose(penalty - constant, 0.5 * codes.pow(2).sum(1).mean())
+    penalty.backward()
+    assert torch.allclose(codes.grad, codes.detach() / 7)
+
+    cfg = load_config(ROOT / "configs/glyphs.yaml", ["model.posterior_sigma=0.5"])
+    assert vae_from_config(cfg).encoder.fixed_logvar == pytest.approx(2 * math.log(0.5))
+    assert vae_from_config(load_config(ROOT / "configs/glyphs.yaml")).encoder.fixed_logvar is None
+    from disent.config import ConfigError
+
+    with pytest.raises(ConfigError, match="'model.posterior_sigma' must be >= 0"):
+        load_config(ROOT / "configs/glyphs.yaml", ["model.posterior_sigma=-1"])

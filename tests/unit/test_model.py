@@ -7,7 +7,7 @@ import torch
 from disent.models.loss_weights import LossWeights
 from disent.models.discriminator import build_critics, build_discriminator
 from disent.models.vae import DisentVAE
-from disent.models.objective import discriminator_losses, vae_losses
+from disent.models.objective import Objective
 from disent.train.engines import VAEObjective, frozen
 
 
@@ -34,11 +34,11 @@ def test_shapes(size, channels):
 def test_vae_step_never_updates_the_frozen_discriminator(mode, latent):
     torch.manual_seed(0)
     vae = DisentVAE(1, 28, 4, 4, 8)
-    disc = build_critics(mode, 1, 28, 4, 8, z_dim=4, latent_critic=latent > 0)
     cfg = LossWeights(reconstruct_x1_prime=True, reconstruct_x2=True, latent_adversarial=latent)
+    disc = build_critics(mode, 1, 28, 4, 8, 4, cfg)
     x1, x1p, x2, x2p, y2 = batch()
     with frozen(disc):
-        total, terms, fakes = VAEObjective(vae)(x1, x1p, x2, x2p, y2, discriminator=disc, loss_cfg=cfg, step=0)
+        total, terms, fakes = VAEObjective(vae, Objective(cfg, 4))(x1, x1p, x2, x2p, y2, discriminator=disc, step=0)
         total.backward()
     assert all(p.requires_grad for p in disc.parameters())  # unfrozen again
     assert all(p.grad is None for p in disc.parameters())
@@ -47,7 +47,7 @@ def test_vae_step_never_updates_the_frozen_discriminator(mode, latent):
     assert all(torch.isfinite(v) for v in terms.values()) and not any(v.requires_grad for v in terms.values())
     assert not fakes.from_z1.requires_grad and fakes.from_z1.shape == x1.shape
 
-    d_loss, d_terms = discriminator_losses(disc, x2, x2p, y2, fakes, cfg)
+    d_loss, d_terms = Objective(cfg, 4).discriminator_losses(disc, x2, x2p, y2, fakes)
     d_loss.backward()
     assert all(p.grad is not None for p in disc.parameters())
     assert 0.0 <= d_terms["disc_acc_real"] <= 1.0 and 0.0 <= d_terms["disc_acc_fake"] <= 1.0
@@ -59,46 +59,47 @@ def test_vae_step_never_updates_the_frozen_discriminator(mode, latent):
 
 def test_adversarial_warmup_scales_only_the_adversarial_term():
     torch.manual_seed(0)
-    vae, disc = DisentVAE(1, 28, 4, 4, 8), build_critics("pair", 1, 28, 4, 8, z_dim=4, latent_critic=False)
     cfg = LossWeights(adversarial=1.0, adversarial_warmup_steps=10)
+    vae, disc = DisentVAE(1, 28, 4, 4, 8), build_critics("pair", 1, 28, 4, 8, 4, cfg)
     args = batch()
     torch.manual_seed(1)
-    at0, terms0, _ = vae_losses(vae, disc, *args, cfg, step=0)
+    at0, terms0, _ = Objective(cfg, 4).vae_losses(vae, disc, *args, step=0)
     torch.manual_seed(1)
-    at10, terms10, _ = vae_losses(vae, disc, *args, cfg, step=10)
+    at10, terms10, _ = Objective(cfg, 4).vae_losses(vae, disc, *args, step=10)
     assert torch.isclose(at10 - at0, terms10["adversarial"])
 
 
 def test_class_adversary_trains_its_critic_on_mu_and_pushes_the_encoder_to_a_uniform_guess():
     torch.manual_seed(0)
     vae = DisentVAE(1, 28, 4, 4, 8, decoder="upsample")
-    disc = build_critics("pair", 1, 28, 4, 8, z_dim=4, latent_critic=False, class_critic=True)
     cfg = LossWeights(class_adversarial=1.0)
+    disc = build_critics("pair", 1, 28, 4, 8, 4, cfg)
     x1, x1p, x2, x2p, y2 = batch()
     y1 = torch.randint(0, 4, (x1.shape[0],))
     with frozen(disc):
-        total, terms, fakes = VAEObjective(vae)(x1, x1p, x2, x2p, y2, discriminator=disc, loss_cfg=cfg, step=0, y1=y1)
+        total, terms, fakes = VAEObjective(vae, Objective(cfg, 4))(x1, x1p, x2, x2p, y2, discriminator=disc, step=0,
+                                                                   y1=y1)
         total.backward()
     assert "class_adversarial" in terms and terms["class_adversarial"] >= -1e-6  # 0 only at a uniform guess
     assert all(p.grad is None for p in disc.parameters())
     assert vae.encoder.f_z[0].weight.grad is not None
-    d_loss, d_terms = discriminator_losses(disc, x2, x2p, y2, fakes, cfg)
+    d_loss, d_terms = Objective(cfg, 4).discriminator_losses(disc, x2, x2p, y2, fakes)
     d_loss.backward()
     assert all(p.grad is not None for p in disc.classes.parameters())
     assert 0.0 <= d_terms["class_critic_acc"] <= 1.0
     with pytest.raises(ValueError, match="y1"):
-        vae_losses(vae, disc, x1, x1p, x2, x2p, y2, cfg, step=0)
+        Objective(cfg, 4).vae_losses(vae, disc, x1, x1p, x2, x2p, y2, step=0)
 
 
 def test_reverse_cycle_and_specified_consistency_train_the_vae_only():
     torch.manual_seed(0)
     vae = DisentVAE(1, 28, 4, 4, 8)
-    disc = build_critics("pair", 1, 28, 4, 8, z_dim=4, latent_critic=False)
     cfg = LossWeights(reverse_cycle=1.0, specified_consistency=1.0)
+    disc = build_critics("pair", 1, 28, 4, 8, 4, cfg)
     x1, x1p, x2, x2p, y2 = batch()
     y1 = torch.randint(0, 4, (x1.shape[0],))
     with frozen(disc):
-        total, terms, _ = vae_losses(vae, disc, x1, x1p, x2, x2p, y2, cfg, step=0, y1=y1)
+        total, terms, _ = Objective(cfg, 4).vae_losses(vae, disc, x1, x1p, x2, x2p, y2, step=0, y1=y1)
         total.backward()
     assert terms["reverse_cycle"] > 0 and terms["specified_consistency"] > 0
     assert vae.encoder.f_z[0].weight.grad is not None
@@ -108,7 +109,7 @@ def test_reverse_cycle_and_specified_consistency_train_the_vae_only():
     vae.zero_grad(set_to_none=True)
     cycle_only = LossWeights(reconstruction=0, swap=0, adversarial=0, kl=0, reverse_cycle=1.0)
     with frozen(disc):
-        total, _, _ = vae_losses(vae, disc, x1, x1p, x2, x2p, y2, cycle_only, step=0, y1=y1)
+        total, _, _ = Objective(cycle_only, 4).vae_losses(vae, disc, x1, x1p, x2, x2p, y2, step=0, y1=y1)
         total.backward()
     assert vae.encoder.f_z[-1].weight.grad.abs().sum() > 0
     assert all(p.grad is None or not p.grad.any() for p in vae.decoder.parameters())
@@ -138,20 +139,20 @@ def test_class_moment_critic_sees_class_in_position_and_in_spread_and_not_in_noi
 def test_class_moments_term_trains_the_encoder_and_its_critic_only_in_the_discriminator_step():
     torch.manual_seed(0)
     vae = DisentVAE(1, 28, 4, 4, 8)
-    disc = build_critics("pair", 1, 28, 4, 8, z_dim=4, latent_critic=False, class_moment_critic=True)
     cfg = LossWeights(class_moments=1.0)
+    disc = build_critics("pair", 1, 28, 4, 8, 4, cfg)
     x1, x1p, x2, x2p, y2 = batch()
     y1 = torch.randint(0, 4, (x1.shape[0],))
     before = disc.class_moments.centroids.clone()
     with frozen(disc):
-        total, terms, fakes = vae_losses(vae, disc, x1, x1p, x2, x2p, y2, cfg, step=0, y1=y1)
+        total, terms, fakes = Objective(cfg, 4).vae_losses(vae, disc, x1, x1p, x2, x2p, y2, step=0, y1=y1)
         total.backward()
     assert terms["class_moments"] >= 0 and vae.encoder.f_z[0].weight.grad is not None
     assert torch.equal(disc.class_moments.centroids, before)
-    _, d_terms = discriminator_losses(disc, x2, x2p, y2, fakes, cfg)
+    _, d_terms = Objective(cfg, 4).discriminator_losses(disc, x2, x2p, y2, fakes)
     assert not torch.equal(disc.class_moments.centroids, before) and d_terms["class_moment_gap"] >= 0
     with pytest.raises(ValueError, match="y1"):
-        vae_losses(vae, disc, x1, x1p, x2, x2p, y2, cfg, step=0)
+        Objective(cfg, 4).vae_losses(vae, disc, x1, x1p, x2, x2p, y2, step=0)
 
 
 def test_upsample_decoder_renders_every_supported_size():
@@ -183,13 +184,13 @@ def test_class_mmd_catches_a_code_that_holds_the_class_and_is_zero_on_noise():
 def test_class_mmd_is_a_loss_option_that_trains_the_encoder():
     torch.manual_seed(0)
     vae = DisentVAE(1, 28, 4, 4, 8)
-    disc = build_critics("pair", 1, 28, 4, 8, z_dim=4, latent_critic=False)
+    disc = build_critics("pair", 1, 28, 4, 8, 4, LossWeights(class_mmd=1.0))
     x1, x1p, x2, x2p, y2 = batch(b=8)
     with frozen(disc):
-        loss, terms, _ = vae_losses(vae, disc, x1, x1p, x2, x2p, y2, LossWeights(class_mmd=1.0), 0,
-                                    y1=torch.randint(0, 4, (8,)))
+        loss, terms, _ = Objective(LossWeights(class_mmd=1.0), 4).vae_losses(vae, disc, x1, x1p, x2, x2p, y2, 0,
+                                                                             y1=torch.randint(0, 4, (8,)))
         loss.backward()
     assert "class_mmd" in terms and torch.isfinite(terms["class_mmd"])
     assert vae.encoder.f_z[0].weight.grad is not None
     with pytest.raises(ValueError, match="loss.class_mmd > 0 needs the class of x1"):
-        vae_losses(vae, disc, x1, x1p, x2, x2p, y2, LossWeights(class_mmd=1.0), 0)
+        Objective(LossWeights(class_mmd=1.0), 4).vae_losses(vae, disc, x1, x1p, x2, x2p, y2, 0)
