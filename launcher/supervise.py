@@ -151,18 +151,21 @@ def run_group(
 
 
 def _stopped(group: Group, received: list[int], rank: int, code: int) -> int:
-    """A signal or a preempted rank ended the group: 75 (requeue) when every rank stopped cleanly."""
+    """A signal or a preempted rank ended the group: 75 (requeue) when every rank stopped cleanly by itself; else
+    the first code that was not a clean stop (a rank killed after the grace period gives 137), which is retried."""
     why = f"signal {signal.Signals(received[0]).name}" if received else f"rank {rank} exited {code}"
     codes = sorted(set(group.codes.values()))
-    if all(c in (0, ExitCode.PREEMPTED) for c in codes):
+    unclean = [c for c in group.codes.values() if c not in (0, ExitCode.PREEMPTED)]
+    if not unclean:
         log(f"preempted ({why}): ranks stopped with {codes}; exit {int(ExitCode.PREEMPTED)} so the job is requeued")
         return ExitCode.PREEMPTED
-    log(f"stopped by {why}; ranks exited with {codes}")
-    return code
+    log(f"stopped by {why}; ranks exited with {codes}; exit {unclean[0]}")
+    return unclean[0]
 
 
 def _watch(group: Group, grace_s: float, received: list[int]) -> tuple[int, int] | None:
-    """Wait for all ranks. Returns the first non-zero (local_rank, code), or None if all exited 0."""
+    """Wait for all ranks. Returns the first non-zero (local_rank, code), or None if all exited 0 by themselves (a
+    rank killed after the grace period counts as failed: it never finished)."""
     first_failure: tuple[int, int] | None = None
     deadline: float | None = None
     while group.running:
@@ -179,7 +182,10 @@ def _watch(group: Group, grace_s: float, received: list[int]) -> tuple[int, int]
             deadline = time.monotonic() + grace_s
         if deadline is not None and time.monotonic() > deadline and group.running:
             log(f"rank(s) {group.running} still running {grace_s:.0f}s later; killing them")
+            killed = group.running
             group.kill()
+            if first_failure is None:
+                first_failure = (killed[0], group.codes.get(killed[0], 128 + signal.SIGKILL))
             break
         time.sleep(POLL_S)
     return first_failure

@@ -154,6 +154,33 @@ def test_a_dead_rank_takes_the_group_down_without_hanging(tmp_path):
     assert "local rank 1 exited with code 1" in result.stderr and "killing them" in result.stderr
 
 
+# A rank that ignores SIGTERM; with STOP_CLEANLY=<local rank>, that rank exits 75 on SIGTERM instead.
+STUBBORN_RANK = (
+    "import os, signal, sys, time\n"
+    "mine = os.environ['LOCAL_RANK'] == os.environ.get('STOP_CLEANLY')\n"
+    "signal.signal(signal.SIGTERM, (lambda *a: sys.exit(75)) if mine else signal.SIG_IGN)\n"
+    "print('ready', flush=True)\n"
+    "time.sleep(120)\n"
+)
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("stop_cleanly", ["", "0"])
+def test_a_group_killed_after_its_grace_never_exits_0_or_75(stop_cleanly):
+    """SIGTERM to the launcher; a rank ignores it and is killed --grace seconds later. The training did not finish,
+    so the exit is the kill's 137 (retried), never 0 (the pod would be Succeeded) and never 75 (only when every rank
+    stopped by itself): neither alone nor beside a rank that did exit 75."""
+    proc = subprocess.Popen([*LAUNCHER, "--nproc", "2", "--grace", "2", "--", sys.executable, "-c", STUBBORN_RANK],
+                            env=launcher_env({"STOP_CLEANLY": stop_cleanly}), cwd=ROOT, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    for _ in range(2):
+        assert proc.stdout.readline().strip() == "ready"
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 137, err
+    assert "killing them" in err and "exit 137" in err
+
+
 @pytest.mark.timeout(180)
 def test_preemption_signal_exits_75_and_the_next_run_resumes(tmp_path, tiny_data, store):
     """SIGTERM to the launcher (what Kubernetes sends a pod; SIGUSR1 is forwarded the same way and is
