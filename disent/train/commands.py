@@ -132,7 +132,7 @@ def run_training(
         log.info("device: %s (train.device=%s; %d CUDA device(s) visible), %d rank(s), backend %s", env.device_type,
                  cfg.train.device, torch_cuda_count(), env.world_size, env.backend)
     keep_freed_memory_for_reuse()
-    init_distributed(env, cfg.train.collective_timeout_s)
+    init_distributed(env, cfg.train.collective_timeout_s, cfg.eval.timeout_s)
     try:
         return train_in_group(cfg, env, resume, auto_resume, loader_factory, manifest_digest, eval_hooks)
     finally:

@@ -119,9 +119,9 @@ def _device_id_safe() -> bool:
     return not Version("2.6.0") < Version(torch.__version__.split("+")[0]) < Version("2.7.1")
 
 
-def init_distributed(env: DistEnv, timeout_s: float = 600) -> None:
-    """Join the process group (gloo on CPU, nccl on GPU, bound to this rank's own device); a lone process
-    gets a local one. Then the control group."""
+def init_distributed(env: DistEnv, timeout_s: float = 600, wait_timeout_s: float = 3600) -> None:
+    """Join the process group (gloo on CPU, nccl on GPU, bound to this rank's own device) with the collective
+    timeout; a lone process gets a local one. Then the control groups (make_control_groups)."""
     use_accelerator(env.device_type)
     import deepspeed
     import torch.distributed as dist
@@ -145,7 +145,18 @@ def init_distributed(env: DistEnv, timeout_s: float = 600) -> None:
         deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
     dist.init_process_group(env.backend, **kwargs)
     deepspeed.init_distributed(dist_backend=env.backend, auto_mpi_discovery=False, timeout=kwargs["timeout"])
-    _CONTROL.group = dist.new_group(backend="gloo", timeout=kwargs["timeout"]) if env.backend != "gloo" else None
+    make_control_groups(env.backend, timeout_s, wait_timeout_s)
+
+
+def make_control_groups(backend: str, timeout_s: float, wait_timeout_s: float) -> None:
+    """The gloo control group for agreements (the collective timeout; the world group itself when it is gloo), and
+    the gloo group the ranks wait for rank 0's evaluation on, whose timeout is the evaluation's: in gloo every rank
+    but 0 waits in monitored_barrier with its group's timeout, not the barrier's, so a wait on the control group
+    would give up at the collective timeout however long the evaluation may take."""
+    import torch.distributed as dist
+
+    _CONTROL.group = dist.new_group(backend="gloo", timeout=timedelta(seconds=timeout_s)) if backend != "gloo" else None
+    _CONTROL.waiting = dist.new_group(backend="gloo", timeout=timedelta(seconds=wait_timeout_s))
 
 
 _PEER_LOSS_MARKERS = ("connection closed by peer", "connection reset by peer", "gloo", "nccl", "broken pipe",
@@ -165,7 +176,7 @@ def is_lost_peer(exc: BaseException) -> bool:
 def shutdown_distributed() -> None:
     import torch.distributed as dist
 
-    _CONTROL.group = None
+    _CONTROL.group = _CONTROL.waiting = None
     if process_group.active():
         with contextlib.suppress(Exception):
             dist.destroy_process_group()
@@ -176,6 +187,7 @@ def shutdown_distributed() -> None:
 
 class _Control:
     group: Any = None  # a gloo group beside an NCCL world; None: the world group is gloo already
+    waiting: Any = None  # the gloo group with the evaluation's timeout, for wait_for_rank_zero
 
 
 _CONTROL = _Control()
@@ -202,13 +214,13 @@ def from_rank_zero(value: Any) -> Any:
 
 
 def wait_for_rank_zero(timeout_s: float) -> None:
-    """Every rank waits here until rank 0 arrives (after its evaluation), at most timeout_s; a CPU barrier, so
-    no NCCL collective is pending while rank 0 works."""
+    """Every rank waits here until rank 0 arrives (after its evaluation), at most timeout_s (the waiting group's
+    own timeout, make_control_groups); a CPU barrier, so no NCCL collective is pending while rank 0 works."""
     import torch.distributed as dist
 
     if _world() == 1:
         return
-    group = _CONTROL.group
+    group = _CONTROL.waiting if _CONTROL.waiting is not None else _CONTROL.group
     if group is None and dist.get_backend() != "gloo":
         dist.barrier()
         return

@@ -270,12 +270,15 @@ class Trainer:
                 profiler.step()
                 metrics.record(self.step, terms)
                 stop = self._stop_agreed()
-                if self.step % cfg.train.eval_every == 0 and self.step < total and not stop:
-                    self.run_eval_hooks(self.step)
-                if self.step % cfg.train.checkpoint_every == 0 or self.step == total or stop:
+                evaluate = self.step % cfg.train.eval_every == 0 and self.step < total and not stop
+                # An evaluation step is a checkpoint step, and the checkpoint comes first: a run that fails while
+                # its ranks wait for the evaluation resumes after it instead of redoing the steps and the evaluation.
+                if self.step % cfg.train.checkpoint_every == 0 or self.step == total or stop or evaluate:
                     self.save_checkpoint()
                     if exiting and (stop or self.step == total):
                         self.preemption.settle()
+                if evaluate:
+                    self.run_eval_hooks(self.step)
                 if stop and self.step < total:  # a signal during the last step: the run is finished
                     log.warning("preempted at step %d; checkpoint written, exiting with %d", self.step,
                                 int(ExitCode.PREEMPTED))

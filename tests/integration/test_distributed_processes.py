@@ -55,6 +55,32 @@ def test_the_control_group_agrees_broadcasts_and_waits_for_rank_zero_with_a_boun
     assert one["late"] == "raised, lost peer: True"
 
 
+def _long_evaluation_worker(rank: int, port: int, results):
+    """The groups as training makes them, with a collective timeout (2 s) far below the evaluation's (30 s)."""
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=2, timeout=timedelta(seconds=2))
+    distributed.make_control_groups("gloo", timeout_s=2, wait_timeout_s=30)
+    try:
+        if rank == 0:
+            time.sleep(5)  # rank 0's evaluation: longer than the collective timeout, within the evaluation's
+        started = time.monotonic()
+        try:
+            distributed.wait_for_rank_zero(timeout_s=30)
+            results[rank] = time.monotonic() - started
+        except RuntimeError as exc:
+            results[rank] = f"gave up after {time.monotonic() - started:.1f}s: {exc}"
+    finally:
+        distributed.shutdown_distributed()
+
+
+def test_the_other_ranks_wait_for_rank_zeros_evaluation_with_its_timeout_not_the_collective_one():
+    """Defect: in gloo's monitored_barrier every rank but 0 waits with its group's timeout; on the control group
+    that was train.collective_timeout_s, so an evaluation longer than it made every other rank exit 69."""
+    results = mp.Manager().dict()
+    mp.spawn(_long_evaluation_worker, args=(free_port(), results), nprocs=2, join=True)
+    assert isinstance(results[1], float) and results[1] > 4, results[1]
+
+
 # --------------------------------------------------------------------------- optimizer
 
 

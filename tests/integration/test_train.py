@@ -140,6 +140,10 @@ def test_same_seed_same_losses_and_resume_is_exact(tmp_path, tiny_data):
     assert_ok(torchrun(["train", BASE, *tiny_overrides(split, tiny_data, **common, **{"train.steps": 10})], script=None))
     first, second = losses(straight), losses(split)
     assert sorted(second) == list(range(1, 11))
+    # An evaluation step (7, 14) is a checkpoint step, written before the evaluation (keep_checkpoints 3).
+    assert complete_checkpoints(straight) == [10, 14, 20]
+    evaluated = min(f.stat().st_mtime_ns for f in (straight / "eval" / step_dir(straight, 14).name).iterdir())
+    assert (step_dir(straight, 14) / "COMPLETE").stat().st_mtime_ns <= evaluated
     for step in range(1, 11):
         assert first[step] == second[step], step  # same seed: identical losses, exactly
 
