@@ -250,4 +250,5 @@ def test_the_unit_diagnosis_finds_a_class_hidden_in_units_the_decoder_barely_use
     assert out["unit_kl"][0] > 1.0 and out["unit_kl"][3] < 1e-3  # noise of sigma e^-2 costs nats; a still unit none
     assert out["units_kl_active"] == pytest.approx(sum(out["unit_kl"][:2]), rel=1e-3)
     assert out["leakage_mu_inactive_acc"] > 0.6 and out["leakage_mu_active_acc"] < 0.4
+    assert out["units_informative"] == 2 and out["leakage_mu_quiet_acc"] > 0.6  # the same split by KL here
     assert unit_kl(np.zeros((3, 2)), np.zeros((3, 2))) == pytest.approx([0.0, 0.0])
