@@ -52,6 +52,13 @@ def validate(cfg: Config, world_size: int | None = None) -> None:
             f"config key 'train.channels_last' needs train.zero_stage=0, got zero_stage {cfg.train.zero_stage}: "
             "ZeRO keeps parameters as views of one contiguous buffer, which channels_last would detach them from"
         )
+    if cfg.train.channels_last and cfg.train.precision == "fp16":
+        raise ConfigError(
+            "config key 'train.channels_last' cannot be true with train.precision=fp16: DeepSpeed's fp16 optimizer "
+            "keeps the weights as views of flat fp16 and fp32 buffers in the default layout, which the conversion "
+            "would detach them from (fused AdamW refuses the mixed layouts); use precision=bf16 or "
+            "train.channels_last=false"
+        )
     _plain_vae_has_no_specified_terms(cfg)
     if not 0.0 < cfg.loss.real_label <= 1.0:
         raise ConfigError(f"config key 'loss.real_label' must be in (0, 1], got {cfg.loss.real_label}")

@@ -84,7 +84,8 @@ def fp16_run(runs, tmp_path_factory):
         pytest.skip("fp16 needs CUDA (dry run on CPU)")
     run_dir = tmp_path_factory.mktemp("fp16") / "run"
     trained = runs.run("fp16_train", ["train", GPU_CONFIG, *runs.overrides(run_dir, **{
-        "train.precision": "fp16", "train.compile": "false", "train.steps": 15, "train.checkpoint_every": 15,
+        "train.precision": "fp16", "train.channels_last": "false", "train.compile": "false", "train.steps": 15,
+        "train.checkpoint_every": 15,
         "train.eval_every": 1000, "tracking.log_model": "false"})], timeout=240)
     return {"dir": run_dir, "trained": trained}
 

@@ -83,6 +83,8 @@ def test_malformed_override():
         ("data.num_workers=-1", ">= 0 or auto"),
         ("train.zero_stage=3", "0, 1 or 2"),
         ("train.channels_last=true train.zero_stage=1", "needs train.zero_stage=0"),
+        # fp16's optimizer keeps the weights as views of flat buffers; the conversion would detach them
+        ("train.channels_last=true train.precision=fp16", "cannot be true with train.precision=fp16.*bf16"),
         ("train.global_batch_size=0", "must be > 0"),
         ("loss.real_label=1.5", "real_label"),
         ("train.checkpoint_upload_url=/tmp/x", "s3://"),
