@@ -125,9 +125,14 @@ class CheckpointManager:
     def upload_errors(self) -> list[str]:
         return self.uploads.errors if self.uploads else []
 
-    def wait_for_uploads(self, timeout: float | None = None) -> None:
-        if self.uploads:
-            self.uploads.wait(timeout)
+    def wait_for_uploads(self, timeout: float | None = None) -> bool:
+        """Wait for the uploads under way, at most `timeout` seconds (None: no bound). False, with a warning, when
+        one is still running: its copy has no COMPLETE marker, so it is never taken for a whole checkpoint."""
+        if not self.uploads or self.uploads.wait(timeout):
+            return True
+        log.warning("a checkpoint upload to %s did not finish within %ss; going on without it: the checkpoint in "
+                    "run_dir is complete, its copy is not", self.uploads.base_url, timeout)
+        return False
 
     # ------------------------------------------------------------------ loading
 

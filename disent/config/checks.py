@@ -27,7 +27,7 @@ def validate(cfg: Config, world_size: int | None = None) -> None:
         "data.prefetch_factor", "model.z_dim", "model.base_channels",
         "model.disc_channels", "train.steps", "train.global_batch_size", "train.grad_accum",
         "train.log_every", "train.eval_every", "train.checkpoint_every", "train.keep_checkpoints",
-        "train.stop_check_every", "train.collective_timeout_s", "eval.timeout_s", "optim.vae.lr", "optim.disc.lr",
+        "train.stop_check_every", "train.collective_timeout_s", "train.checkpoint_upload_timeout_s", "eval.timeout_s", "optim.vae.lr", "optim.disc.lr",
     )
     if cfg.model.posterior_sigma < 0:
         raise ConfigError(f"config key 'model.posterior_sigma' must be >= 0 (0: a learned variance), "
@@ -45,20 +45,7 @@ def validate(cfg: Config, world_size: int | None = None) -> None:
             f"config key 'model.base_channels' must be a multiple of 8 (GroupNorm uses 8 groups), "
             f"got {cfg.model.base_channels}"
         )
-    if cfg.train.zero_stage not in (0, 1, 2):
-        raise ConfigError(f"config key 'train.zero_stage' must be 0, 1 or 2, got {cfg.train.zero_stage}")
-    if cfg.train.channels_last and cfg.train.zero_stage > 0:
-        raise ConfigError(
-            f"config key 'train.channels_last' needs train.zero_stage=0, got zero_stage {cfg.train.zero_stage}: "
-            "ZeRO keeps parameters as views of one contiguous buffer, which channels_last would detach them from"
-        )
-    if cfg.train.channels_last and cfg.train.precision == "fp16":
-        raise ConfigError(
-            "config key 'train.channels_last' cannot be true with train.precision=fp16: DeepSpeed's fp16 optimizer "
-            "keeps the weights as views of flat fp16 and fp32 buffers in the default layout, which the conversion "
-            "would detach them from (fused AdamW refuses the mixed layouts); use precision=bf16 or "
-            "train.channels_last=false"
-        )
+    _zero_stage_and_layout(cfg)
     _plain_vae_has_no_specified_terms(cfg)
     if not 0.0 < cfg.loss.real_label <= 1.0:
         raise ConfigError(f"config key 'loss.real_label' must be in (0, 1], got {cfg.loss.real_label}")
@@ -99,6 +86,23 @@ def _plain_vae_has_no_specified_terms(cfg: Config) -> None:
             f"config key 'model.s_dim' is 0 (a plain VAE: reconstruction and KL only) but "
             f"{', '.join(f'{key}={value}' for key, value, _ in on)}; "
             f"set {' '.join(f'{key}={off}' for key, _, off in on)} for the reference VAE"
+        )
+
+
+def _zero_stage_and_layout(cfg: Config) -> None:
+    if cfg.train.zero_stage not in (0, 1, 2):
+        raise ConfigError(f"config key 'train.zero_stage' must be 0, 1 or 2, got {cfg.train.zero_stage}")
+    if cfg.train.channels_last and cfg.train.zero_stage > 0:
+        raise ConfigError(
+            f"config key 'train.channels_last' needs train.zero_stage=0, got zero_stage {cfg.train.zero_stage}: "
+            "ZeRO keeps parameters as views of one contiguous buffer, which channels_last would detach them from"
+        )
+    if cfg.train.channels_last and cfg.train.precision == "fp16":
+        raise ConfigError(
+            "config key 'train.channels_last' cannot be true with train.precision=fp16: DeepSpeed's fp16 optimizer "
+            "keeps the weights as views of flat fp16 and fp32 buffers in the default layout, which the conversion "
+            "would detach them from (fused AdamW refuses the mixed layouts); use precision=bf16 or "
+            "train.channels_last=false"
         )
 
 

@@ -75,6 +75,9 @@ class TrainConfig:
     checkpoint_every: int = 200
     keep_checkpoints: int = 3
     checkpoint_upload_url: str | None = None  # s3://bucket/prefix to copy completed checkpoints to
+    # on a stop (SIGTERM/SIGUSR1) every rank waits at most this long for the stop checkpoint's upload, then all exit
+    # 75 together: Slurm's SIGUSR1 comes 120 s before its limit (slurm/train.sh), Kubernetes gives 300 s
+    checkpoint_upload_timeout_s: int = 60
     compile: bool = False
     profile_steps: int = 0  # > 0: torch.profiler traces that many steps after a short warm-up
     channels_last: bool = False

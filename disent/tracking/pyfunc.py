@@ -15,9 +15,11 @@ the model takes uint8 and float images (it checks their shape and range itself, 
 """
 from __future__ import annotations
 
+import logging
 import shutil
 import tempfile
 from pathlib import Path
+from typing import Any, Callable
 
 import numpy as np
 
@@ -25,6 +27,8 @@ try:
     from mlflow.pyfunc import PythonModel
 except ImportError:  # pragma: no cover - mlflow is a dependency; this keeps `import disent` light to read
     PythonModel = object  # type: ignore[assignment,misc]
+
+log = logging.getLogger(__name__)
 
 ARTIFACT = "disent_model"
 ENTRY = Path(__file__).with_name("pyfunc_entry.py")  # MLflow's "models from code": no pickled object
@@ -83,3 +87,19 @@ def save_pyfunc(model, directory: Path) -> Path:
             pip_requirements=["torch", "numpy", "pyyaml", "pillow", f"mlflow=={mlflow.__version__}"],
         )
     return directory
+
+
+def log_trained_model(tracker, build: Callable[[], Any], target: Path, register_as: str | None) -> None:
+    """The run's MLflow model of `build()` (a disent.api.Model) into `target` and the run's artifact "model",
+    registered as `register_as` when given. A model that cannot be written is a warning: the run itself is
+    complete and its final weights are saved."""
+    shutil.rmtree(target, ignore_errors=True)
+    try:
+        save_pyfunc(build(), target)
+    except Exception as exc:  # noqa: BLE001
+        log.warning("the run's MLflow model was not written (%s: %s); run_dir/final/vae.pt has the weights",
+                    type(exc).__name__, exc)
+        return
+    tracker.log_artifact(target, "model")
+    if register_as:
+        tracker.register_model(register_as, "model")

@@ -20,7 +20,6 @@ import dataclasses
 import json
 import logging
 import os
-import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
@@ -319,26 +318,12 @@ class Trainer:
             for path in self.checkpoints.export_final(models, to_yaml(self.cfg)):
                 self.tracker.log_artifact(path, "final")
             if self.cfg.tracking.log_model:
-                self._log_model()
+                from disent.api import Model
+                from disent.tracking.pyfunc import log_trained_model
 
-    def _log_model(self) -> None:
-        """The run's MLflow model (disent.tracking.pyfunc) of the trained VAE, into run_dir/final/model and the
-        run's artifact "model"; registered when tracking.register_model is set. A model that cannot be
-        written is a warning: the run itself is complete."""
-        from disent.api import Model
-        from disent.tracking.pyfunc import save_pyfunc
-
-        target = self.layout.final_model
-        shutil.rmtree(target, ignore_errors=True)
-        try:
-            save_pyfunc(Model.copy_of(self.engines.vae_model, self.cfg, str(self.layout.final)), target)
-        except Exception as exc:  # noqa: BLE001
-            log.warning("the run's MLflow model was not written (%s: %s); run_dir/final/vae.pt has the weights",
-                        type(exc).__name__, exc)
-            return
-        self.tracker.log_artifact(target, "model")
-        if self.cfg.tracking.register_model:
-            self.tracker.register_model(self.cfg.tracking.register_model, "model")
+                log_trained_model(self.tracker, lambda: Model.copy_of(self.engines.vae_model, self.cfg,
+                                                                      str(self.layout.final)),
+                                  self.layout.final_model, self.cfg.tracking.register_model)
 
     def _teardown(self, status: str, exiting: bool) -> None:
         if exiting and status == "FAILED":
@@ -346,11 +331,23 @@ class Trainer:
             # meanwhile (srun --kill-on-bad-exit) must not turn its exit code (69 when retryable) into 143.
             self.preemption.settle()
         self.preemption.restore()
-        self.checkpoints.wait_for_uploads()
+        self._finish_uploads(status)
         self.tracker.close(status=status)
         close = getattr(self.loader, "close", None)
         if close:
             close()
+
+    def _finish_uploads(self, status: str) -> None:
+        """A finished run waits for its uploads. A stopped or failed one has a scheduler's short grace: rank 0 waits
+        at most train.checkpoint_upload_timeout_s. After a stop the other ranks wait for rank 0, so every rank exits
+        75 together: srun --kill-on-bad-exit ends the step as soon as one task exits non-zero, and would SIGKILL
+        a rank 0 still uploading after KillWait (a failure where a preemption was meant)."""
+        bound = None if status == "FINISHED" else self.cfg.train.checkpoint_upload_timeout_s
+        self.checkpoints.wait_for_uploads(bound)
+        if status == "KILLED" and self.cfg.train.checkpoint_upload_url:
+            if not self.env.is_main:
+                log.info("stopping: waiting for rank 0's checkpoint upload (at most %ds)", bound)
+            wait_for_rank_zero(bound + 30)
 
     def eval_request(self, step: int):
         from disent.train.hooks import EvalRequest

@@ -405,6 +405,34 @@ def test_sigterm_two_ranks_checkpoint_then_auto_resume(tmp_path, tiny_data):
     assert len(steps) == len(set(steps))
 
 
+def test_a_stop_whose_checkpoint_upload_hangs_exits_75_on_every_rank_within_the_bound(tmp_path, tiny_data):
+    """Defect: with train.checkpoint_upload_url, rank 0 waited for the stop checkpoint's upload without a bound while
+    the other ranks exited 75 at once, and srun --kill-on-bad-exit then SIGKILLed rank 0: a failure where a
+    preemption was meant. Here the S3 endpoint accepts connections and never answers; both ranks wait at most
+    train.checkpoint_upload_timeout_s for it, together, and exit 75."""
+    import socket
+    import time
+
+    hole = socket.socket()
+    hole.bind(("127.0.0.1", 0))
+    hole.listen(64)  # connections complete in the backlog; no request is ever answered
+    run = tmp_path / "run"
+    long = {"train.steps": 100000, "train.checkpoint_every": 100000, "train.log_every": 2,
+            "train.checkpoint_upload_url": "s3://bucket/ckpt", "train.checkpoint_upload_timeout_s": 4}
+    env = {"AWS_ENDPOINT_URL": f"http://127.0.0.1:{hole.getsockname()[1]}", "AWS_ACCESS_KEY_ID": "test",
+           "AWS_SECRET_ACCESS_KEY": "test", "AWS_DEFAULT_REGION": "us-east-1"}
+    try:
+        proc = torchrun(["train", BASE, *tiny_overrides(run, tiny_data, **long)], script=None, wait=False, env=env)
+        started = time.monotonic()
+        out = _signal_once_logged(run, proc, 2, signal.SIGTERM)
+    finally:
+        hole.close()
+    assert out.count("exiting with 75") == 2, out[-4000:]
+    assert "did not finish within 4s" in out, out[-4000:]
+    assert time.monotonic() - started < 100, out[-4000:]
+    assert len(complete_checkpoints(run)) == 1
+
+
 def test_sigusr1_single_process_exits_75(tmp_path, tiny_data):
     """`disent train` without torchrun: SIGUSR1 -> checkpoint, exit code 75 (EX_TEMPFAIL)."""
     run = tmp_path / "run"
