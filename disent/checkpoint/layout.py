@@ -3,6 +3,7 @@ export and the run's own records. Nothing else in disent joins names under run_d
 from __future__ import annotations
 
 import json
+import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -43,6 +44,19 @@ class RunLayout:
 
     def __post_init__(self):
         object.__setattr__(self, "run_dir", Path(self.run_dir))
+
+    def create(self) -> None:
+        """run_dir and its checkpoints folder, made now and proven writable (a probe file written and removed), so a
+        missing or read-only run_dir is one input error before any work instead of a crash at the first save."""
+        try:
+            self.checkpoints.mkdir(parents=True, exist_ok=True)
+            probe = self.run_dir / f".write-probe-{os.getpid()}"
+            probe.write_bytes(b"")
+            probe.unlink()
+        except OSError as exc:
+            raise CheckpointError(
+                f"run_dir {self.run_dir} cannot be written ({exc.strerror or exc}); set run_dir to a directory every "
+                "rank can create and write (on a cluster, a shared file system)") from None
 
     @property
     def checkpoints(self) -> Path:

@@ -3,6 +3,7 @@ iterates, how its items go out through reused shared-memory slots, and how many 
 rank gets."""
 from __future__ import annotations
 
+import logging
 import os
 import time
 from typing import Any, Iterator
@@ -14,6 +15,8 @@ from torch.utils.data import IterableDataset, get_worker_info
 from disent.config import ConfigError, DataConfig
 from disent.data.manifest import Manifest
 from disent.data.pairing import PairStream, StreamCursor, StreamPart, draw_sizes, item_shapes, take_rows
+
+log = logging.getLogger(__name__)
 from disent.data.reading import ShardSource
 
 
@@ -138,21 +141,31 @@ def worker_context() -> str | None:
     return None
 
 
-def resolve_num_workers(setting: int | str) -> int:
-    """``data.num_workers``; ``auto`` gives a rank one worker per core it has beyond its own, at most
-    4, and none when the ranks fill the machine's cores: a worker that competes with a rank for a
-    core delays that rank at every all-reduce by more than the decoding it takes over (docs/benchmarks.md). A rank's cores: ``DISENT_CPUS_PER_RANK`` (the launcher's share, Slurm's
-    --cpus-per-task), else the usable CPUs divided by ``LOCAL_WORLD_SIZE``. Thread limits such as
-    OMP_NUM_THREADS do not count: they leave the other cores free for workers."""
-    if setting != "auto":
-        return int(setting)
+def rank_cores() -> int:
+    """A rank's cores: ``DISENT_CPUS_PER_RANK`` (the launcher's share, Slurm's --cpus-per-task), else the usable CPUs
+    divided by ``LOCAL_WORLD_SIZE``. Thread limits such as OMP_NUM_THREADS do not count: they leave the other cores
+    free for workers."""
     from disent.host import available_cpus
 
     def positive(name: str) -> int | None:
         value = os.environ.get(name, "")
         return int(value) if value.isdigit() and int(value) > 0 else None
 
-    cores = positive("DISENT_CPUS_PER_RANK") or available_cpus() // (positive("LOCAL_WORLD_SIZE") or 1)
+    return positive("DISENT_CPUS_PER_RANK") or max(1, available_cpus() // (positive("LOCAL_WORLD_SIZE") or 1))
+
+
+def resolve_num_workers(setting: int | str) -> int:
+    """``data.num_workers``; ``auto`` gives a rank one worker per core it has beyond its own (rank_cores), at most
+    4, and none when the ranks fill the machine's cores: a worker that competes with a rank for a core delays that
+    rank at every all-reduce by more than the decoding it takes over (docs/benchmarks.md). A number is taken as it
+    is, with a warning when the workers and the rank would share its cores."""
+    cores = rank_cores()
+    if setting != "auto":
+        if int(setting) > cores - 1:
+            log.warning("data.num_workers=%s with %d core(s) for this rank: the workers compete with the rank for "
+                        "its cores; at most %d leaves the rank one of its own (or data.num_workers=auto)",
+                        setting, cores, max(0, cores - 1))
+        return int(setting)
     return max(0, min(4, cores - 1))
 
 

@@ -100,12 +100,16 @@ def check_manifest(cfg: Config):
 
 def preflight(cfg: Config, world_size: int, device_type: str, resume: str | None):
     """All checks that need no process group. Raises ConfigError."""
-    from disent.checkpoint import CheckpointError, CheckpointManager
+    from disent.checkpoint import CheckpointError, CheckpointManager, RunLayout
     from disent.train.ds_config import deepspeed_config
 
     micro_batch_size(cfg, world_size)
     for engine in ("vae", "disc"):
         deepspeed_config(cfg, engine, world_size, device_type)
+    try:
+        RunLayout(cfg.run_dir).create()
+    except CheckpointError as exc:
+        raise ConfigError(f"config key 'run_dir': {exc}") from None
     if resume is not None:
         try:
             CheckpointManager.resolve(resume)

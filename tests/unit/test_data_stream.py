@@ -125,6 +125,15 @@ def test_auto_workers_use_the_cores_a_rank_has_beyond_its_own(monkeypatch, cpus_
     assert resolve_num_workers(3) == 3
 
 
+def test_more_workers_than_a_ranks_spare_cores_is_warned(monkeypatch, caplog):
+    """configs/multinode_gpu.yaml once asked for 8 workers under --cpus-per-task=8: the rank had no core of its own."""
+    monkeypatch.setenv("DISENT_CPUS_PER_RANK", "8")
+    with caplog.at_level("WARNING", logger="disent.data.workers"):
+        assert resolve_num_workers(7) == 7 and not caplog.records
+        assert resolve_num_workers(8) == 8
+    assert "data.num_workers=8 with 8 core(s) for this rank" in caplog.text and "at most 7" in caplog.text
+
+
 def test_batches_per_epoch_is_the_same_on_every_rank(dataset):
     counts = {PairLoader(cfg_for(dataset), "train", 8, rank=r, world_size=3).batches_per_epoch for r in range(3)}
     assert len(counts) == 1

@@ -13,6 +13,8 @@ from tests.support.train_helpers import tiny_overrides
     (["data.url=/nonexistent/data"], {}, "no manifest for split 'train'"),
     (["data.num_classes=7"], {}, "data.num_classes=7 but the data has 4 classes"),
     (["--resume", "/nonexistent/step-00000003"], {}, "--resume"),
+    # a run_dir no rank can create (configs/multinode_gpu.yaml's /checkpoints on a node without it)
+    (["run_dir=/sys/disent-run"], {}, "config key 'run_dir': run_dir /sys/disent-run cannot be written"),
 ])
 def test_rejected_before_init(tmp_path, tiny_data, monkeypatch, capsys, extra, env, message):
     for var in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):
@@ -21,7 +23,9 @@ def test_rejected_before_init(tmp_path, tiny_data, monkeypatch, capsys, extra, e
         monkeypatch.setenv(key, value)
     called = []
     monkeypatch.setattr("disent.train.commands.run_training", lambda *a, **k: called.append(1) or 0)
-    rc = main(["train", "configs/base.yaml", *tiny_overrides(tmp_path, tiny_data), *extra])
+    replaced = {e.split("=")[0] for e in extra}
+    overrides = [o for o in tiny_overrides(tmp_path, tiny_data) if o.split("=")[0] not in replaced]
+    rc = main(["train", "configs/base.yaml", *overrides, *extra])
     assert rc == 2 and not called
     assert message in capsys.readouterr().err
 
