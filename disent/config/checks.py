@@ -107,7 +107,16 @@ def _zero_stage_and_layout(cfg: Config) -> None:
 
 
 def micro_batch_size(cfg: Config, world_size: int) -> int:
-    """Pairs per rank and micro-step; an input error when the global batch does not split evenly."""
+    """Pairs per rank and micro-step; an input error when the global batch does not split evenly, or not into the
+    train.batch_per_rank it was sized for."""
+    wanted, total = cfg.train.batch_per_rank, cfg.train.global_batch_size
+    if wanted is not None and total != wanted * world_size:
+        raise ConfigError(
+            f"train.global_batch_size={total} over {world_size} rank(s) is not the train.batch_per_rank={wanted} "
+            f"pairs per rank it was sized for: set train.global_batch_size={wanted * world_size} for {world_size} "
+            f"rank(s), or launch {total / wanted:g} ranks (under Kubernetes: completions, parallelism and "
+            "DISENT_NNODES together)"
+        )
     per_step = world_size * cfg.train.grad_accum
     if cfg.train.global_batch_size % per_step:
         raise ConfigError(

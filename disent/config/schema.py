@@ -66,6 +66,9 @@ class OptimConfig:
 class TrainConfig:
     steps: int = 1000
     global_batch_size: int = 64
+    # pairs per rank and step (its micro batch x grad_accum) the config was sized for; None: global_batch_size / ranks.
+    # When set, a launch on another number of ranks is refused instead of silently changing each rank's batch
+    batch_per_rank: int | None = None
     grad_accum: int = 1
     zero_stage: int = 0
     precision: Literal["fp32", "bf16", "fp16"] = "fp32"

@@ -38,6 +38,8 @@ def cpu_adaptations(cfg, stage: int) -> dict[str, object]:
         out["train.compile"] = False
     if cfg.train.global_batch_size > CPU_BATCH:
         out["train.global_batch_size"] = CPU_BATCH
+        if cfg.train.batch_per_rank is not None:
+            out["train.batch_per_rank"] = "null"  # the per-GPU batch it was sized for
     return out
 
 

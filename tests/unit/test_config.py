@@ -95,6 +95,14 @@ def test_semantic_checks(override, expected):
         load_config(ROOT / "configs/base.yaml", override.split())
 
 
+def test_a_batch_sized_per_rank_refuses_another_number_of_ranks():
+    cfg = load_config(ROOT / "configs/base.yaml", ["train.global_batch_size=64", "train.batch_per_rank=16"])
+    assert micro_batch_size(cfg, 4) == 16
+    with pytest.raises(ConfigError, match=r"global_batch_size=64 over 8 rank\(s\) is not the train.batch_per_rank=16 "
+                                          r"pairs .* set train.global_batch_size=128 for 8 rank\(s\), or launch 4 ranks"):
+        micro_batch_size(cfg, 8)
+
+
 def test_batch_must_divide_world_size_times_accumulation():
     cfg = load_config(ROOT / "configs/base.yaml", ["train.global_batch_size=30", "train.grad_accum=2"])
     with pytest.raises(ConfigError, match=r"not divisible by world size \(4\) x train.grad_accum \(2\)"):

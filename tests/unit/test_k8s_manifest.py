@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
 import yaml
 
 from disent.errors import ExitCode
@@ -71,6 +72,21 @@ def test_job_contract():
     assert pod["terminationGracePeriodSeconds"] >= 60
     # NCCL: a lost peer raises in Python (the trainer exits 69) instead of a SIGABRT (134).
     assert env["TORCH_NCCL_ASYNC_ERROR_HANDLING"]["value"] == "2"
+
+
+def test_the_configmaps_batch_fits_the_pods_and_gpus_and_a_missed_edit_is_refused(tmp_path):
+    """Scaling takes completions, parallelism, DISENT_NNODES and the ConfigMap's global batch together; the config
+    pins the per-GPU batch (train.batch_per_rank), so the shipped numbers agree and a missed edit is an input error."""
+    from disent.config import ConfigError, load_config, micro_batch_size
+    from tests.support.train_helpers import shipped_configs
+
+    job = documents()["Job"]
+    env = env_list(container(job))
+    ranks = int(env["DISENT_NNODES"]["value"]) * int(env["DISENT_NPROC_PER_NODE"]["value"])
+    cfg = load_config(shipped_configs(tmp_path)["k8s:train.yaml"])
+    assert cfg.train.batch_per_rank == 256 and micro_batch_size(cfg, ranks) * cfg.train.grad_accum == 256
+    with pytest.raises(ConfigError, match="launch 16 ranks .*completions, parallelism and DISENT_NNODES"):
+        micro_batch_size(cfg, 2 * ranks)  # completions doubled, the ConfigMap's batch left as it was
 
 
 # --------------------------------------------------------------------------- exit codes
