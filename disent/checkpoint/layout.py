@@ -38,6 +38,7 @@ class RunLayout:
         config.yaml           the resolved config;  deepspeed/{vae,disc}.json  each engine's DeepSpeed config
         metrics.jsonl         the training metrics;  profile/  torch.profiler traces
         .universal/           transient: ZeRO 1/2 states converted while resuming on another number of ranks
+        .compile-cache/       torch.compile's Inductor cache (train.compile), shared by every rank and restart
     """
 
     run_dir: Path
@@ -61,6 +62,10 @@ class RunLayout:
     @property
     def checkpoints(self) -> Path:
         return self.run_dir / "checkpoints"
+
+    @property
+    def compile_cache(self) -> Path:
+        return self.run_dir / ".compile-cache"
 
     def checkpoint(self, step: int) -> Path:
         return self.checkpoints / step_dir_name(step)

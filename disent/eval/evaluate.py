@@ -265,11 +265,12 @@ def grid_images(ctx: EvalContext) -> dict:
 # --------------------------------------------------------------------------- running them
 
 
-def in_float32(vae: DisentVAE, cfg: Config) -> DisentVAE:
-    """The model itself when its weights are float32; otherwise (fp16 training keeps them in half) an uncompiled
-    float32 copy on the same device, so evaluation reads images and codes in one precision whatever the
-    training's."""
-    if all(p.dtype == torch.float32 for p in vae.parameters()):
+def for_evaluation(vae: DisentVAE, cfg: Config) -> DisentVAE:
+    """The model itself when its weights are float32 and it is not compiled; otherwise an uncompiled float32 copy on
+    the same device. fp16 training keeps the weights in half: evaluation reads images and codes in one precision
+    whatever the training's. A compiled model would compile new graphs for evaluation's batches, dtypes and layout
+    on every rank 0 start: the copy runs eagerly."""
+    if not cfg.train.compile and all(p.dtype == torch.float32 for p in vae.parameters()):
         return vae
     from disent.models.vae import float32_copy
 
@@ -280,7 +281,7 @@ def evaluate(vae: DisentVAE, cfg: Config, out_dir: Path, device: torch.device | 
              train: Split | None = None, test: Split | None = None) -> dict:
     """Every registered metric (flat dict, JSON-able; the grid PNG paths under 'grids'); writes eval.json."""
     device = torch.device(device)
-    vae = in_float32(vae, cfg)
+    vae = for_evaluation(vae, cfg)
     was_training = vae.training
     vae.eval()
     try:

@@ -178,7 +178,9 @@ def class_moments(vae: DisentVAE, discriminator: torch.nn.Module, c: StepCodes) 
 def reverse_cycle(vae: DisentVAE, discriminator: torch.nn.Module, c: StepCodes) -> torch.Tensor:
     """Cycle-VAE's reverse cycle, |f_z(Dec(z_prior, s2)) - z_prior|. Only the encoder learns from it: through
     the decoder too, the pair learns a private code for z that fake images carry and real ones do not."""
-    _, mu_cycle, _ = vae.encode(torch.sigmoid(c.fake_prior).detach())
+    # In float32 like the real images: a bf16 input (the decoder's output under autocast) would be one more variant
+    # of a compiled encoder.
+    _, mu_cycle, _ = vae.encode(torch.sigmoid(c.fake_prior.float()).detach())
     return (mu_cycle - c.z_prior).abs().mean()
 
 

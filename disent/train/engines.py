@@ -23,6 +23,7 @@ from typing import Any, Iterator
 import torch
 import torch.nn as nn
 
+from disent.checkpoint import RunLayout
 from disent.config import Config, ConfigError
 from disent.models.discriminator import critics_from_config
 from disent.models.objective import Fakes, Objective
@@ -90,6 +91,9 @@ class VAEObjective(nn.Module):
 def build_modules(cfg: Config) -> tuple[VAEObjective, nn.Module]:
     vae, disc = vae_from_config(cfg), critics_from_config(cfg)
     if cfg.train.compile:
+        # One Inductor cache under run_dir (a shared file system on a cluster) instead of each node's /tmp: every
+        # rank and every restart reuses the kernels compiled once. A user's own setting wins.
+        os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(RunLayout(cfg.run_dir).compile_cache))
         # In-place Module.compile keeps parameter names, so checkpoints and final weights load into
         # uncompiled models. The parts are compiled, not the objective: the VAE is called through
         # encode/decode, and the critics run frozen inside the VAE step and trainable in their own.

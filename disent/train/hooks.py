@@ -20,7 +20,7 @@ import torch
 
 from disent.config import Config
 from disent.eval import grids
-from disent.eval.evaluate import Split, evaluate, in_float32, load_split, numeric_metrics, same_class_partners
+from disent.eval.evaluate import Split, evaluate, for_evaluation, load_split, numeric_metrics, same_class_partners
 from disent.eval.metrics import headline
 
 log = logging.getLogger(__name__)
@@ -56,7 +56,7 @@ class EvaluationHook:
             return
         cfg, out, device = request.cfg, request.out_dir, request.device
         train, test = self._data(cfg)
-        vae = in_float32(request.vae, cfg)
+        vae = for_evaluation(request.vae, cfg)
         was_training = vae.training
         vae.eval()
         try:

@@ -252,3 +252,20 @@ def test_the_unit_diagnosis_finds_a_class_hidden_in_units_the_decoder_barely_use
     assert out["leakage_mu_inactive_acc"] > 0.6 and out["leakage_mu_active_acc"] < 0.4
     assert out["units_informative"] == 2 and out["leakage_mu_quiet_acc"] > 0.6  # the same split by KL here
     assert unit_kl(np.zeros((3, 2)), np.zeros((3, 2))) == pytest.approx([0.0, 0.0])
+
+
+def test_a_compiled_model_is_evaluated_on_an_uncompiled_copy():
+    """Defect: evaluation ran the compiled training model, so each evaluation's batch, dtype and layout compiled
+    graphs of their own on rank 0 (cold after every restart). A compiled model is evaluated on an eager float32 copy
+    with its weights; an uncompiled float32 model is evaluated as it is."""
+    from disent.eval.evaluate import for_evaluation
+    from disent.models.vae import vae_from_config
+
+    cfg = load_config("configs/glyphs.yaml", ["model.base_channels=8", "train.compile=true"])
+    vae = vae_from_config(cfg)
+    vae.encoder.compile()
+    copy = for_evaluation(vae, cfg)
+    assert copy is not vae and copy.encoder._compiled_call_impl is None
+    assert all(torch.equal(a, b) for a, b in zip(copy.state_dict().values(), vae.state_dict().values()))
+    plain = vae_from_config(load_config("configs/glyphs.yaml", ["model.base_channels=8"]))
+    assert for_evaluation(plain, load_config("configs/glyphs.yaml")) is plain
