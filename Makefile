@@ -26,12 +26,13 @@ PYTEST_ARGS ?=
 # alternating between the system's and the venv's rebuilds them each time.
 export PATH := $(VENV)/bin:$(PATH)
 
-.PHONY: help setup system-deps demo test clean
+.PHONY: help setup system-deps demo test gpu-wheels clean
 
 help:
 	@echo "make demo   prepare Fashion-MNIST, train on 2 CPU ranks, evaluate, log to ./mlflow.db"
 	@echo "make test   run the test suite (what CI runs)"
 	@echo "make setup  create $(VENV) and install disent (make test adds the test extras)"
+	@echo "make gpu-wheels  .whl/: the wheels a lent GPU machine (no package registry) lacks, for benchmarks/gpu_check.sh"
 
 $(PYTHON):
 	python3 -m venv $(VENV)
@@ -64,6 +65,10 @@ demo: setup
 test: $(TEST_STAMP)
 	@$(MAKE) --no-print-directory system-deps APT_PACKAGES="$(TEST_APT_PACKAGES)"
 	$(PYTHON) -m pytest $(PYTEST_ARGS)
+
+# For the lent GPU machine, which reaches no registry: what it lacks, as CPython 3.12 wheels, in .whl/.
+gpu-wheels: setup
+	$(PYTHON) benchmarks/gpu_wheels.py --out .whl
 
 clean:
 	rm -rf runs data mlflow.db mlruns .pytest_cache

@@ -175,17 +175,21 @@ def main() -> int:
     log_every = max(PROFILE_STEPS + 10, min(50, args.steps // 3))
     overrides = [f"train.global_batch_size={args.batch}", f"train.precision={args.precision}",
                  f"train.compile={str(not args.no_compile).lower()}", *args.overrides]
+    # the steps are what is measured: no final evaluation, no model logged
+    run_only = ["eval.at_end=false", "tracking.log_model=false"]
     grad_accum = load_config(ROOT / args.config, overrides).train.grad_accum
     with tempfile.TemporaryDirectory() as tmp:
         url = args.url or data_for(args.config, overrides, Path(tmp))
         flops = flops_per_sample(args.config, [o for o in overrides if not o.startswith("train.compile")])
         run_dir = Path(tmp) / "run"
         train = train_rate(args.config, url, args.steps, run_dir, [
-            f"train.log_every={log_every}", f"train.profile_steps={PROFILE_STEPS}", *overrides], threads_per_rank=4)
+            f"train.log_every={log_every}", f"train.profile_steps={PROFILE_STEPS}", *run_only, *overrides],
+            threads_per_rank=4)
+        ran = json.loads((run_dir / "summary.json").read_text()) if (run_dir / "summary.json").is_file() else {}
         idle = gpu_idle(run_dir / "profile" / "trace-rank0.json")
         if args.out:
             args.out.mkdir(parents=True, exist_ok=True)
-            for path in [run_dir / "metrics.jsonl", *sorted((run_dir / "profile").glob("*rank0*"))]:
+            for path in [run_dir / "metrics.jsonl", run_dir / "summary.json", *sorted((run_dir / "profile").glob("*rank0*"))]:
                 shutil.copy(path, args.out / path.name)
         loader = loader_rate(args.config, url, overrides, args.batch, batches=max(50, args.steps // 2))
     peak = peak_tflops(args.peak_tflops)
@@ -212,6 +216,8 @@ def main() -> int:
         "model_flop_utilisation": achieved / peak if peak else None,
         "loader_pairs_per_s": loader["pairs_per_s"], "loader_workers": loader["workers"],
         "loader_over_train": loader["pairs_per_s"] / train["samples_per_s"],
+        # what ran (the run's summary.json): first step, decoder output dtype, peak memory, compile counters, losses
+        "ran": ran,
     }
     print(f"{result['gpu']}: micro batch {result['micro_batch_per_gpu']}, train {result['train_samples_per_s']:.0f} "
           f"samples/s ({step_ms:.2f} ms/step, data wait {100 * result['data_wait_fraction']:.1f}%"

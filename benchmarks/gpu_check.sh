@@ -6,17 +6,21 @@
 #
 # What it runs, each phase under `timeout` (one hang cannot eat the budget):
 #   1. CUDA: `import torch; assert torch.cuda.is_available()` or exit 2 (nothing else is done).
-#   2. Install: `pip install -e .[test]` only when disent, its dependencies or pytest cannot be imported.
+#   2. Install what is missing, never torch: from .whl/ with --no-index when it exists (`make gpu-wheels` builds
+#      it on a machine with a registry: a lent GPU machine has none), else `pip install -e .[test]`. The project
+#      itself runs from this checkout (PYTHONPATH).
 #   3. The machine: nvidia-smi -q, torch/CUDA/cuDNN/DeepSpeed versions, pip freeze, the git commit.
-#   4. `pytest -m gpu tests/gpu`: the shipped GPU config trained on this GPU (bf16 + compile +
+#   4. Shards: sprites 64x64 prepared once, for the benchmark and the tests.
+#   5. `python benchmarks/bench_gpu.py` on configs/sprites_gpu.yaml (BENCH_STEPS steps, no final evaluation or
+#      model): samples/s, MFU, GPU idle time in a step, data wait, the loader's rate, and what ran (the run's
+#      summary.json: first step, the decoder's output dtype, peak memory, torch.compile's counters, last losses).
+#   6. `pytest -m gpu tests/gpu`: the shipped GPU config trained on this GPU (bf16 + compile +
 #      channels_last with a resume and evaluations, fp16, GPU weights loaded on CPU, deterministic on/off,
 #      2 ranks over NCCL when 2 GPUs are visible). JUnit XML, the log and every run's output.
-#   5. `python benchmarks/bench_gpu.py` on configs/sprites_gpu.yaml (BENCH_STEPS steps): samples/s, MFU,
-#      GPU idle time in a step, data wait, the loader's rate.
-#   6. summary.md: the headline figures, and where everything is.
+#   7. summary.md: the headline figures, and where everything is.
 #
 # Settings (environment): OUT (results folder), PYTHON (interpreter; default python, else python3),
-# GPU_CHECK_BUDGET_S (total seconds, default 460), BENCH_STEPS (default 150).
+# GPU_CHECK_BUDGET_S (total seconds, default 460), BENCH_STEPS (default 60).
 # Exit codes: 0 all passed; 1 a test or the benchmark failed (see summary.md); 2 no CUDA device;
 # 3 the project could not be installed.
 set -u -o pipefail
@@ -24,8 +28,8 @@ cd "$(dirname "$0")/.." || exit 3
 ROOT="$(pwd)"
 PYTHON="${PYTHON:-$(command -v python || command -v python3)}"
 BUDGET_S="${GPU_CHECK_BUDGET_S:-460}"
-BENCH_STEPS="${BENCH_STEPS:-150}"
-BENCH_RESERVE_S=130  # what the benchmark needs after the tests (start, compile from the cache, steps, loader)
+BENCH_STEPS="${BENCH_STEPS:-60}"
+BENCH_LIMIT_S=180  # the benchmark's share: start, a cold compile, the steps, the loader
 START=$SECONDS
 
 if [ -z "$PYTHON" ]; then
@@ -58,12 +62,23 @@ phase() {  # phase NAME SECONDS CMD...: run under timeout (SIGINT first: pytest 
 }
 say "results go to $OUT; python: $PYTHON; budget ${BUDGET_S}s"
 
-# 2. install only what is missing
-if ! "$PYTHON" -c "import disent, deepspeed, mlflow, webdataset, sklearn, yaml, pytest, pytest_timeout" > "$OUT/import-check.txt" 2>&1; then
-  say "disent or a dependency is not importable ($(tail -n 1 "$OUT/import-check.txt")): pip install -e .[test]"
-  if ! phase install 240 "$PYTHON" -m pip install --disable-pip-version-check -e ".[test]" > "$OUT/pip-install.log" 2>&1 ||
-     ! "$PYTHON" -c "import disent, deepspeed, mlflow, webdataset, sklearn, yaml, pytest" >> "$OUT/import-check.txt" 2>&1; then
-    say "the project could not be installed: see $OUT/pip-install.log"
+# 2. install only what is missing, never torch; the project runs from this checkout
+export PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}"
+IMPORTS="import disent, deepspeed, mlflow, webdataset, boto3, sklearn, yaml, pytest"
+if ! "$PYTHON" -c "$IMPORTS" > "$OUT/import-check.txt" 2>&1; then
+  pip_cmd=("$PYTHON" -m pip install --disable-pip-version-check)
+  if compgen -G "$ROOT/.whl/*.whl" > /dev/null; then
+    # the machine's own torch stays: a constraint at its version (a local label such as +cu130 matches)
+    "$PYTHON" -c "import torch; print('torch==' + torch.__version__.split('+')[0])" > "$OUT/constraints.txt"
+    say "installing from .whl/ without an index ($(ls "$ROOT"/.whl/*.whl | wc -l) wheels), torch held at $(cat "$OUT/constraints.txt")"
+    pip_cmd+=(--no-index --find-links "$ROOT/.whl" -c "$OUT/constraints.txt" "$ROOT"/.whl/*.whl)
+  else
+    say "disent or a dependency is not importable ($(tail -n 1 "$OUT/import-check.txt")) and there is no .whl/: pip install -e .[test]"
+    pip_cmd+=(-e ".[test]")
+  fi
+  if ! phase install 240 "${pip_cmd[@]}" > "$OUT/pip-install.log" 2>&1 ||
+     ! "$PYTHON" -c "$IMPORTS" >> "$OUT/import-check.txt" 2>&1; then
+    say "the project could not be installed: see $OUT/pip-install.log and import-check.txt"
     exit 3
   fi
 fi
@@ -88,22 +103,27 @@ for name in ("deepspeed", "mlflow", "triton", "numpy"):
 print(json.dumps(env, indent=2))
 EOF
 
-# 4. the GPU tests
-pytest_args=(-m gpu tests/gpu -v -rA -p no:cacheprovider --junitxml="$OUT/pytest-junit.xml")
-"$PYTHON" -c "import pytest_timeout" 2>/dev/null || pytest_args+=(-o "addopts=-ra")  # addopts names --timeout
-limit=$(( $(left) - BENCH_RESERVE_S )); [ $limit -gt 360 ] && limit=360
-DISENT_GPU_CHECK_OUT="$OUT" phase pytest "$limit" "$PYTHON" -m pytest "${pytest_args[@]}" 2>&1 | tee "$OUT/pytest.log"
-pytest_rc=$(awk '$1 == "pytest" {print $2}' "$OUT/phases.txt")
+# 4. shards, once, for the benchmark and the tests
+SHARDS="$OUT/shards"
+phase prepare 120 "$PYTHON" -m disent.cli prepare sprites "$SHARDS" --image-size 64 --num-samples 12000 \
+  --group-size 32 --groups-per-shard 8 --no-progress --overwrite > "$OUT/prepare.log" 2>&1 || say "prepare failed: see prepare.log"
 
-# 5. the benchmark (stdout: one JSON object)
+# 5. the benchmark first (stdout: one JSON object)
 mkdir -p "$OUT/bench-run"
-limit=$(( $(left) - 10 )); [ $limit -gt 300 ] && limit=300
-phase bench_gpu "$limit" "$PYTHON" benchmarks/bench_gpu.py --steps "$BENCH_STEPS" --out "$OUT/bench-run" \
-  > "$OUT/bench_gpu.json" 2> "$OUT/bench_gpu.log"
+phase bench_gpu "$BENCH_LIMIT_S" "$PYTHON" benchmarks/bench_gpu.py --steps "$BENCH_STEPS" --url "$SHARDS" \
+  --out "$OUT/bench-run" > "$OUT/bench_gpu.json" 2> "$OUT/bench_gpu.log"
 bench_rc=$?
 gzip -f "$OUT"/bench-run/trace-*.json 2>/dev/null  # Chrome traces are large; chrome://tracing and Perfetto read .gz
 
-# 6. summary.md
+# 6. the GPU tests, in what is left
+pytest_args=(-m gpu tests/gpu -v -rA -p no:cacheprovider --junitxml="$OUT/pytest-junit.xml")
+"$PYTHON" -c "import pytest_timeout" 2>/dev/null || pytest_args+=(-o "addopts=-ra")  # addopts names --timeout
+limit=$(( $(left) - 15 ))
+DISENT_GPU_CHECK_OUT="$OUT" DISENT_GPU_SHARDS="$SHARDS" phase pytest "$limit" "$PYTHON" -m pytest "${pytest_args[@]}" \
+  2>&1 | tee "$OUT/pytest.log"
+pytest_rc=$(awk '$1 == "pytest" {print $2}' "$OUT/phases.txt")
+
+# 7. summary.md
 "$PYTHON" - "$OUT" > "$OUT/summary.md" 2>> "$OUT/gpu_check.log" <<'EOF'
 import json, sys
 import xml.etree.ElementTree as ET
@@ -185,6 +205,9 @@ if bench and "train_samples_per_s" in bench:
         f"{bench['loader_over_train']:.2f}x the step",
         f"- keeps the GPU busy: {'unknown' if busy is None else 'yes' if busy else 'no: ' + '; '.join(bench.get('why', []))}",
     ]
+    ran = bench.get("ran") or {}
+    lines += ["", "What ran (the run's summary.json): " + (", ".join(f"{k} {v}" for k, v in sorted(ran.items()))
+                                                        or "no summary")]
 elif bench:
     lines.append(f"`{json.dumps(bench)}`")
 else:

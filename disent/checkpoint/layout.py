@@ -37,6 +37,7 @@ class RunLayout:
         final/model/          the run's MLflow model (pyfunc)
         config.yaml           the resolved config;  deepspeed/{vae,disc}.json  each engine's DeepSpeed config
         metrics.jsonl         the training metrics;  profile/  torch.profiler traces
+        summary.json          what the run did (disent/train/summary.py), written at its end
         .universal/           transient: ZeRO 1/2 states converted while resuming on another number of ranks
         .compile-cache/       torch.compile's Inductor cache (train.compile), shared by every rank and restart
     """
@@ -62,6 +63,10 @@ class RunLayout:
     @property
     def checkpoints(self) -> Path:
         return self.run_dir / "checkpoints"
+
+    @property
+    def summary(self) -> Path:
+        return self.run_dir / "summary.json"
 
     @property
     def compile_cache(self) -> Path:

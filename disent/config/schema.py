@@ -121,6 +121,7 @@ class EvalConfig:
     # the other ranks wait this long for rank 0's in-training evaluation (on a CPU group, so the
     # NCCL collective timeout does not apply to it); past it they fail with 69
     timeout_s: int = 3600
+    at_end: bool = True  # evaluate at the last step (false: a smoke test or a benchmark skips it)
 
 
 @dataclass

@@ -38,6 +38,7 @@ from disent.train.metrics import TrainingMetrics
 from disent.train.profiler import StepProfiler
 from disent.train.progress import ProgressReport
 from disent.train.rng import isolated_rng, rng_state, seed_everything, set_rng_state
+from disent.train.summary import RunSummary
 
 log = logging.getLogger(__name__)
 
@@ -100,6 +101,7 @@ class Trainer:
         self._last_checkpoint_step: int | None = None
         self.world_size_change: tuple[int, int] | None = None  # (written by, now) when resumed on another world size
         self._last_checkpoint: Path | None = None
+        self._output_dtype: torch.dtype | None = None
 
         # Same weights on every rank (DeepSpeed broadcasts rank 0's anyway); per-rank noise after.
         seed_everything(cfg.seed)
@@ -209,11 +211,10 @@ class Trainer:
         vae_engine, disc_engine = self.engines.vae, self.engines.disc
         disc_module = disc_engine.module
         with frozen(disc_module):
-            vae_loss, terms, fakes = vae_engine(
-                b["x1"], b["x1p"], b["x2"], b["x2p"], b["y2"],
-                discriminator=disc_module, step=self.step, y1=b["y1"],
-            )
+            vae_loss, terms, fakes = vae_engine(b["x1"], b["x1p"], b["x2"], b["x2p"], b["y2"],
+                                                discriminator=disc_module, step=self.step, y1=b["y1"])
             vae_engine.backward(vae_loss)
+        self._output_dtype = fakes.from_z1.dtype  # what the decoder's convolutions produced (the run summary)
         if boundary:
             stage0_norms["vae"] = stage0_grad_norm(vae_engine)
         vae_engine.step()
@@ -238,12 +239,14 @@ class Trainer:
         self._start_tracking(self._resume(resume, auto_resume))
         self.preemption.install()
         status, preempted = "FAILED", False
+        self.summary = RunSummary(self.env.device, self.cfg.train.compile)
         try:
             preempted = self._run_steps(exiting)
             if not preempted:
                 self._finish(exiting)
             status = "KILLED" if preempted else "FINISHED"
         finally:
+            self.summary.report(status, self.layout.summary, self.tracker, self.env.is_main, self.step)
             self._teardown(status, exiting)
         return TrainResult(step=self.step, preempted=preempted, run_id=self.tracker.run_id, checkpoint=self._last_checkpoint,
                            eval_failures=list(self.eval_failures))
@@ -266,6 +269,7 @@ class Trainer:
             while self.step < total:
                 terms = self.train_step(batches)
                 self.step += 1
+                self.summary.step(terms, self._output_dtype)
                 profiler.step()
                 metrics.record(self.step, terms)
                 stop = self._stop_agreed()
@@ -312,7 +316,8 @@ class Trainer:
             self.save_checkpoint()
         if exiting:
             self.preemption.settle()
-        self.run_eval_hooks(self.step)
+        if self.cfg.eval.at_end:
+            self.run_eval_hooks(self.step)
         if self.env.is_main:
             models = {"vae": self.engines.vae_model, "disc": self.engines.disc_model}
             for path in self.checkpoints.export_final(models, to_yaml(self.cfg)):

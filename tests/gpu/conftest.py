@@ -46,9 +46,12 @@ def gpu_out(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def sprites64(tmp_path_factory) -> Path:
     """Real sprites shards of the GPU config's shape (64x64 colour, 5 classes) from `disent prepare sprites`:
-    4000 drawn; 3200 for training in groups of 32 (13 shards), 400 test."""
+    4000 drawn; 3200 for training in groups of 32 (13 shards), 400 test. $DISENT_GPU_SHARDS: shards of that shape
+    prepared already (gpu_check.sh prepares them once for the benchmark and the tests)."""
     from disent.cli import main as disent_main
 
+    if os.environ.get("DISENT_GPU_SHARDS"):
+        return Path(os.environ["DISENT_GPU_SHARDS"])
     out = tmp_path_factory.mktemp("sprites64") / "shards"
     assert disent_main(["prepare", "sprites", str(out), "--image-size", "64", "--num-samples", "4000",
                         "--group-size", "32", "--groups-per-shard", "8", "--no-progress", "--overwrite"]) == 0

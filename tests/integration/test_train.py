@@ -102,6 +102,14 @@ def test_two_ranks_zero_0_1_2_both_discriminators(tmp_path, tiny_data):
             assert (ckpt / "trainer-rank0.pt").is_file() and (ckpt / "trainer-rank1.pt").is_file()
             meta = json.loads((ckpt / "meta.json").read_text())
             assert meta["world_size"] == 2 and meta["mlflow_run_id"] and meta["config"]["name"] == "tiny"
+        # what ran, not what was asked (disent/train/summary.py)
+        summary = json.loads((case_dir / "summary.json").read_text())
+        assert summary["status"] == "FINISHED" and summary["steps"] == 4 and summary["first_step_s"] > 0
+        assert math.isfinite(summary["last_vae_loss"]) and math.isfinite(summary["last_disc_loss"])
+        assert summary["decoder_output_dtype"] == ("bfloat16" if "precision=bf16" in case else "float32"), case
+        assert ("compile_frames" in summary) == ("compile=true" in case), case
+        if "compile=true" in case:
+            assert summary["compile_frames"] >= 1 and summary["compile_graph_breaks"] >= 0
         ds_cfg = json.loads((case_dir / "deepspeed" / "vae.json").read_text())
         assert ds_cfg["zero_optimization"]["stage"] == int(case.split()[0].split("=")[1])
         assert ds_cfg["torch_autocast"]["enabled"] == ("precision=bf16" in case)

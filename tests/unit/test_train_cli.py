@@ -37,3 +37,24 @@ def test_valid_input_reaches_training(tmp_path, tiny_data, monkeypatch):
     monkeypatch.setattr("disent.train.commands.run_training", lambda cfg, **kw: seen.update(kw, cfg=cfg) or 75)
     assert main(["train", "configs/base.yaml", *tiny_overrides(tmp_path, tiny_data), "--no-auto-resume"]) == 75
     assert seen["auto_resume"] is False and len(seen["manifest_digest"]) == 64 and seen["cfg"].name == "tiny"
+
+
+@pytest.mark.parametrize("at_end", [True, False])
+def test_eval_at_end_false_skips_only_the_final_evaluation(at_end):
+    """eval.at_end: a smoke test or a benchmark ends without the final evaluation; the final checkpoint and the
+    exported weights stay."""
+    from types import SimpleNamespace
+
+    from disent.config import load_config
+    from disent.train.trainer import Trainer
+
+    calls = []
+    cfg = load_config("configs/base.yaml", ["name=x", "data.url=d", f"eval.at_end={str(at_end).lower()}",
+                                           "tracking.log_model=false"])
+    trainer = SimpleNamespace(
+        cfg=cfg, step=7, _last_checkpoint_step=7, env=SimpleNamespace(is_main=True), tracker=SimpleNamespace(),
+        engines=SimpleNamespace(vae_model=None, disc_model=None), preemption=None,
+        run_eval_hooks=lambda step: calls.append(("eval", step)),
+        checkpoints=SimpleNamespace(export_final=lambda models, text: calls.append(("export",)) or []))
+    Trainer._finish(trainer, exiting=False)
+    assert calls == ([("eval", 7)] if at_end else []) + [("export",)]
