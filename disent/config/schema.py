@@ -46,6 +46,9 @@ class ModelConfig:
     # every unit (LORD), under which the KL term is an L2 penalty on mu: z has a fixed capacity the decoder spends on
     # what s does not give it, and no unit can go quiet with a learned variance while its mean keeps the class
     posterior_sigma: float = 0.0
+    # the paper's f_z(x, s): the unspecified code's head also sees s. False: f_z(x), the trunk's features alone, so
+    # the class has no direct path from s into the mean of z
+    z_sees_s: bool = True
 
 
 @dataclass

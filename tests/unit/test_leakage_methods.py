@@ -222,3 +222,20 @@ def test_a_fixed_variance_posterior_gives_mu_only_and_its_kl_is_an_l2_penalty_on
 
     with pytest.raises(ConfigError, match="'model.posterior_sigma' must be >= 0"):
         load_config(ROOT / "configs/glyphs.yaml", ["model.posterior_sigma=-1"])
+
+
+def test_z_sees_s_false_gives_f_z_the_trunk_alone():
+    """model.z_sees_s=false: mu and logvar do not move when only s changes (f_z(x), not f_z(x, s))."""
+    from disent.config import load_config
+    from disent.models.vae import vae_from_config
+
+    torch.manual_seed(0)
+    vae = vae_from_config(load_config(ROOT / "configs/glyphs.yaml", ["model.z_sees_s=false", "model.base_channels=8"]))
+    trunk_features = vae.encoder.f_z[0].in_features
+    assert trunk_features == vae_from_config(load_config(ROOT / "configs/glyphs.yaml", ["model.base_channels=8"])
+                                             ).encoder.f_z[0].in_features - 16
+    x = torch.rand(3, 1, 32, 32)
+    h = vae.encoder.trunk(x)
+    s, mu, logvar = vae.encode(x)
+    out = vae.encoder.f_z(h)
+    assert torch.allclose(mu, out[:, :16]) and s.shape == (3, 16)
