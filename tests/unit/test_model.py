@@ -194,3 +194,19 @@ def test_class_mmd_is_a_loss_option_that_trains_the_encoder():
     assert vae.encoder.f_z[0].weight.grad is not None
     with pytest.raises(ValueError, match="loss.class_mmd > 0 needs the class of x1"):
         Objective(LossWeights(class_mmd=1.0), 4).vae_losses(vae, disc, x1, x1p, x2, x2p, y2, 0)
+
+
+def test_the_reverse_cycle_feeds_the_encoder_float32_under_bf16_autocast():
+    """A compiled encoder compiles a graph per input dtype: the reverse cycle's input (the decoder's bf16 output under
+    autocast) is given in float32, like the real images, so it adds no variant."""
+    torch.manual_seed(0)
+    vae = DisentVAE(1, 28, 4, 4, 8)
+    cfg = LossWeights(reverse_cycle=1.0)
+    disc = build_critics("pair", 1, 28, 4, 8, 4, cfg)
+    seen = []
+    encode = vae.encode
+    vae.encode = lambda x: seen.append(x.dtype) or encode(x)
+    x1, x1p, x2, x2p, y2 = batch()
+    with frozen(disc), torch.autocast("cpu", dtype=torch.bfloat16):
+        Objective(cfg, 4).vae_losses(vae, disc, x1, x1p, x2, x2p, y2, step=0)
+    assert seen == [torch.float32, torch.float32]  # the step's own pass, then the reverse cycle's
