@@ -56,6 +56,11 @@
 #SBATCH --requeue
 set -uo pipefail
 
+if [ -z "${SLURM_JOB_ID:-}" ]; then
+  echo "slurm/train.sh: not inside a Slurm job (SLURM_JOB_ID is unset): submit it with sbatch, e.g." \
+       "sbatch slurm/train.sh configs/fashion_mnist.yaml (on one machine: python -m launcher --nproc N -- disent train CONFIG)" >&2
+  exit 2
+fi
 PYTHON=${PYTHON:-python3}
 if ! codes=$("${PYTHON}" -m disent.errors --shell); then
   echo "slurm/train.sh: ${PYTHON} cannot import disent (set PYTHON to the interpreter it is installed in)" >&2

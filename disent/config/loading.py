@@ -95,8 +95,13 @@ def parse_override(text: str) -> tuple[list[str], Any]:
 
 
 def _apply_overrides(raw: dict, overrides: list[str], origins: dict[str, str]) -> dict:
+    given: dict[str, str] = {}
     for text in overrides:
         keys, value = parse_override(text)
+        dotted = ".".join(keys)
+        if dotted in given:  # the last would silently win: which one did the user mean?
+            raise ConfigError(f"override '{dotted}' is given twice ({given[dotted]}, then {text}); give it once")
+        given[dotted] = text
         nested: Any = value
         for key in reversed(keys):
             nested = {key: nested}

@@ -78,12 +78,19 @@ def _cmd_eval(args: argparse.Namespace) -> int:
 def _cmd_swap(args: argparse.Namespace) -> int:
     from disent.eval.analogy import write_analogies
 
-    model = load_trained(args.checkpoint)
     for label, path in (("--content", args.content), ("--style", args.style)):
         if not path.exists():
             raise ConfigError(f"{label} {path} does not exist")
     if args.content.is_dir() != args.style.is_dir():
         raise ConfigError("--content and --style must both be image files or both be folders")
+    if not args.content.is_dir():
+        from PIL import Image
+
+        if args.output.suffix.lower() not in Image.registered_extensions():
+            raise ConfigError(f"-o {args.output}: the image's format comes from its extension; name the file with "
+                              f"one, e.g. -o {args.output.with_suffix('.png')} (a folder only when --content and "
+                              "--style are folders)")
+    model = load_trained(args.checkpoint)
     written = write_analogies(model.vae, args.content, args.style, args.output,
                               model.cfg.data.channels, model.cfg.data.image_size)
     print(f"wrote {len(written)} image(s): {written[-1] if len(written) > 1 else written[0]}")

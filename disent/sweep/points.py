@@ -83,12 +83,21 @@ class Sweep:
         return cls(raw["config"], raw["axes"], raw["mode"], raw.get("base_overrides", []))
 
 
+# Keys the sweep sets for each point itself, and where a user gives them instead.
+SET_BY_THE_SWEEP = {"run_dir": "--run-dir", "tracking.uri": "--tracking-uri", "tracking.run_name": "its label",
+                    "tracking.parent_run_id": "its parent run"}
+
+
 def build_sweep(config: str, arguments: list[str], mode: str, base_overrides: list[str] = ()) -> Sweep:
     """The sweep, with every point loaded and validated as a config (unknown keys, wrong types and
     invalid combinations are refused here, naming the key, before anything is submitted)."""
     if not Path(config).is_file():
         raise ConfigError(f"config file {config} does not exist")
     axes = parse_axes(arguments)
+    for key in axes:
+        if key in SET_BY_THE_SWEEP:
+            raise ConfigError(f"'{key}' is set by the sweep for each point (from {SET_BY_THE_SWEEP[key]}); "
+                              f"leave it out of the key=value arguments")
     if not axes:
         raise ConfigError("a sweep needs at least one key=v1,v2,... argument")
     if mode == "zip" and len({len(v) for v in axes.values()}) > 1:

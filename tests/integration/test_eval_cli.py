@@ -96,3 +96,9 @@ def test_swap_refuses_wrong_size_and_channels(trained, tmp_path):
                     "-o", tmp_path / "o.png")
     assert result.returncode == 2 and "rgb.png has mode RGB" in result.stderr
     assert "Traceback" not in result.stderr
+    # -o without an extension: one line, before the model is loaded (a checkpoint that does not exist is not read)
+    result = disent("swap", "--checkpoint", tmp_path / "nowhere", "--content", tmp_path / "ok.png", "--style",
+                    tmp_path / "ok.png", "-o", tmp_path / "out")
+    assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr
+    assert f"-o {tmp_path / 'out'}: the image's format comes from its extension" in result.stderr
+    assert result.stderr.strip().count("\n") == 0

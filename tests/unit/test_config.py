@@ -71,6 +71,11 @@ def test_extends_cycle(tmp_path):
         load_config(tmp_path / "a.yaml")
 
 
+def test_the_same_override_given_twice_is_refused_naming_both():
+    with pytest.raises(ConfigError, match=r"override 'train.steps' is given twice \(train.steps=3, then train.steps=5\)"):
+        load_config(ROOT / "configs/base.yaml", ["train.steps=3", "model.z_dim=4", "train.steps=5"])
+
+
 def test_malformed_override():
     with pytest.raises(ConfigError, match="section.key=value"):
         load_config(ROOT / "configs/base.yaml", ["model.z_dim"])

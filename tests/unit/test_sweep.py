@@ -39,6 +39,9 @@ def test_grid_and_zip_points_are_named_by_the_values_that_differ():
     (["model.z_dim=8,16", "loss.adversarial=0.1"], "zip", "--zip needs as many values for every key"),
     (["model.z_dim=8", "model.z_dim=16"], "grid", "given twice"),
     ([], "grid", "at least one key"),
+    # the sweep gives each point these itself; a second value would be the same override twice
+    (["run_dir=/tmp/x", "model.z_dim=8,16"], "grid", "'run_dir' is set by the sweep for each point (from --run-dir)"),
+    (["tracking.uri=sqlite:///x.db", "model.z_dim=8,16"], "grid", "(from --tracking-uri)"),
 ])
 def test_bad_input_is_refused_naming_the_key(arguments, mode, message):
     with pytest.raises(ConfigError) as info:
