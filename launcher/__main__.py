@@ -97,6 +97,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"launcher: error: {exc}", file=sys.stderr)
         return ExitCode.INPUT_ERROR
     gpus = gpu_count(env)
+    if topology.spawn and not gpus and topology.nproc_per_node > available_cpus():
+        print(f"launcher: warning: {topology.nproc_per_node} CPU ranks on {available_cpus()} usable core(s): ranks share "
+              f"cores and every collective waits for the slowest; --nproc {available_cpus()} or fewer is faster",
+              file=sys.stderr)
 
     if args.dry_run:
         port = topology.master_port or 0

@@ -2,7 +2,7 @@
 splits over the ranks."""
 from __future__ import annotations
 
-from disent.config.schema import Config, ConfigError
+from disent.config.schema import IMAGE_SIZES, Config, ConfigError
 from disent.config.views import get_dotted
 from disent.io.urls import URL_CREDENTIALS, redact_url_credentials
 
@@ -32,7 +32,7 @@ def validate(cfg: Config, world_size: int | None = None) -> None:
     if cfg.model.posterior_sigma < 0:
         raise ConfigError(f"config key 'model.posterior_sigma' must be >= 0 (0: a learned variance), "
                           f"got {cfg.model.posterior_sigma}")
-    if cfg.data.image_size not in (28, 32, 64):
+    if cfg.data.image_size not in IMAGE_SIZES:
         raise ConfigError(f"config key 'data.image_size' must be 28, 32 or 64, got {cfg.data.image_size}")
     if cfg.data.channels not in (1, 3):
         raise ConfigError(f"config key 'data.channels' must be 1 or 3, got {cfg.data.channels}")

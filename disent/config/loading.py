@@ -77,7 +77,13 @@ def _load_with_parents(path: Path, origins: dict[str, str], seen: tuple[Path, ..
     if parent_name is not None:
         if not isinstance(parent_name, str):
             raise ConfigError(f"{path}: 'extends' must be a file name, got {parent_name!r}")
-        merged = _load_with_parents(path.parent / parent_name, origins, (*seen, path))
+        parent = path.parent / parent_name
+        if not parent.is_file():
+            raise ConfigError(
+                f"{path}: 'extends: {parent_name}' names {parent}, which does not exist (extends is read relative to "
+                f"the file that names it); copy the config it extends beside {path.name} (the shipped ones are in "
+                "the repository's configs/) or give extends a path to it")
+        merged = _load_with_parents(parent, origins, (*seen, path))
     return _deep_merge(merged, raw, origins, str(path))
 
 

@@ -9,6 +9,10 @@ from disent.errors import InputError
 from disent.models.loss_weights import LossWeights
 
 
+# The square image sides the model is built for (disent/models/vae.py's DOWNSAMPLINGS).
+IMAGE_SIZES = (28, 32, 64)
+
+
 class ConfigError(InputError):
     """A config problem a user must fix; the CLI prints it without a traceback and exits 2."""
 

@@ -55,6 +55,16 @@ def test_cli_dry_run_in_a_slurm_step():
     assert rank["DISENT_CPUS_PER_RANK"] == "6"  # what data.num_workers=auto sizes from
 
 
+def test_more_cpu_ranks_than_cores_is_warned():
+    from disent.host import available_cpus
+
+    too_many = launcher("--nproc", str(available_cpus() + 1), "--dry-run", "--", "true", env={"CUDA_VISIBLE_DEVICES": ""})
+    assert too_many.returncode == 0 and f"{available_cpus() + 1} CPU ranks on {available_cpus()} usable core(s)" in \
+        too_many.stderr, too_many.stderr
+    enough = launcher("--nproc", "1", "--dry-run", "--", "true", env={"CUDA_VISIBLE_DEVICES": ""})
+    assert "warning" not in enough.stderr
+
+
 def test_cli_refusal_is_one_clear_line_and_exit_2():
     result = launcher("--nproc", "4", "--", "true", env=slurm_step(ntasks=2, nodes=1))
     assert result.returncode == 2

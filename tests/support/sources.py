@@ -55,7 +55,7 @@ def make_idx_dir(d: Path, n_train=100, n_test=40, classes=4, size=8, gz=True) ->
     return d
 
 
-def make_folder(d: Path, per_class=(12, 10, 9), size=8, colour=True) -> Path:
+def make_folder(d: Path, per_class=(12, 10, 9), size=28, colour=True) -> Path:
     from PIL import Image
 
     rng = np.random.default_rng(3)

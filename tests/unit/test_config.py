@@ -76,6 +76,14 @@ def test_the_same_override_given_twice_is_refused_naming_both():
         load_config(ROOT / "configs/base.yaml", ["train.steps=3", "model.z_dim=4", "train.steps=5"])
 
 
+def test_a_copied_config_whose_parent_is_not_beside_it_says_extends_is_the_cause(tmp_path):
+    copied = tmp_path / "mine.yaml"
+    copied.write_text((ROOT / "configs/glyphs.yaml").read_text())
+    with pytest.raises(ConfigError, match=r"mine.yaml: 'extends: base.yaml' names .*base.yaml, which does not exist "
+                                          r"\(extends is read relative to the file that names it\)"):
+        load_config(copied)
+
+
 def test_malformed_override():
     with pytest.raises(ConfigError, match="section.key=value"):
         load_config(ROOT / "configs/base.yaml", ["model.z_dim"])

@@ -178,6 +178,31 @@ def test_images_of_mismatched_sizes(tmp_path):
     assert str(odd) in msg and "8x9" in msg
 
 
+def test_a_folder_of_images_the_model_cannot_take_is_refused_naming_the_sizes(tmp_path):
+    """A 32x24 folder was prepared, and then train suggested data.image_size=24, which validation refuses."""
+    from PIL import Image
+
+    folder = tmp_path / "f"
+    for c in range(2):
+        (folder / f"c{c}").mkdir(parents=True)
+        for i in range(3):
+            Image.fromarray(np.zeros((24, 32), np.uint8)).save(folder / f"c{c}" / f"{i}.png")
+    msg = _expect_error(f"folder:{folder}", tmp_path / "out", "the images are 32x24")
+    assert "square images of 28x28, 32x32, 64x64" in msg and "resize them" in msg
+
+
+def test_limit_on_a_folder_keeps_every_class(tmp_path):
+    """--limit took the first N files, which dropped whole classes; it now takes the classes in turn."""
+    from disent.data.errors import DataError
+    from disent.data.sources.folder import load_folder
+
+    folder = make_folder(tmp_path / "f", per_class=(12, 10, 9))
+    data = load_folder(str(folder), SourceOptions(limit=9))
+    assert np.bincount(data.train.labels).tolist() == [3, 3, 3] and data.num_classes == 3
+    with pytest.raises(DataError, match="--limit 5 leaves some of its 3 classes fewer than the 2 images .* --limit 6"):
+        load_folder(str(folder), SourceOptions(limit=5))
+
+
 def test_labels_out_of_range(tmp_path):
     images, labels, _ = tiny_arrays(30, 3)
     labels[13] = 7

@@ -1,11 +1,13 @@
 """``folder:DIR``: one sub-directory per class (sorted names -> class ids 0..K-1), image files inside."""
 from __future__ import annotations
 
+import itertools
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from disent.config.schema import IMAGE_SIZES
 from disent.data.errors import DataError
 from disent.data.sources.registry import Part, SourceData, SourceOptions, check_part, register_source
 
@@ -42,7 +44,7 @@ def _list_images(root: Path, limit: int | None) -> tuple[list[Path], list[tuple[
     class_dirs = sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
     if not class_dirs:
         raise DataError(f"{root}: expected one sub-directory per class, found none")
-    files: list[tuple[Path, int]] = []
+    per_class: list[list[tuple[Path, int]]] = []
     for cls, cdir in enumerate(class_dirs):
         found = sorted(p for p in cdir.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS
                        and not p.name.startswith("."))
@@ -51,10 +53,15 @@ def _list_images(root: Path, limit: int | None) -> tuple[list[Path], list[tuple[
                 f"{cdir}: class {cls} ('{cdir.name}') has {len(found)} image(s); every class needs at least 2 "
                 "to form same-class pairs"
             )
-        files.extend((p, cls) for p in found)
-    if limit is not None:
-        files = files[:limit] if limit < len(files) else files
-    return class_dirs, files
+        per_class.append([(p, cls) for p in found])
+    if limit is None or limit >= sum(map(len, per_class)):
+        return class_dirs, [f for files in per_class for f in files]
+    if limit < 2 * len(class_dirs):
+        raise DataError(f"{root}: --limit {limit} leaves some of its {len(class_dirs)} classes fewer than the 2 images "
+                        f"a same-class pair needs; use --limit {2 * len(class_dirs)} or more")
+    # Taken class by class in turn, so every class keeps its share: the first `limit` files would drop whole classes.
+    taken = [f for round_ in itertools.zip_longest(*per_class) for f in round_ if f is not None][:limit]
+    return class_dirs, sorted(taken, key=lambda f: (f[1], f[0]))
 
 
 def _decode_images(paths: list[Path]) -> np.ndarray:
@@ -84,6 +91,10 @@ def _decode_images(paths: list[Path]) -> np.ndarray:
                 "all images must have the same size"
             )
         decoded.append(im)
+    if size is not None and (size[0] != size[1] or size[0] not in IMAGE_SIZES):
+        sides = ", ".join(f"{s}x{s}" for s in IMAGE_SIZES)
+        raise DataError(f"{first}: the images are {size[0]}x{size[1]}, but the model takes square images of {sides}; "
+                        f"resize them to one of these before prepare (e.g. ImageMagick: mogrify -resize 32x32! *.png)")
     channels = 3 if colour else 1
     h, w = size[1], size[0]  # type: ignore[index]
     images = np.empty((len(decoded), channels, h, w), np.uint8)
