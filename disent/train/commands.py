@@ -16,6 +16,7 @@ import sys
 
 from disent.config import Config, ConfigError, load_config, micro_batch_size
 from disent.errors import ExitCode, RetryableFailure
+from disent.models.loss_weights import TERMS
 
 log = logging.getLogger(__name__)
 
@@ -98,7 +99,7 @@ def check_manifest(cfg: Config):
         ) from None
 
 
-def preflight(cfg: Config, world_size: int, device_type: str, resume: str | None):
+def preflight(cfg: Config, world_size: int, device_type: str, resume: str | None, auto_resume: bool = True):
     """All checks that need no process group. Raises ConfigError."""
     from disent.checkpoint import CheckpointError, CheckpointManager, RunLayout
     from disent.train.ds_config import deepspeed_config
@@ -110,11 +111,34 @@ def preflight(cfg: Config, world_size: int, device_type: str, resume: str | None
         RunLayout(cfg.run_dir).create()
     except CheckpointError as exc:
         raise ConfigError(f"config key 'run_dir': {exc}") from None
+    info = None
     if resume is not None:
         try:
-            CheckpointManager.resolve(resume)
+            info = CheckpointManager.resolve(resume)
         except CheckpointError as exc:
             raise ConfigError(f"--resume {resume}: {exc}") from None
+    elif auto_resume:
+        info = CheckpointManager(cfg.run_dir).latest_complete()
+    if info is not None:
+        refuse_another_model(cfg, info.meta().get("config", {}), info.path, resume is None)
+
+
+def refuse_another_model(cfg: Config, saved: dict, path, automatic: bool) -> None:
+    """A checkpoint of another model shape cannot be loaded (every rank would fail with a size mismatch deep in
+    DeepSpeed, and a restart would fail the same way): one input error naming the keys, before any work. The shape is
+    the model section, the data's image shape and classes, and the critics the loss terms build."""
+    from disent.config import flatten, to_dict
+
+    now, then = flatten(to_dict(cfg)), flatten(saved)
+    keys = [k for k in now if k.startswith("model.") or k in ("data.image_size", "data.channels", "data.num_classes")]
+    keys += [f"loss.{t.name}" for t in TERMS if t.critic]  # on or off decides whether its critic exists
+    differ = [k for k in keys if k in then and (then[k] != now[k] if not k.startswith("loss.")
+                                                else (then[k] > 0) != (now[k] > 0))]
+    if differ:
+        shown = ", ".join(f"{k}={then[k]} (the config: {now[k]})" for k in differ)
+        how = "run_dir holds" if automatic else "--resume names"
+        raise ConfigError(f"{how} a checkpoint of another model ({path}: {shown}); train in another run_dir, or set "
+                          f"{' '.join(f'{k}={then[k]}' for k in differ)} to continue it")
 
 
 def run_training(
@@ -200,7 +224,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
     cfg = load_config(args.config, args.overrides)
     device_type = choose_device(cfg.train.device)
     world_size = _env_world_size()
-    preflight(cfg, world_size, device_type, args.resume)
+    preflight(cfg, world_size, device_type, args.resume, auto_resume=not args.no_auto_resume)
     manifest = check_manifest(cfg)
     return run_training(cfg, resume=args.resume, auto_resume=not args.no_auto_resume, manifest_digest=manifest.digest)
 

@@ -441,6 +441,24 @@ def test_a_stop_whose_checkpoint_upload_hangs_exits_75_on_every_rank_within_the_
     assert len(complete_checkpoints(run)) == 1
 
 
+def test_auto_resume_from_a_checkpoint_of_another_model_shape_is_one_input_error(tmp_path, tiny_data):
+    run = tmp_path / "run"
+    env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1"}
+    for var in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(var, None)
+
+    def train(**extra):
+        return subprocess.run([sys.executable, "-m", "disent.cli", "train", BASE,
+                               *tiny_overrides(run, tiny_data, **{"train.steps": 2, **extra})],
+                              cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+
+    assert_ok(train())
+    result = train(**{"model.z_dim": 6, "train.steps": 4})
+    assert result.returncode == 2, result.stderr[-3000:]
+    assert "run_dir holds a checkpoint of another model" in result.stderr and "model.z_dim=4 (the config: 6)" in \
+        result.stderr and "Traceback" not in result.stderr
+
+
 def test_sigusr1_single_process_exits_75(tmp_path, tiny_data):
     """`disent train` without torchrun: SIGUSR1 -> checkpoint, exit code 75 (EX_TEMPFAIL)."""
     run = tmp_path / "run"

@@ -49,10 +49,11 @@ def main() -> int:
             extra = shlex.split(case)
             config = next((w.split("=", 1)[1] for w in extra if w.startswith("config=")), args.config)
             extra = [w for w in extra if not w.startswith("config=")]
-            cfg = load_config(config, [*args.overrides, *extra])
+            mine = {w.split("=", 1)[0] for w in extra}  # a case's keys replace the common ones (given once each)
+            cfg = load_config(config, [*(o for o in args.overrides if o.split("=", 1)[0] not in mine), *extra])
             if args.case:
                 cfg.run_dir = str(Path(cfg.run_dir) / f"case{i}")
-            preflight(cfg, world_size, "cpu", args.resume)
+            preflight(cfg, world_size, "cpu", args.resume, auto_resume=False)
             digest = check_manifest(cfg).digest
             configs.append((cfg, digest))
     except ConfigError as exc:

@@ -58,3 +58,22 @@ def test_eval_at_end_false_skips_only_the_final_evaluation(at_end):
         checkpoints=SimpleNamespace(export_final=lambda models, text: calls.append(("export",)) or []))
     Trainer._finish(trainer, exiting=False)
     assert calls == ([("eval", 7)] if at_end else []) + [("export",)]
+
+
+def test_a_checkpoint_of_another_model_is_refused_in_one_line_naming_the_keys(tmp_path):
+    """Resuming (or auto-resuming) a checkpoint whose model.z_dim differs failed with a size mismatch on every rank,
+    exit 1, retried; now one input error, before any work."""
+    from disent.config import ConfigError, load_config, to_dict
+    from disent.train.commands import refuse_another_model
+
+    base = ["name=x", "data.url=d"]
+    then = to_dict(load_config("configs/base.yaml", [*base, "model.z_dim=16", "loss.latent_adversarial=1"]))
+    same = load_config("configs/base.yaml", [*base, "model.z_dim=16", "loss.latent_adversarial=2", "train.steps=9"])
+    refuse_another_model(same, then, "run/checkpoints/step-00000004", automatic=True)  # weights and length may differ
+    other = load_config("configs/base.yaml", [*base, "model.z_dim=8", "loss.latent_adversarial=0"])
+    with pytest.raises(ConfigError) as info:
+        refuse_another_model(other, then, "run/checkpoints/step-00000004", automatic=True)
+    message = str(info.value)
+    assert "run_dir holds a checkpoint of another model (run/checkpoints/step-00000004: model.z_dim=16 (the config: 8)" \
+        in message and "loss.latent_adversarial=1.0 (the config: 0.0)" in message
+    assert "train in another run_dir, or set model.z_dim=16 loss.latent_adversarial=1.0 to continue it" in message
