@@ -22,6 +22,7 @@ class ExitCode(enum.IntEnum):
     INPUT_ERROR = 2  # as argparse's usage errors: fix the input, never retry
     RETRYABLE = 69  # EX_UNAVAILABLE: a service or peer failed at run time; restart from the checkpoint
     PREEMPTED = 75  # EX_TEMPFAIL: stopped by a signal after writing a checkpoint; requeue
+    INTERRUPTED = 130  # Ctrl-C (SIGINT), as a shell reports it: a checkpoint was written; run it again to resume
 
 
 class InputError(ValueError):

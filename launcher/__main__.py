@@ -81,6 +81,14 @@ def wait_for_name(host: str, port: int, timeout_s: float) -> None:
             time.sleep(1.0)
 
 
+def warn_if_oversubscribed(topology, gpus: int) -> None:
+    """CPU ranks beyond the cores share them, and every collective waits for the slowest."""
+    if topology.spawn and not gpus and topology.nproc_per_node > available_cpus():
+        print(f"launcher: warning: {topology.nproc_per_node} CPU ranks on {available_cpus()} usable core(s): ranks share "
+              f"cores and every collective waits for the slowest; --nproc {available_cpus()} or fewer is faster",
+              file=sys.stderr)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     command = list(args.command)
@@ -97,10 +105,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"launcher: error: {exc}", file=sys.stderr)
         return ExitCode.INPUT_ERROR
     gpus = gpu_count(env)
-    if topology.spawn and not gpus and topology.nproc_per_node > available_cpus():
-        print(f"launcher: warning: {topology.nproc_per_node} CPU ranks on {available_cpus()} usable core(s): ranks share "
-              f"cores and every collective waits for the slowest; --nproc {available_cpus()} or fewer is faster",
-              file=sys.stderr)
+    warn_if_oversubscribed(topology, gpus)
 
     if args.dry_run:
         port = topology.master_port or 0

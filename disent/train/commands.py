@@ -196,8 +196,9 @@ def train_in_group(cfg: Config, env, resume=None, auto_resume=True, loader_facto
         raise
     if env.is_main:
         if result.preempted:
-            print(f"disent: preempted at step {result.step}; checkpoint {result.checkpoint}; "
-                  f"exit {int(ExitCode.PREEMPTED)} (requeue to resume)", file=sys.stderr)
+            how = "interrupted" if result.interrupted else "preempted"
+            print(f"disent: {how} at step {result.step}; checkpoint {result.checkpoint}; exit {int(result.exit_code)} "
+                  f"({'run it again' if result.interrupted else 'requeue'} to resume)", file=sys.stderr)
         else:
             from disent.io.urls import redact_url_credentials
             from disent.tracking import tracking_uri

@@ -10,9 +10,8 @@ DeepSpeed applies the optimizer update at the accumulation boundary.
 After each step come the periodic actions, each owned by its own component: the metrics window
 (train/metrics.py, every `log_every` steps), the profiler (train/profiler.py), the eval hooks
 (train/hooks.py, every `eval_every` steps and at the end), the checkpoint (disent/checkpoint/,
-every `checkpoint_every` steps and at the end) and the stop signal (disent/signals.py):
-SIGTERM/SIGUSR1 make every rank finish its step, checkpoint and return with `preempted=True` (the
-CLI exits with ExitCode.PREEMPTED, 75, so the job is requeued).
+every `checkpoint_every` steps and at the end) and the stop signal (disent/signals.py): SIGTERM/SIGUSR1/Ctrl-C make
+every rank finish its step, checkpoint and return with `preempted=True` (exit 75, requeued; 130 for Ctrl-C).
 """
 from __future__ import annotations
 
@@ -60,14 +59,15 @@ def make_loader(data_cfg, split: str, batch_size: int, rank: int, world_size: in
 @dataclass
 class TrainResult:
     step: int
-    preempted: bool
+    preempted: bool  # stopped by a signal, after its checkpoint
     run_id: str | None
     checkpoint: Path | None
     eval_failures: list[str] = dataclasses.field(default_factory=list)
+    interrupted: bool = False  # the signal was Ctrl-C (SIGINT)
 
     @property
     def exit_code(self) -> int:
-        return ExitCode.PREEMPTED if self.preempted else ExitCode.OK
+        return ExitCode.OK if not self.preempted else ExitCode.INTERRUPTED if self.interrupted else ExitCode.PREEMPTED
 
 
 class Trainer:
@@ -249,7 +249,7 @@ class Trainer:
             self.summary.report(status, self.layout.summary, self.tracker, self.env.is_main, self.step)
             self._teardown(status, exiting)
         return TrainResult(step=self.step, preempted=preempted, run_id=self.tracker.run_id, checkpoint=self._last_checkpoint,
-                           eval_failures=list(self.eval_failures))
+                           eval_failures=list(self.eval_failures), interrupted=self.preemption.interrupted)
 
     def _run_steps(self, exiting: bool) -> bool:
         """Train until cfg.train.steps; True when a stop signal ended the run first."""
@@ -283,8 +283,8 @@ class Trainer:
                 if evaluate:
                     self.run_eval_hooks(self.step)
                 if stop and self.step < total:  # a signal during the last step: the run is finished
-                    log.warning("preempted at step %d; checkpoint written, exiting with %d", self.step,
-                                int(ExitCode.PREEMPTED))
+                    code = ExitCode.INTERRUPTED if self.preemption.interrupted else ExitCode.PREEMPTED
+                    log.warning("%s at step %d; checkpoint written, exiting with %d", code.name.lower(), self.step, code)
                     return True
         return False
 

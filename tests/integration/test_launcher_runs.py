@@ -218,6 +218,23 @@ def test_preemption_signal_exits_75_and_the_next_run_resumes(tmp_path, tiny_data
     assert_finished(run_dir, steps, world_size=2, **tracked(store, tmp_path))
 
 
+@pytest.mark.timeout(120)
+def test_ctrl_c_to_the_launcher_checkpoints_every_rank_and_exits_130(tmp_path, tiny_data, store):
+    """Ctrl-C in the launcher's terminal: it forwards SIGINT to the ranks (each in its own session), every rank
+    finishes its step, checkpoints and exits 130, and so does the launcher, with no traceback."""
+    run_dir = tmp_path / "run"
+    proc = start("--nproc", "2", "--", *TRAIN_CMD, *train_args(run_dir, tiny_data, steps=60, **tracked(store, tmp_path)))
+    try:
+        wait_for(lambda: logged_steps(run_dir), 90, "logged step", proc)
+        proc.send_signal(signal.SIGINT)
+        out, err = finish(proc, 90)
+    finally:
+        stop(proc)
+    assert proc.returncode == 130, err[-6000:]
+    assert err.count("exiting with 130") == 2 and "Traceback" not in err, err[-6000:]
+    assert len(complete_checkpoints(run_dir)) == 1
+
+
 @pytest.mark.timeout(150)
 @pytest.mark.skipif(shutil.which("torchrun", path=str(Path(sys.executable).parent)) is None,
                     reason="torchrun not installed")

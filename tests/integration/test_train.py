@@ -459,6 +459,29 @@ def test_auto_resume_from_a_checkpoint_of_another_model_shape_is_one_input_error
         result.stderr and "Traceback" not in result.stderr
 
 
+def test_ctrl_c_checkpoints_exits_130_and_marks_the_run_killed(tmp_path, tiny_data):
+    """Ctrl-C (SIGINT) to a bare `disent train`: like SIGTERM, the step finishes and a checkpoint is written, then one
+    line and exit 130 (was: a KeyboardInterrupt traceback, the steps since the last checkpoint lost, the run FAILED)."""
+    run = tmp_path / "run"
+    env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1"}
+    for var in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(var, None)
+    overrides = tiny_overrides(run, tiny_data, **{"train.steps": 100000, "train.checkpoint_every": 100000,
+                                                  "train.log_every": 2})
+    proc = subprocess.Popen([sys.executable, "-m", "disent.cli", "train", BASE, *overrides], cwd=ROOT, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    out = _signal_once_logged(run, proc, 1, signal.SIGINT)
+    assert proc.returncode == 130, out[-4000:]
+    assert "interrupted at step" in out and "KeyboardInterrupt" not in out and "Traceback" not in out, out[-4000:]
+    assert len(complete_checkpoints(run)) == 1
+
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(f"sqlite:///{run}/mlflow.db")
+    runs = client.search_runs([client.get_experiment_by_name("disent").experiment_id])
+    assert [r.info.status for r in runs] == ["KILLED"]
+
+
 def test_sigusr1_single_process_exits_75(tmp_path, tiny_data):
     """`disent train` without torchrun: SIGUSR1 -> checkpoint, exit code 75 (EX_TEMPFAIL)."""
     run = tmp_path / "run"

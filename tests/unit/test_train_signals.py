@@ -15,13 +15,13 @@ import pytest
 import torch
 from torch.utils.data import DataLoader, IterableDataset
 
-from disent.signals import PREEMPT_SIGNALS, PreemptionFlag, stop_signals_held
+from disent.signals import STOP_SIGNALS, PreemptionFlag, stop_signals_held
 from disent.train.distributed import DistEnv
 
 
 @pytest.fixture
 def saved_handlers():
-    before = {sig: signal.getsignal(sig) for sig in PREEMPT_SIGNALS}
+    before = {sig: signal.getsignal(sig) for sig in STOP_SIGNALS}
     yield before
     for sig, handler in before.items():
         signal.signal(sig, handler)
@@ -35,7 +35,21 @@ def test_restore_puts_back_the_previous_handlers(saved_handlers):
     time.sleep(0.05)
     assert flag.raised and flag.signal == signal.SIGUSR1
     flag.restore()
-    assert {sig: signal.getsignal(sig) for sig in PREEMPT_SIGNALS} == saved_handlers
+    assert {sig: signal.getsignal(sig) for sig in STOP_SIGNALS} == saved_handlers
+
+
+def test_ctrl_c_stops_like_a_preemption_and_a_second_one_interrupts_at_once(saved_handlers):
+    flag = PreemptionFlag()
+    flag.install()
+    try:
+        os.kill(os.getpid(), signal.SIGINT)
+        time.sleep(0.05)
+        assert flag.raised and flag.interrupted  # the run checkpoints and exits 130, not 75
+        with pytest.raises(KeyboardInterrupt):
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(0.05)
+    finally:
+        flag.restore()
 
 
 def test_settled_flag_ignores_stop_signals_for_good(saved_handlers):
@@ -43,7 +57,7 @@ def test_settled_flag_ignores_stop_signals_for_good(saved_handlers):
     flag.install()
     flag.settle()
     flag.restore()
-    assert all(signal.getsignal(sig) == signal.SIG_IGN for sig in PREEMPT_SIGNALS)
+    assert all(signal.getsignal(sig) == signal.SIG_IGN for sig in STOP_SIGNALS)
     os.kill(os.getpid(), signal.SIGTERM)  # would end pytest if it were not ignored
     time.sleep(0.05)
     assert not flag.raised
@@ -85,7 +99,7 @@ def _start_workers(held: bool):
 
 
 @pytest.mark.timeout(60)
-@pytest.mark.parametrize("sig", PREEMPT_SIGNALS, ids=lambda s: signal.Signals(s).name)
+@pytest.mark.parametrize("sig", STOP_SIGNALS, ids=lambda s: signal.Signals(s).name)
 def test_workers_started_inside_the_block_survive_stop_signals(saved_handlers, sig):
     flag = PreemptionFlag()
     flag.install()
