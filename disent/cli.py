@@ -7,7 +7,7 @@ import sys
 
 from disent import __version__
 from disent.config import ConfigError, load_config, to_yaml
-from disent.errors import RetryableFailure
+from disent.errors import InputError, RetryableFailure
 
 
 def add_config_args(parser: argparse.ArgumentParser) -> None:
@@ -65,6 +65,9 @@ def main(argv: list[str] | None = None) -> int:
         return int(args.func(args) or 0)
     except ConfigError as exc:
         print(f"disent: config error: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except InputError as exc:
+        print(f"disent: input error: {exc}", file=sys.stderr)
         return exc.exit_code
     except RetryableFailure as exc:
         print(f"disent: retryable failure (exit {int(exc.exit_code)}; a restart resumes from the latest "

@@ -118,7 +118,10 @@ class CheckpointInfo:
 
     @property
     def eval_dir(self) -> Path:
-        """Where `disent eval` of this checkpoint puts eval.json and its grids."""
+        """Where the evaluation of this checkpoint's step goes, the training's own or `disent eval`'s: one place per
+        step, run_dir/eval/step-N (RunLayout.eval_dir); beside the checkpoint for one outside a run_dir."""
+        if self.path.parent.name == "checkpoints":
+            return RunLayout(self.path.parent.parent).eval_dir(self.step)
         return self.path / "eval"
 
     def meta(self) -> dict:

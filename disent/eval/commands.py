@@ -60,19 +60,33 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     import torch
 
     from disent.eval.evaluate import evaluate
+    from disent.host import available_cpus
+    from disent.logs import setup_logging
 
+    setup_logging()  # each metric's progress on stderr
     model = load_trained(args.path, args.overrides)
     out_dir = Path(args.output) if args.output else model.info.eval_dir
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    metrics = evaluate(model.vae.to(device), model.cfg, out_dir, device)
-    run_id = None
-    if not args.no_mlflow:
-        run_id = log_evaluation(model.cfg, metrics, out_dir, model.step, model.mlflow_run_id, args.child_run)
+    done = out_dir / "eval.json"
+    if done.is_file() and not (args.redo or args.overrides or args.output):
+        # The training's own evaluation of this step (or an earlier `disent eval`): the same work, already in MLflow.
+        metrics = json.loads(done.read_text())
+        print(f"step {model.step} of {model.checkpoint} is evaluated already: {done} (--redo evaluates it again)",
+              file=sys.stderr)
+        run_id = model.mlflow_run_id
+    else:
+        torch.set_num_threads(available_cpus())  # the cores this process may use, as the launcher gives a rank
+        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        metrics = evaluate(model.vae.to(device), model.cfg, out_dir, device)
+        run_id = None
+        if not args.no_mlflow:
+            run_id = log_evaluation(model.cfg, metrics, out_dir, model.step, model.mlflow_run_id, args.child_run)
     metrics.update(checkpoint=str(model.checkpoint), step=model.step, mlflow_run_id=run_id or model.mlflow_run_id)
-    (out_dir / "eval.json").write_text(json.dumps(metrics, indent=2, sort_keys=True))
+    done.write_text(json.dumps(metrics, indent=2, sort_keys=True))
     json.dump({k: v for k, v in metrics.items() if k != "grids"}, sys.stdout, indent=2, sort_keys=True)
-    print(f"\nwrote {out_dir / 'eval.json'} and grids: {', '.join(metrics['grids'].values())}")
-    return 0
+    print(f"\nwrote {done}" + (f" and grids: {', '.join(metrics['grids'].values())}" if "grids" in metrics else ""))
+    for name, error in metrics.get("failed_metrics", {}).items():
+        print(f"disent: ERROR: the eval metric {name} failed: {error} (the others are in {done})", file=sys.stderr)
+    return 1 if metrics.get("failed_metrics") else 0
 
 
 def _cmd_swap(args: argparse.Namespace) -> int:
@@ -90,6 +104,11 @@ def _cmd_swap(args: argparse.Namespace) -> int:
             raise ConfigError(f"-o {args.output}: the image's format comes from its extension; name the file with "
                               f"one, e.g. -o {args.output.with_suffix('.png')} (a folder only when --content and "
                               "--style are folders)")
+    import torch
+
+    from disent.host import available_cpus
+
+    torch.set_num_threads(available_cpus())  # the cores this process may use, as the launcher gives a rank
     model = load_trained(args.checkpoint)
     written = write_analogies(model.vae, args.content, args.style, args.output,
                               model.cfg.data.channels, model.cfg.data.image_size)
@@ -106,7 +125,9 @@ def register(subparsers, add_config_args) -> None:
     ev.add_argument("path", help="run directory (uses its latest complete checkpoint) or a checkpoints/step-* directory")
     ev.add_argument("overrides", nargs="*", metavar="section.key=value",
                     help="override the stored config (e.g. eval.max_test_samples=500 data.url=s3://...)")
-    ev.add_argument("--output", help="directory for eval.json and the grids (default: <checkpoint>/eval)")
+    ev.add_argument("--output", help="directory for eval.json and the grids (default: run_dir/eval/step-N, where the "
+                    "training's own evaluation of that step goes)")
+    ev.add_argument("--redo", action="store_true", help="evaluate again a step that has an eval.json already")
     ev.add_argument("--child-run", action="store_true", help="log to a child MLflow run of the training run")
     ev.add_argument("--no-mlflow", action="store_true", help="do not log to MLflow")
     ev.set_defaults(func=_cmd_eval)

@@ -111,7 +111,11 @@ def reconstruction_errors(vae: DisentVAE, test: Split, codes: dict, device: torc
 
 
 def _grid_inputs(test: Split, count: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    """Row images spread over classes, and a disjoint set of column images."""
+    """Row images spread over classes, and a disjoint set of column images: `count` of each, or half the split each
+    when it holds fewer than two grids' worth."""
+    if len(test.labels) < 2:
+        raise ValueError(f"the test split holds {len(test.labels)} image(s); a grid needs at least 2")
+    count = min(count, len(test.labels) // 2)
     rng = np.random.default_rng(seed)
     order = rng.permutation(len(test.labels))
     rows, seen = [], set()

@@ -14,6 +14,8 @@ Values must be JSON-able; a metric with nothing to report for this data returns 
 """
 from __future__ import annotations
 
+import logging
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable
@@ -21,6 +23,8 @@ from typing import TYPE_CHECKING, Callable
 import torch
 
 from disent.config import Config
+
+log = logging.getLogger(__name__)
 
 if TYPE_CHECKING:
     from disent.eval.evaluate import Split
@@ -81,15 +85,33 @@ def registered_metrics() -> list[Metric]:
 
 
 def run_metrics(ctx: EvalContext, metrics: list[Metric] | None = None) -> dict:
-    """Every metric's results merged into one dict, in registration order."""
+    """Every metric's results merged into one dict, in registration order. A metric that fails does not take the
+    others with it: its error goes under `failed_metrics` (name -> error) and the rest are kept. Each metric's start
+    and time are logged, so a long evaluation shows where it is."""
     merged: dict = {}
     owner: dict[str, str] = {}
-    for metric in registered_metrics() if metrics is None else metrics:
-        for key, value in metric.fn(ctx).items():
+    failed: dict[str, str] = {}
+    chosen = registered_metrics() if metrics is None else metrics
+    started = time.monotonic()
+    for number, metric in enumerate(chosen, 1):
+        begun = time.monotonic()
+        log.info("evaluation %d/%d: %s ...", number, len(chosen), metric.name)
+        try:
+            found = metric.fn(ctx)
+        except Exception as exc:  # noqa: BLE001 - named in the results and the log; the others still run
+            failed[metric.name] = f"{type(exc).__name__}: {' '.join(str(exc).split())[:300]}"
+            log.error("evaluation %d/%d: %s failed (%s)", number, len(chosen), metric.name, failed[metric.name],
+                      exc_info=True)
+            continue
+        log.info("evaluation %d/%d: %s done in %.1f s (%.0f s so far)", number, len(chosen), metric.name,
+                 time.monotonic() - begun, time.monotonic() - started)
+        for key, value in found.items():
             if key in owner:
                 raise ValueError(f"eval metrics {owner[key]!r} and {metric.name!r} both return the key {key!r}")
             owner[key] = metric.name
             merged[key] = value
+    if failed:
+        merged["failed_metrics"] = failed
     return merged
 
 

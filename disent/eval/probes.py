@@ -24,13 +24,15 @@ def _probe_net(kind: str, in_dim: int, out_dim: int) -> nn.Module:
     raise ValueError(f"unknown probe kind {kind!r}; use 'linear' or 'mlp'")
 
 
-MIN_STEPS = 600  # small code sets still get a converged probe
+MIN_STEPS = 600  # a code set of a few thousand still gets a converged probe
+MIN_EPOCHS = 100  # ... but never more passes than this over a small one (a smoke test's 90 codes took minutes)
 
 
 def _fit(net: nn.Module, x: torch.Tensor, loss_fn, epochs: int, seed: int) -> None:
     generator = torch.Generator().manual_seed(seed)
     batch = 128
-    steps = max(epochs * -(-len(x) // batch), MIN_STEPS)
+    per_epoch = -(-len(x) // batch)
+    steps = max(epochs * per_epoch, min(MIN_STEPS, MIN_EPOCHS * per_epoch))
     optimizer = torch.optim.Adam(net.parameters(), lr=1e-2, weight_decay=1e-5)
     schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, steps)
     for _ in range(steps):

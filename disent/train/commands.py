@@ -16,6 +16,7 @@ import sys
 
 from disent.config import Config, ConfigError, load_config, micro_batch_size
 from disent.errors import ExitCode, RetryableFailure
+from disent.logs import setup_logging
 from disent.models.loss_weights import TERMS
 
 log = logging.getLogger(__name__)
@@ -33,45 +34,6 @@ def register(subparsers, add_config_args) -> None:
     parser.add_argument("--resume", metavar="PATH", help="a checkpoint directory (…/checkpoints/step-N) or a run dir")
     parser.add_argument("--no-auto-resume", action="store_true", help="start from scratch even if run_dir has checkpoints")
     parser.set_defaults(func=_cmd_train)
-
-
-def setup_logging(rank: int) -> None:
-    level = logging.INFO if rank == 0 else logging.WARNING
-    fmt = f"%(asctime)s [rank {rank}] %(levelname)s %(name)s: %(message)s"
-    root = logging.getLogger()
-    if not any(getattr(h, "_disent", False) for h in root.handlers):
-        handler = logging.StreamHandler(sys.stderr)
-        handler.setFormatter(logging.Formatter(fmt, datefmt="%H:%M:%S"))
-        handler._disent = True  # type: ignore[attr-defined]
-        root.addHandler(handler)
-    root.setLevel(level)
-    for noisy in ("deepspeed", "DeepSpeed", "torch.distributed", "alembic", "mlflow.store", "urllib3",
-                  "mlflow.system_metrics"):
-        logging.getLogger(noisy).setLevel(logging.WARNING)
-    quiet_known_library_warnings()
-
-
-class _DropMessages(logging.Filter):
-    def __init__(self, *prefixes: str):
-        super().__init__()
-        self.prefixes = prefixes
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        return not record.getMessage().startswith(self.prefixes)
-
-
-def quiet_known_library_warnings() -> None:
-    """Warnings every run printed at start, per rank and engine, that ask nothing of the user."""
-    import warnings
-
-    deepspeed_logger = logging.getLogger("DeepSpeed")
-    if not any(isinstance(f, _DropMessages) for f in deepspeed_logger.filters):
-        # WarmupLR's own constructor reads its rate before step 0 and warns about it; the rate it
-        # then sets is the intended warmup_min_lr.
-        deepspeed_logger.addFilter(_DropMessages("Attempting to get learning rate from scheduler before it has started"))
-    # ZeRO 1/2 in DeepSpeed 0.19 call a torch collective that torch has renamed; nothing to change here.
-    warnings.filterwarnings("ignore", message=r"`torch\.distributed\.all_gather_into_tensor` is deprecated",
-                            category=FutureWarning)
 
 
 def _env_world_size() -> int:

@@ -72,3 +72,5 @@ class EvaluationHook:
         request.tracker.log_metrics(numeric_metrics(metrics), step=request.step)
         request.tracker.log_artifact(out, f"eval/{out.name}")
         log.info("eval at step %d: %s; grids in %s", request.step, headline(metrics), out)
+        if metrics.get("failed_metrics"):  # the others are logged and written; the failure is reported as one
+            raise RuntimeError("eval metrics failed: " + "; ".join(f"{k}: {v}" for k, v in metrics["failed_metrics"].items()))

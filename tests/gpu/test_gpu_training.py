@@ -101,7 +101,7 @@ def test_fp16_trains_with_loss_scaling_and_its_evaluation_is_present(fp16_run, r
     evaluated = runs.run("fp16_eval", ["eval", run_dir, "eval.max_train_samples=500", "eval.max_test_samples=200",
                                        "eval.probe_epochs=5", "eval.grid_size=4", "--no-mlflow"], timeout=180)
     assert evaluated.returncode == 0, tail(evaluated)
-    path = step_dir(run_dir, 15) / "eval" / "eval.json"
+    path = run_dir / "eval" / "step-00000015" / "eval.json"  # one place per step, the training's and `disent eval`'s
     assert path.is_file(), tail(evaluated)
     assert math.isfinite(json.loads(path.read_text())["class_from_s_mlp"])
 

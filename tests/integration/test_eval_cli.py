@@ -29,14 +29,14 @@ def trained(tmp_path_factory, tiny_data):
 def test_eval_writes_json_grids_and_logs_to_the_training_run(trained):
     result = disent("eval", trained, "eval.max_test_samples=50")
     assert result.returncode == 0, result.stderr
-    ckpt = step_dir(trained, 4)
-    report = json.loads((ckpt / "eval" / "eval.json").read_text())
+    ckpt, evaluated = step_dir(trained, 4), trained / "eval" / "step-00000004"  # one place per step
+    report = json.loads((evaluated / "eval.json").read_text())
     for key in ("chance", "class_from_s_linear", "class_from_s_mlp", "class_from_z_mean_linear",
                 "class_from_z_sample_mlp", "reconstruction_mse", "swap_mse"):
         assert 0.0 <= report[key] <= 1.0, key
     assert report["num_test"] == 50 and report["step"] == 4
     for png in ("swap_grid.png", "prior_samples.png", "interpolation.png"):
-        assert Image.open(ckpt / "eval" / png).format == "PNG"
+        assert Image.open(evaluated / png).format == "PNG"
 
     from mlflow.tracking import MlflowClient
 
@@ -47,6 +47,24 @@ def test_eval_writes_json_grids_and_logs_to_the_training_run(trained):
     assert 4 in [m.step for m in history]
     artifacts = {f.path for f in client.list_artifacts(meta["mlflow_run_id"], "eval/step-00000004")}
     assert "eval/step-00000004/swap_grid.png" in artifacts
+
+
+def test_eval_of_a_step_the_training_evaluated_reuses_it_unless_asked_to_redo(trained):
+    """The training evaluates its last step; `disent eval` of it says so and reuses the results (no second MLflow
+    point at the same step, no second folder) unless --redo."""
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(f"sqlite:///{trained}/mlflow.db")
+    run_id = json.loads((step_dir(trained, 4) / "meta.json").read_text())["mlflow_run_id"]
+    points = len(client.get_metric_history(run_id, "eval/z_gain"))
+    result = disent("eval", trained)
+    assert result.returncode == 0, result.stderr
+    assert "step 4 of" in result.stderr and "is evaluated already" in result.stderr and "--redo" in result.stderr
+    assert len(client.get_metric_history(run_id, "eval/z_gain")) == points
+    assert json.loads((trained / "eval" / "step-00000004" / "eval.json").read_text())["mlflow_run_id"] == run_id
+    assert not (step_dir(trained, 4) / "eval").exists()
+    redone = disent("eval", trained, "--redo", "--no-mlflow")
+    assert redone.returncode == 0 and "evaluated already" not in redone.stderr, redone.stderr
 
 
 def test_eval_child_run(trained):

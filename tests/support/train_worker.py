@@ -19,7 +19,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the repository root, for disent
 
 from disent.config import ConfigError, load_config  # noqa: E402
-from disent.train.commands import check_manifest, preflight, setup_logging, train_in_group  # noqa: E402
+from disent.logs import setup_logging  # noqa: E402
+from disent.train.commands import check_manifest, preflight, train_in_group  # noqa: E402
 
 
 def dump_params(request):

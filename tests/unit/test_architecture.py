@@ -1,7 +1,7 @@
 """The dependency direction of docs/architecture.md, checked on every import in the product code
 (module level and inside functions), the length of every function and of every module:
 
-    errors, host, io, signals, process_group -> models -> config -> data -> checkpoint, tracking, api -> eval -> train
+    errors, host, io, signals, process_group, logs -> models -> config -> data -> checkpoint, tracking, api -> eval -> train
     -> cli, demo, sweep
 
 A module may import its own layer and the layers to its left, and no modules import each other in a circle
@@ -21,7 +21,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
 LAYERS = [
-    {"errors", "host", "io", "signals", "process_group"},
+    {"errors", "host", "io", "signals", "process_group", "logs"},
     {"models"},
     {"config"},
     {"data"},

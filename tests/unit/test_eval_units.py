@@ -269,3 +269,26 @@ def test_a_compiled_model_is_evaluated_on_an_uncompiled_copy():
     assert all(torch.equal(a, b) for a, b in zip(copy.state_dict().values(), vae.state_dict().values()))
     plain = vae_from_config(load_config("configs/glyphs.yaml", ["model.base_channels=8"]))
     assert for_evaluation(plain, load_config("configs/glyphs.yaml")) is plain
+
+
+def test_grids_fit_a_test_split_smaller_than_two_grid_rows(tmp_path):
+    """9 test images for a grid of 16 crashed interpolation_grid with an IndexError; the grids now take half each."""
+    from disent.eval.evaluate import save_grids
+
+    rng = np.random.default_rng(0)
+    test = Split(rng.integers(0, 255, (9, 1, 28, 28), dtype=np.uint8), rng.integers(0, 3, 9),
+                 np.zeros((9, 0), np.float32), [])
+    paths = save_grids(DisentVAE(1, 28, 4, 4, 8).eval(), test, tmp_path, 16, torch.device("cpu"), 0)
+    assert all(Image.open(p).format == "PNG" for p in paths.values())
+
+
+def test_a_failing_metric_keeps_the_others_and_is_named():
+    from disent.eval.metrics import Metric, run_metrics
+
+    def broken(ctx):
+        raise IndexError("index 8 is out of bounds")
+
+    out = run_metrics(None, [Metric("first", lambda ctx: {"a": 1.0}, ()), Metric("broken", broken, ()),
+                             Metric("last", lambda ctx: {"b": 2.0}, ())])
+    assert out["a"] == 1.0 and out["b"] == 2.0
+    assert out["failed_metrics"] == {"broken": "IndexError: index 8 is out of bounds"}
