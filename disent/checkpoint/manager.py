@@ -1,6 +1,7 @@
 """Saving, finding, loading and pruning the checkpoints of one run_dir (see disent/checkpoint/__init__.py)."""
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import os
@@ -12,6 +13,7 @@ from typing import Any, Callable, Mapping
 import torch
 
 from disent import process_group
+from disent.errors import RetryableFailure
 from disent.checkpoint.files import atomic_torch_save, atomic_write_bytes, cpu_state, export_models, fsync_tree
 from disent.checkpoint.layout import (COMPLETE, META, STEP_DIR, VAE_WEIGHTS, CheckpointError, CheckpointInfo,
                                       RunLayout, list_checkpoints, trainer_file)
@@ -20,6 +22,19 @@ from disent.checkpoint.safe_load import safe_torch_load
 from disent.checkpoint.upload import CheckpointUploads
 
 log = logging.getLogger(__name__)
+
+
+def disk_full(exc: BaseException, path: Path) -> bool:
+    """Whether a failed write ran out of space: ENOSPC, or torch's zip writer's failure ("file write failed",
+    "unexpected pos", which carry no errno) on a device with under 1 MiB free."""
+    if isinstance(exc, OSError) and exc.errno == errno.ENOSPC:
+        return True
+    if isinstance(exc, RuntimeError) and any(s in str(exc) for s in ("write failed", "unexpected pos", "No space")):
+        try:
+            return shutil.disk_usage(path if path.exists() else path.parent).free < 2**20
+        except OSError:
+            return False
+    return False
 
 FAULT_KILL_ENV = "DISENT_FAULT_CHECKPOINT_KILL"  # test-only, see the package docstring
 
@@ -82,15 +97,15 @@ class CheckpointManager:
                 shutil.rmtree(path)
             path.mkdir(parents=True)
         process_group.barrier()
-        engines, others = _split_parts(parts)
-        for name, engine in engines.items():
-            engine.save_checkpoint(str(path), tag=name, client_state={}, save_latest=False)
-        _fault_kill_point(self.root, rank, step)
-        atomic_torch_save({name: part.state_dict() for name, part in others.items()}, path / trainer_file(rank))
-        if rank == 0:
-            atomic_torch_save(cpu_state(vae), path / VAE_WEIGHTS)
-            meta = {**meta, "step": step, "world_size": world}
-            atomic_write_bytes(path / META, json.dumps(meta, indent=2, sort_keys=True).encode())
+        try:
+            self._write_parts(path, step, parts, meta, vae, rank, world)
+        except (OSError, RuntimeError) as exc:
+            if not disk_full(exc, path):
+                raise
+            shutil.rmtree(path, ignore_errors=True)  # never left for a whole one, nor taking the space a retry needs
+            raise RetryableFailure(f"no space left on the device of {path}: the checkpoint of step {step} was not "
+                                   "written (its partial folder is removed); free space there, or set run_dir to "
+                                   "another file system") from None
         process_group.barrier()  # every rank has written (and closed) its files
         if rank == 0:
             fsync_tree(path)
@@ -101,6 +116,18 @@ class CheckpointManager:
         process_group.barrier()  # nobody moves on (or exits) before the marker exists
         log.info("checkpoint %s complete", path)
         return path
+
+    def _write_parts(self, path: Path, step: int, parts: Mapping[str, Any], meta: dict, vae: torch.nn.Module,
+                     rank: int, world: int) -> None:
+        engines, others = _split_parts(parts)
+        for name, engine in engines.items():
+            engine.save_checkpoint(str(path), tag=name, client_state={}, save_latest=False)
+        _fault_kill_point(self.root, rank, step)
+        atomic_torch_save({name: part.state_dict() for name, part in others.items()}, path / trainer_file(rank))
+        if rank == 0:
+            atomic_torch_save(cpu_state(vae), path / VAE_WEIGHTS)
+            meta = {**meta, "step": step, "world_size": world}
+            atomic_write_bytes(path / META, json.dumps(meta, indent=2, sort_keys=True).encode())
 
     def export_final(self, models: Mapping[str, torch.nn.Module], config_yaml: str) -> list[Path]:
         """Rank 0, at the end of a finished run: run_dir/final/{name}.pt, each a bare state_dict, and

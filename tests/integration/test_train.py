@@ -482,6 +482,35 @@ def test_ctrl_c_checkpoints_exits_130_and_marks_the_run_killed(tmp_path, tiny_da
     assert [r.info.status for r in runs] == ["KILLED"]
 
 
+def _small_filesystem(path: Path, size: str) -> bool:
+    path.mkdir(parents=True)
+    return subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)],
+                          capture_output=True).returncode == 0
+
+
+def test_a_full_disk_while_checkpointing_is_one_line_and_leaves_no_partial_checkpoint(tmp_path, tiny_data):
+    """run_dir on a 3 MiB file system, where a 6.5 MB checkpoint cannot fit: one line naming the path and "no space
+    left", exit 69 (a bounded retry: space may be freed), and no partial step folder (was: a 50-line "unexpected pos"
+    traceback, exit 1, the partial folder left)."""
+    small = tmp_path / "small"
+    if not _small_filesystem(small, "3m"):
+        pytest.skip("cannot mount a tmpfs here (needs root)")
+    try:
+        run = small / "run"
+        env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1"}
+        for var in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+            env.pop(var, None)
+        result = subprocess.run(
+            [sys.executable, "-m", "disent.cli", "train", BASE, *tiny_overrides(run, tiny_data, **{
+                "train.steps": 4, "train.checkpoint_every": 2, "tracking.uri": f"sqlite:///{tmp_path}/mlflow.db"})],
+            cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+        assert result.returncode == 69, result.stderr[-3000:]
+        assert "no space left on the device of" in result.stderr and "Traceback" not in result.stderr, result.stderr[-3000:]
+        assert not (run / "checkpoints").exists() or not list((run / "checkpoints").iterdir())
+    finally:
+        subprocess.run(["umount", str(small)], capture_output=True)
+
+
 def test_sigusr1_single_process_exits_75(tmp_path, tiny_data):
     """`disent train` without torchrun: SIGUSR1 -> checkpoint, exit code 75 (EX_TEMPFAIL)."""
     run = tmp_path / "run"
