@@ -15,6 +15,7 @@ complete; without it, an existing manifest makes prepare refuse before doing any
 """
 from __future__ import annotations
 
+import errno
 import hashlib
 import io
 import sys
@@ -27,6 +28,7 @@ import numpy as np
 from disent.data.errors import DataError
 from disent.data.manifest import FORMAT, MANIFEST_NAME, Manifest, ShardInfo, manifest_url
 from disent.data.sources import Part, SourceData, SourceOptions, load_source
+from disent.errors import InputError
 from disent.io import storage
 
 SPLITS = ("train", "val", "test")
@@ -161,10 +163,17 @@ def prepare(
     for url in existing:
         storage.delete(url)
     total_groups = sum(len(g) for shards in plans.values() for g in shards)
-    with _progress(total_groups, opts.progress) as bar:
-        manifests = {split: _write_split(out, split, parts[split], shards, src, opts, bar)
-                     for split, shards in plans.items()}
-    _write_manifests(out, manifests)
+    try:
+        with _progress(total_groups, opts.progress) as bar:
+            manifests = {split: _write_split(out, split, parts[split], shards, src, opts, bar)
+                         for split, shards in plans.items()}
+        _write_manifests(out, manifests)
+    except OSError as exc:
+        if exc.errno != errno.ENOSPC:
+            raise
+        raise InputError(f"no space left on the device of {storage.describe(out)} while writing the shards: nothing "
+                         "there counts as prepared (a split counts once its manifest is written); free space, or "
+                         "choose another output, and run prepare again with --overwrite") from None
     _remove_stale(out, manifests)
     echo(summary(manifests, time.time() - t0))
     return manifests

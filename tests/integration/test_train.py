@@ -511,6 +511,21 @@ def test_a_full_disk_while_checkpointing_is_one_line_and_leaves_no_partial_check
         subprocess.run(["umount", str(small)], capture_output=True)
 
 
+def test_a_full_disk_during_prepare_is_one_line_and_nothing_counts_as_prepared(tmp_path):
+    small = tmp_path / "small"
+    if not _small_filesystem(small, "1m"):
+        pytest.skip("cannot mount a tmpfs here (needs root)")
+    try:
+        result = subprocess.run([sys.executable, "-m", "disent.cli", "prepare", "sprites", str(small / "out"),
+                                 "--num-samples", "3000", "--no-progress"], cwd=ROOT, capture_output=True, text=True,
+                                timeout=300)
+        assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr[-3000:]
+        assert "no space left on the device of" in result.stderr and "--overwrite" in result.stderr
+        assert not list((small / "out").rglob("manifest.json"))
+    finally:
+        subprocess.run(["umount", str(small)], capture_output=True)
+
+
 def test_sigusr1_single_process_exits_75(tmp_path, tiny_data):
     """`disent train` without torchrun: SIGUSR1 -> checkpoint, exit code 75 (EX_TEMPFAIL)."""
     run = tmp_path / "run"
