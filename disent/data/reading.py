@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import warnings
+from pathlib import Path
 from typing import Iterator
 
 import numpy as np
@@ -31,11 +32,47 @@ def check_manifest(manifest: Manifest, data_cfg: DataConfig) -> None:
         )
     if manifest.num_samples < 2 or not manifest.shards:
         raise DataError(f"{manifest.url} lists no samples; re-run `disent prepare`")
+    check_counts(manifest)
+
+
+def check_counts(manifest: Manifest) -> None:
+    """The manifest agrees with itself: its shards' samples and class counts add up to its own."""
+    redo = "; the manifest was edited or the data changed: re-run `disent prepare`"
+    if sum(s.samples for s in manifest.shards) != manifest.num_samples:
+        raise DataError(f"{manifest.url}: its shards hold {sum(s.samples for s in manifest.shards)} samples, but it "
+                        f"says num_samples {manifest.num_samples}{redo}")
+    for shard in manifest.shards:
+        if shard.class_counts and sum(shard.class_counts) != shard.samples:
+            raise DataError(f"{manifest.url}: shard {shard.name} counts {sum(shard.class_counts)} samples by class but "
+                            f"{shard.samples} in all{redo}")
+    if manifest.class_counts and all(s.class_counts for s in manifest.shards):
+        summed = np.sum([s.class_counts for s in manifest.shards], axis=0).tolist()
+        if summed != list(manifest.class_counts):
+            raise DataError(f"{manifest.url}: its class_counts {list(manifest.class_counts)} disagree with its shards' "
+                            f"{summed}{redo}")
+
+
+def check_local_shards(manifest: Manifest) -> None:
+    """Local shards exist at the size their manifest gives, checked before the run starts: local data that is wrong
+    stays wrong, so it is an input error (exit 2), not a failure to retry. Shards on S3 are read as they come (a
+    read error there may pass: exit 69)."""
+    for shard in manifest.shards:
+        if shard.url.startswith("s3://"):
+            return
+        path = Path(shard.url)
+        if not path.is_file():
+            raise DataError(f"shard {shard.url} is missing; the data at {manifest.url} is incomplete: restore it or "
+                            "re-run `disent prepare`")
+        if path.stat().st_size != shard.bytes:
+            raise DataError(f"shard {shard.url} is {path.stat().st_size} bytes where its manifest says {shard.bytes} "
+                            "(truncated or replaced): restore it or re-run `disent prepare`")
 
 
 def open_split(data_cfg: DataConfig, split: str) -> Manifest:
     manifest = read_manifest(data_cfg.url, split)
     check_manifest(manifest, data_cfg)
+    if data_cfg.on_error == "raise":  # with skip, a bad shard is skipped when it is read (and warned about)
+        check_local_shards(manifest)
     return manifest
 
 

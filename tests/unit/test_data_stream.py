@@ -188,19 +188,27 @@ def _shard_path(url, index=0):
 
 
 def test_truncated_shard_raises_naming_it_or_is_skipped(damaged):
+    """Local data that is wrong stays wrong: a truncated shard is refused before anything reads (its size against
+    the manifest), a corrupt one of the right size when it is read; both are input errors (exit 2), not retried."""
+    from disent.data.errors import DataError
+
     victim = _shard_path(damaged, 2)
-    victim.write_bytes(victim.read_bytes()[:3000])
+    whole = victim.read_bytes()
+    victim.write_bytes(whole[:3000])
+    with pytest.raises(DataError, match=f"shard {victim} is 3000 bytes where its manifest says {len(whole)}"):
+        PairLoader(cfg_for(damaged), "train", 8, with_ids=True)
+    victim.write_bytes(whole[:3000] + b"\x00" * (len(whole) - 3000))  # the right size, a corrupt tail
     loader = PairLoader(cfg_for(damaged), "train", 8, with_ids=True)
-    with pytest.raises(ShardError) as info:
+    with pytest.raises(DataError) as info:
         take(loader, loader.batches_per_epoch)
-    assert str(victim) in str(info.value)
-    # raised in a DataLoader worker: the same one-line message and shard, not the worker's traceback
+    assert str(info.value).startswith(f"shard {victim}") and "not retried" in str(info.value)
+    # raised in a DataLoader worker: the same one-line message naming the shard, not the worker's traceback
     loader = PairLoader(cfg_for(damaged, num_workers=1), "train", 8, with_ids=True)
-    with pytest.raises(ShardError) as from_worker:
+    with pytest.raises(DataError) as from_worker:
         take(loader, loader.batches_per_epoch)
     loader.close()
     assert str(from_worker.value).startswith(f"shard {victim}") and "\n" not in str(from_worker.value)
-    assert from_worker.value.shard == str(victim)
+    victim.write_bytes(whole[:3000])
 
     loader = PairLoader(cfg_for(damaged, on_error="skip", num_workers=2), "train", 8, with_ids=True)
     with warnings.catch_warnings(record=True) as caught:
@@ -238,7 +246,9 @@ def test_checksum_mismatch_is_caught_when_verifying(damaged):
 def test_missing_shard_raises_naming_it(damaged):
     victim = _shard_path(damaged, 1)
     victim.unlink()
-    with pytest.raises(ShardError, match="missing") as info:
+    from disent.data.errors import DataError
+
+    with pytest.raises(DataError, match="missing") as info:  # local: found before reading, an input error
         load_split_arrays(cfg_for(damaged), "train")
     assert str(victim) in str(info.value)
 

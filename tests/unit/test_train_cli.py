@@ -77,3 +77,34 @@ def test_a_checkpoint_of_another_model_is_refused_in_one_line_naming_the_keys(tm
     assert "run_dir holds a checkpoint of another model (run/checkpoints/step-00000004: model.z_dim=16 (the config: 8)" \
         in message and "loss.latent_adversarial=1.0 (the config: 0.0)" in message
     assert "train in another run_dir, or set model.z_dim=16 loss.latent_adversarial=1.0 to continue it" in message
+
+
+@pytest.mark.parametrize("damage, message", [
+    ("truncate", "bytes where its manifest says"),
+    ("class_counts", "its class_counts"),
+    ("num_samples", "but it says num_samples"),
+])
+def test_local_data_that_is_wrong_is_refused_before_the_run(tmp_path, tiny_data, monkeypatch, capsys, damage, message):
+    """A truncated local shard, or a manifest whose counts disagree with its shards: exit 2 before any process group or
+    MLflow run (a truncated local shard was exit 69, retried, after the run was created; the counts went unnoticed)."""
+    import json
+    import shutil
+
+    data = tmp_path / "data"
+    shutil.copytree(tiny_data, data)
+    manifest_path = data / "train" / "manifest.json"
+    manifest = json.loads(manifest_path.read_text())
+    if damage == "truncate":
+        shard = data / "train" / manifest["shards"][0]["name"]
+        shard.write_bytes(shard.read_bytes()[:1000])
+    elif damage == "class_counts":
+        manifest["class_counts"] = [manifest["class_counts"][0] + 1, *manifest["class_counts"][1:]]
+    else:
+        manifest["num_samples"] += 5
+    manifest_path.write_text(json.dumps(manifest))
+    for var in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):
+        monkeypatch.delenv(var, raising=False)
+    called = []
+    monkeypatch.setattr("disent.train.commands.run_training", lambda *a, **k: called.append(1) or 0)
+    assert main(["train", "configs/base.yaml", *tiny_overrides(tmp_path / "run", data)]) == 2 and not called
+    assert message in capsys.readouterr().err
