@@ -132,7 +132,7 @@ class CheckpointInfo:
         weights = self.path / VAE_WEIGHTS
         if not weights.is_file():
             raise CheckpointError(f"checkpoint {self.path} has no {VAE_WEIGHTS}; it was written by an older disent")
-        return safe_torch_load(weights, map_location="cpu")
+        return safe_torch_load(weights, map_location="cpu", deepspeed_classes=False)  # a plain state_dict of ours
 
 
 def list_checkpoints(checkpoint_root: Path) -> list[CheckpointInfo]:

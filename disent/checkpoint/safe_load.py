@@ -29,10 +29,11 @@ def _deepspeed_safe_globals() -> list:
     return found
 
 
-def safe_torch_load(path, map_location=None) -> Any:
-    """torch.load with weights_only=True (plus DeepSpeed's plain classes). Raises CheckpointError."""
+def safe_torch_load(path, map_location=None, deepspeed_classes: bool = True) -> Any:
+    """torch.load with weights_only=True (plus DeepSpeed's plain classes, unless a file of our own holds only tensors:
+    then DeepSpeed is not imported at all, and evaluation starts without it). Raises CheckpointError."""
     try:
-        with torch.serialization.safe_globals(_deepspeed_safe_globals()):
+        with torch.serialization.safe_globals(_deepspeed_safe_globals() if deepspeed_classes else []):
             return torch.load(path, map_location=map_location, weights_only=True)
     except FileNotFoundError:
         raise

@@ -16,6 +16,8 @@ from disent.tracking.sender import Sender, WarnOnce
 from disent.tracking.sendqueue import Op, SendQueue
 
 log = logging.getLogger(__package__)
+# MLflow's artifact progress bars print a line per file into every run's log; the run's own progress is enough.
+os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
 
 MAX_BATCH_PARAMS = 100  # MLflow's limit on the params in one log_batch
 

@@ -151,6 +151,11 @@ def build_engines(cfg: Config, env: DistEnv) -> Engines:
 
     vae_objective, disc = build_modules(cfg)
     sizes = {"vae": _count(vae_objective), "disc": _count(disc)}
+    if env.rank == 0:
+        parts = ", ".join(f"{name} {_count(part):,}" for name, part in disc.named_children())
+        log.info("model: VAE %s parameters (encoder %s, decoder %s), discriminator and critics %s (%s)",
+                 f"{sizes['vae']:,}", f"{_count(vae_objective.vae.encoder):,}", f"{_count(vae_objective.vae.decoder):,}",
+                 f"{sizes['disc']:,}", parts)
     configs = {name: deepspeed_config(cfg, name, env.world_size, env.device_type, sizes[name]) for name in sizes}
     # DeepSpeed would put each engine on cuda:LOCAL_RANK; `device_rank` makes it use this rank's GPU.
     args = SimpleNamespace(device_rank=env.device_index) if env.device_type == "cuda" else None

@@ -26,8 +26,8 @@ def compile_counters() -> dict[str, int]:
 
 
 class RunSummary:
-    def __init__(self, device: torch.device, compiled: bool):
-        self.device, self.compiled = device, compiled
+    def __init__(self, device: torch.device, compiled: bool, global_batch: int):
+        self.device, self.compiled, self.global_batch = device, compiled, global_batch
         self.started = time.monotonic()
         self.figures: dict = {"steps": 0}
         self._last_terms: dict[str, torch.Tensor] = {}
@@ -54,7 +54,9 @@ class RunSummary:
             return {}
 
     def _report(self, status: str, path: Path, tracker, is_main: bool, step: int) -> dict:
-        figures = {**self.figures, "status": status, "wall_s": round(time.monotonic() - self.started, 1)}
+        wall = time.monotonic() - self.started
+        figures = {**self.figures, "status": status, "wall_s": round(wall, 1),
+                   "samples_per_s": round(self.figures["steps"] * self.global_batch / max(wall, 1e-9), 1)}
         for key in ("vae_loss", "disc_loss"):
             if key in self._last_terms:
                 figures[f"last_{key}"] = float(self._last_terms[key])

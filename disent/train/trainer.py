@@ -239,7 +239,7 @@ class Trainer:
         self._start_tracking(self._resume(resume, auto_resume))
         self.preemption.install()
         status, preempted = "FAILED", False
-        self.summary = RunSummary(self.env.device, self.cfg.train.compile)
+        self.summary = RunSummary(self.env.device, self.cfg.train.compile, self.cfg.train.global_batch_size)
         try:
             preempted = self._run_steps(exiting)
             if not preempted:
