@@ -111,7 +111,7 @@ class DeepSpeedPassThrough:
 @dataclass
 class TrackingConfig:
     uri: str | None = None  # None: $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db
-    experiment: str = "disent"
+    experiment: str | None = None  # None: $MLFLOW_EXPERIMENT_NAME, else "disent"
     run_name: str | None = None  # None: the config name plus the key overrides
     system_metrics: bool = True
     log_model: bool = True  # a finished run logs its MLflow model (pyfunc) as the artifact "model"

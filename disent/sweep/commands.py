@@ -53,7 +53,7 @@ def _print_best(best: dict | None) -> None:
 def _cmd_summarize(args: argparse.Namespace) -> int:
     """--summarize PARENT (by hand), or --finish-if-complete SWEEP_FILE (a point that ended, from its job)."""
     from disent.sweep import summary
-    from disent.tracking.run import tracking_uri
+    from disent.tracking.run import experiment_name, tracking_uri
 
     if args.summarize:
         result = summary.summarize(args.tracking_uri or tracking_uri(), args.summarize, finish=True)
@@ -95,7 +95,7 @@ def _cmd_sweep(args: argparse.Namespace) -> int:
         say(f"  {index}: {sweep.label(point)}")
     if args.dry_run:
         return _dry_run(args, sweep, run_dir, name, uri, name_slug(first.name, "dry-run"))
-    parent_id = summary.start_parent(uri, first.tracking.experiment, sweep, name, args.register_best)
+    parent_id = summary.start_parent(uri, experiment_name(first), sweep, name, args.register_best)
     say(f"disent sweep: MLflow parent run {parent_id} ({name})")
     if args.backend == "k8s":
         manifests = _k8s_manifests(args, sweep, parent_id, run_dir, uri, folder)

@@ -10,7 +10,7 @@ from typing import Any
 
 from disent.io.urls import redact_url_credentials
 from disent.process_group import from_rank_zero
-from disent.tracking.run import MLflowRun, SystemMetrics, tracking_uri
+from disent.tracking.run import MLflowRun, SystemMetrics, experiment_name, tracking_uri
 from disent.tracking.secret_filter import safe_params, safe_tags
 from disent.tracking.sender import Sender, WarnOnce
 from disent.tracking.sendqueue import Op, SendQueue
@@ -48,7 +48,7 @@ class MLflowLogger:
     @classmethod
     def from_config(cls, cfg, rank: int) -> "MLflowLogger":
         return cls(
-            uri=tracking_uri(cfg), experiment=cfg.tracking.experiment, rank=rank,
+            uri=tracking_uri(cfg), experiment=experiment_name(cfg), rank=rank,
             system_metrics=cfg.tracking.system_metrics,
         )
 

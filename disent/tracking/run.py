@@ -11,12 +11,19 @@ from disent.tracking.sendqueue import Op
 log = logging.getLogger(__package__)
 
 DEFAULT_URI = "sqlite:///mlflow.db"
+DEFAULT_EXPERIMENT = "disent"
 
 
 def tracking_uri(cfg=None) -> str:
     """cfg.tracking.uri, else $MLFLOW_TRACKING_URI, else the local sqlite:///mlflow.db store."""
     uri = getattr(getattr(cfg, "tracking", None), "uri", None)
     return uri or os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_URI
+
+
+def experiment_name(cfg=None) -> str:
+    """cfg.tracking.experiment, else $MLFLOW_EXPERIMENT_NAME (MLflow's own variable), else "disent"."""
+    name = getattr(getattr(cfg, "tracking", None), "experiment", None)
+    return name or os.environ.get("MLFLOW_EXPERIMENT_NAME") or DEFAULT_EXPERIMENT
 
 
 def make_client(uri: str):

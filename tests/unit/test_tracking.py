@@ -23,6 +23,19 @@ def test_tracking_uri_precedence(monkeypatch):
     assert tracking_uri(cfg) == "http://cfg:5000"
 
 
+def test_experiment_name_precedence(monkeypatch):
+    """tracking.experiment, else MLflow's own MLFLOW_EXPERIMENT_NAME, else disent."""
+    from disent.config import load_config
+    from disent.tracking.run import experiment_name
+
+    monkeypatch.delenv("MLFLOW_EXPERIMENT_NAME", raising=False)
+    cfg = load_config("configs/base.yaml", ["name=x", "data.url=d"])
+    assert experiment_name(cfg) == "disent"
+    monkeypatch.setenv("MLFLOW_EXPERIMENT_NAME", "team-runs")
+    assert experiment_name(cfg) == "team-runs"
+    assert experiment_name(load_config("configs/base.yaml", ["name=x", "data.url=d", "tracking.experiment=mine"])) == "mine"
+
+
 def test_params_skip_secrets_redact_urls_and_cap_length():
     params = safe_params({
         "model.z_dim": 16, "deepspeed.vae.api_key": "x", "s3.secret_access_key": "y", "auth_token": "z",

@@ -89,6 +89,7 @@ def client():
         os.getpid(), ep, os.environ.get("AWS_PROFILE"),
         os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION"),
         hash(os.environ.get("AWS_ACCESS_KEY_ID")), hash(os.environ.get("AWS_SECRET_ACCESS_KEY")), retries,
+        os.environ.get("AWS_MAX_ATTEMPTS"), os.environ.get("AWS_RETRY_MODE"),
     )
     with _clients_lock:
         found = _clients.get(key)
@@ -97,8 +98,7 @@ def client():
         session = boto3.session.Session(profile_name=os.environ.get("AWS_PROFILE") or None)
         region = session.region_name or "us-east-1"
         config = Config(
-            # botocore's max_attempts counts the retries after the first attempt, as DISENT_S3_RETRIES does.
-            retries={"mode": "standard", "max_attempts": retries},
+            retries=_retries_unless_set(session, retries),
             connect_timeout=10,
             read_timeout=60,
             s3={"addressing_style": "path"} if ep else {},
@@ -108,6 +108,18 @@ def client():
         _log_retries(made, retries)
         _clients[key] = made
         return made
+
+
+def _retries_unless_set(session, retries: int) -> dict:
+    """The project's retries (standard mode, DISENT_S3_RETRIES) only where the user set none: a `retries` key in a
+    client's Config overrides AWS_MAX_ATTEMPTS / AWS_RETRY_MODE and the profile's max_attempts / retry_mode, which
+    botocore reads by itself when the key is absent."""
+    out = {}
+    if session._session.get_config_variable("retry_mode") is None:
+        out["mode"] = "standard"
+    if session._session.get_config_variable("max_attempts") is None:
+        out["max_attempts"] = retries  # botocore's max_attempts counts the retries after the first, as ours does
+    return out
 
 
 def retry_settings() -> tuple[int, float]:
