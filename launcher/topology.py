@@ -17,7 +17,6 @@ from launcher.errors import LaunchError
 from launcher.hostlist import expand_nodelist, expand_tasks_per_node
 
 # Variables the trainer (and torch.distributed / DeepSpeed) reads; the launcher owns them.
-DIST_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "NODE_RANK", "MASTER_ADDR", "MASTER_PORT")
 
 K8S_DEFAULT_PORT = 29500
 SLURM_PORT_BASE = 12000  # job id -> 12000..31999: below Linux's ephemeral range (32768+)

@@ -27,7 +27,7 @@ loading), reshard.py (engines on another number of ranks), upload.py (copies to 
 A part is an engine when it has both of DeepSpeed's ``save_checkpoint`` and ``load_checkpoint``; any other part
 needs ``state_dict()``/``load_state_dict()`` returning tensors and plain values. Adding a part to
 the dict the trainer passes is all a new checkpoint field takes (checkpoints written before it are
-refused, naming it, unless `manager._upgrade_part_states` gives them a value).
+refused, naming it).
 
 A checkpoint counts only once COMPLETE exists, so a crash during a save leaves the previous one
 in force. Our own files are written to a temporary name, fsynced and renamed.

@@ -188,7 +188,7 @@ class CheckpointManager:
             if rank == 0:
                 shutil.rmtree(self.layout.universal, ignore_errors=True)
         states_file = info.path / trainer_file(rank % written_by)
-        states = _upgrade_part_states(safe_torch_load(states_file, map_location="cpu"))
+        states = safe_torch_load(states_file, map_location="cpu")
         missing = sorted(set(others) - set(states))
         if missing:
             raise CheckpointError(
@@ -209,14 +209,6 @@ def _split_parts(parts: Mapping[str, Any]) -> tuple[dict[str, Any], dict[str, An
     engines = {name: part for name, part in parts.items()
                if hasattr(part, "save_checkpoint") and hasattr(part, "load_checkpoint")}
     return engines, {name: part for name, part in parts.items() if name not in engines}
-
-
-def _upgrade_part_states(states: dict) -> dict:
-    """Checkpoints written before the parts were named held the trainer's and the loader's state in
-    one flat dict ({step, rng, loader_json}); read them as the two parts they are now."""
-    if "loader_json" not in states:
-        return states
-    return {"trainer": {"step": states["step"], "rng": states["rng"]}, "loader": json.loads(states["loader_json"])}
 
 
 def _fault_kill_point(root: Path, rank: int, step: int) -> None:

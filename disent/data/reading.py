@@ -105,13 +105,6 @@ class ShardSource:
         return groups
 
 
-def iter_groups(data_cfg: DataConfig, split: str, manifest: Manifest | None = None) -> Iterator[Group]:
-    """Every group of a split, shards in manifest order (no pairing, no shuffling)."""
-    manifest = manifest or open_split(data_cfg, split)
-    for _, groups in read_shards(data_cfg, manifest, range(len(manifest.shards))):
-        yield from groups
-
-
 def read_shards(data_cfg: DataConfig, manifest: Manifest, indices) -> Iterator[tuple[int, list[Group]]]:
     """(index, groups) of these shards in order, under data.on_error; a skipped shard is left out and the
     first one warned about."""

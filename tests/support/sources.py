@@ -90,3 +90,13 @@ def cfg_for(url, **kw) -> DataConfig:
                 prefetch_factor=2)
     base.update(kw)
     return DataConfig(**base)
+
+
+def iter_groups(data_cfg, split: str):
+    """Every group of a split, shards in manifest order (no pairing, no shuffling): what the shards hold, read
+    through the product's own reader."""
+    from disent.data.reading import open_split, read_shards
+
+    manifest = open_split(data_cfg, split)
+    for _, groups in read_shards(data_cfg, manifest, range(len(manifest.shards))):
+        yield from groups

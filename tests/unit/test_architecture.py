@@ -2,7 +2,7 @@
 (module level and inside functions), the length of every function and of every module:
 
     errors, host, io, signals, process_group, logs -> models -> config -> data -> checkpoint, tracking, api -> eval -> train
-    -> cli, demo, sweep
+    -> cli, demo, sweep, __main__
 
 A module may import its own layer and the layers to its left, and no modules import each other in a circle
 (within a layer too). Imports count wherever they are (module level or inside a function), dynamic ones
@@ -28,7 +28,7 @@ LAYERS = [
     {"checkpoint", "tracking", "api"},
     {"eval"},
     {"train"},
-    {"cli", "demo", "sweep"},
+    {"cli", "demo", "sweep", "__main__"},
 ]
 LAUNCHER_MAY_IMPORT = {"disent", "disent.errors", "disent.host"}
 

@@ -16,9 +16,9 @@ from disent.data.errors import DataError
 from disent.data.manifest import read_manifest
 from disent.data.prepare import PrepareOptions, prepare
 from disent.data.sources import SourceOptions, parse_source, read_idx
-from disent.data.reading import iter_groups, load_split_arrays
+from disent.data.reading import load_split_arrays
 from disent.io import storage
-from tests.support.sources import make_folder, make_idx_dir, make_npz, tiny_arrays
+from tests.support.sources import iter_groups, make_folder, make_idx_dir, make_npz, tiny_arrays
 
 FASHION_DIR = Path("/usr/share/datasets/fashion-mnist")
 

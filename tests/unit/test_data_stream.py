@@ -15,10 +15,10 @@ from disent.config import ConfigError
 from disent.data.errors import ShardError
 from disent.data.manifest import read_manifest
 from disent.data.prepare import PrepareOptions, prepare
-from disent.data.reading import iter_groups, load_split_arrays
+from disent.data.reading import load_split_arrays
 from disent.data.stream import PairLoader
 from disent.data.workers import resolve_num_workers
-from tests.support.sources import N_CLASSES, cfg_for, make_npz, prepare_shards
+from tests.support.sources import iter_groups, N_CLASSES, cfg_for, make_npz, prepare_shards
 
 
 @pytest.fixture(scope="module")
