@@ -197,8 +197,8 @@ def build_critics(mode: str, channels: int, image_size: int, num_classes: int, b
         "class_probe": lambda: ProbeCritic(z_dim, num_classes, weights.class_probe_steps,
                                            weights.class_probe_refit_every),
     }
-    critics = {t.critic: makers[t.critic]() for t in weights.on() if t.critic}
-    return Critics(build_discriminator(mode, channels, image_size, num_classes, base_channels), **critics)
+    image = build_discriminator(mode, channels, image_size, num_classes, base_channels)  # first: the seed's draws
+    return Critics(image, **{t.critic: makers[t.critic]() for t in weights.on() if t.critic})
 
 
 def critics_from_config(cfg) -> Critics:

@@ -239,3 +239,17 @@ def test_z_sees_s_false_gives_f_z_the_trunk_alone():
     s, mu, logvar = vae.encode(x)
     out = vae.encoder.f_z(h)
     assert torch.allclose(mu, out[:, :16]) and s.shape == (3, 16)
+
+
+def test_the_critics_draw_their_initial_weights_in_a_fixed_order():
+    """The image discriminator first, then each critic in TERMS' order: what a seed gives a config does not depend on
+    how the critics are declared (a change of order changed every run's figures)."""
+    from disent.models.discriminator import ClassMomentCritic, LatentCritic, build_discriminator
+
+    weights = LossWeights(latent_adversarial=1.0, class_moments=1.0)
+    torch.manual_seed(0)
+    built = build_critics("pair", 1, 28, 4, 8, 4, weights)
+    torch.manual_seed(0)
+    expected = [build_discriminator("pair", 1, 28, 4, 8), LatentCritic(4), ClassMomentCritic(4, 4)]
+    for mine, theirs in zip((built.image, built.latent, built.class_moments), expected):
+        assert all(torch.equal(a, b) for a, b in zip(mine.state_dict().values(), theirs.state_dict().values()))
