@@ -191,6 +191,18 @@ def test_a_group_killed_after_its_grace_never_exits_0_or_75(stop_cleanly):
     assert "killing them" in err and "exit 137" in err
 
 
+def signalled_after_a_logged_step(args: list[str], run_dir: Path, sig: int) -> tuple[subprocess.Popen, str]:
+    """The launcher with `args`, sent `sig` once the run has logged a step; it and its stderr once it has ended."""
+    proc = start(*args)
+    try:
+        wait_for(lambda: logged_steps(run_dir), 90, "logged step", proc)
+        proc.send_signal(sig)
+        _, err = finish(proc, 90)
+    finally:
+        stop(proc)
+    return proc, err
+
+
 @pytest.mark.timeout(180)
 def test_preemption_signal_exits_75_and_the_next_run_resumes(tmp_path, tiny_data, store):
     """SIGTERM to the launcher (what Kubernetes sends a pod; SIGUSR1 is forwarded the same way and is
@@ -198,13 +210,7 @@ def test_preemption_signal_exits_75_and_the_next_run_resumes(tmp_path, tiny_data
     The same command again resumes from that checkpoint, in the same MLflow run, and finishes."""
     run_dir, steps = tmp_path / "run", 60
     args = ["--nproc", "2", "--", *TRAIN_CMD, *train_args(run_dir, tiny_data, steps=steps, **tracked(store, tmp_path))]
-    proc = start(*args)
-    try:
-        wait_for(lambda: logged_steps(run_dir), 90, "logged step", proc)
-        proc.send_signal(signal.SIGTERM)
-        out, err = finish(proc, 90)
-    finally:
-        stop(proc)
+    proc, err = signalled_after_a_logged_step(args, run_dir, signal.SIGTERM)
     assert proc.returncode == 75, err[-6000:]
     assert "exit 75 so the job is requeued" in err
     (stopped,) = complete_checkpoints(run_dir)  # the stop checkpoint only
@@ -223,13 +229,8 @@ def test_ctrl_c_to_the_launcher_checkpoints_every_rank_and_exits_130(tmp_path, t
     """Ctrl-C in the launcher's terminal: it forwards SIGINT to the ranks (each in its own session), every rank
     finishes its step, checkpoints and exits 130, and so does the launcher, with no traceback."""
     run_dir = tmp_path / "run"
-    proc = start("--nproc", "2", "--", *TRAIN_CMD, *train_args(run_dir, tiny_data, steps=60, **tracked(store, tmp_path)))
-    try:
-        wait_for(lambda: logged_steps(run_dir), 90, "logged step", proc)
-        proc.send_signal(signal.SIGINT)
-        out, err = finish(proc, 90)
-    finally:
-        stop(proc)
+    args = ["--nproc", "2", "--", *TRAIN_CMD, *train_args(run_dir, tiny_data, steps=60, **tracked(store, tmp_path))]
+    proc, err = signalled_after_a_logged_step(args, run_dir, signal.SIGINT)
     assert proc.returncode == 130, err[-6000:]
     assert err.count("exiting with 130") == 2 and "Traceback" not in err, err[-6000:]
     assert len(complete_checkpoints(run_dir)) == 1
