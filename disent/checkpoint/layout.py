@@ -2,6 +2,7 @@
 export and the run's own records. Nothing else in disent joins names under run_dir."""
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -47,11 +48,14 @@ class RunLayout:
     def __post_init__(self):
         object.__setattr__(self, "run_dir", Path(self.run_dir))
 
-    def create(self) -> None:
-        """run_dir and its checkpoints folder, made now and proven writable (a probe file written and removed), so a
-        missing or read-only run_dir is one input error before any work instead of a crash at the first save."""
+    def check_writable(self, clean_up: bool = True) -> None:
+        """Proves that run_dir can be created and written (a probe file removed again, and with clean_up the folders
+        it made), so a missing or read-only run_dir is one input error before any work instead of a crash at the
+        first save. Ranks checking one run_dir side by side pass clean_up=False: one rank's removal would pull the
+        folder from under another's probe."""
+        made = [p for p in (self.run_dir, *self.run_dir.parents) if not p.exists()] if clean_up else []
         try:
-            self.checkpoints.mkdir(parents=True, exist_ok=True)
+            self.run_dir.mkdir(parents=True, exist_ok=True)
             probe = self.run_dir / f".write-probe-{os.getpid()}"
             probe.write_bytes(b"")
             probe.unlink()
@@ -59,6 +63,10 @@ class RunLayout:
             raise CheckpointError(
                 f"run_dir {self.run_dir} cannot be written ({exc.strerror or exc}); set run_dir to a directory every "
                 "rank can create and write (on a cluster, a shared file system)") from None
+        finally:
+            for folder in made:  # deepest first: a refused config leaves nothing behind
+                with contextlib.suppress(OSError):
+                    folder.rmdir()
 
     @property
     def checkpoints(self) -> Path:

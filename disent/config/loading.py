@@ -7,6 +7,7 @@ Every key remembers where it came from so an error can name the file to fix.
 from __future__ import annotations
 
 import copy
+import logging
 import os
 import typing
 from pathlib import Path
@@ -17,6 +18,9 @@ import yaml
 from disent.config.checks import validate
 from disent.config.coerce import build
 from disent.config.schema import Config, ConfigError
+from disent.io.urls import redact_url_credentials
+
+log = logging.getLogger(__name__)
 
 OVERRIDE_ORIGIN = "the command line"
 
@@ -105,8 +109,9 @@ def _apply_overrides(raw: dict, overrides: list[str], origins: dict[str, str]) -
     for text in overrides:
         keys, value = parse_override(text)
         dotted = ".".join(keys)
-        if dotted in given:  # the last would silently win: which one did the user mean?
-            raise ConfigError(f"override '{dotted}' is given twice ({given[dotted]}, then {text}); give it once")
+        if dotted in given:  # the last wins, as scripts that add to a user's overrides rely on; never silently
+            log.warning("override '%s' is given twice (%s, then %s): the last one is used", dotted,
+                        redact_url_credentials(given[dotted]), redact_url_credentials(text))
         given[dotted] = text
         nested: Any = value
         for key in reversed(keys):

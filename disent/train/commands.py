@@ -70,7 +70,7 @@ def preflight(cfg: Config, world_size: int, device_type: str, resume: str | None
     for engine in ("vae", "disc"):
         deepspeed_config(cfg, engine, world_size, device_type)
     try:
-        RunLayout(cfg.run_dir).create()
+        RunLayout(cfg.run_dir).check_writable(clean_up=world_size == 1)
     except CheckpointError as exc:
         raise ConfigError(f"config key 'run_dir': {exc}") from None
     info = None

@@ -71,9 +71,11 @@ def test_extends_cycle(tmp_path):
         load_config(tmp_path / "a.yaml")
 
 
-def test_the_same_override_given_twice_is_refused_naming_both():
-    with pytest.raises(ConfigError, match=r"override 'train.steps' is given twice \(train.steps=3, then train.steps=5\)"):
-        load_config(ROOT / "configs/base.yaml", ["train.steps=3", "model.z_dim=4", "train.steps=5"])
+def test_the_same_override_given_twice_is_warned_naming_both(caplog):
+    with caplog.at_level("WARNING", logger="disent.config.loading"):
+        cfg = load_config(ROOT / "configs/base.yaml", ["train.steps=3", "model.z_dim=4", "train.steps=5"])
+    assert cfg.train.steps == 5  # the last one, as before, but never silently
+    assert "override 'train.steps' is given twice (train.steps=3, then train.steps=5): the last one is used" in caplog.text
 
 
 def test_a_copied_config_whose_parent_is_not_beside_it_says_extends_is_the_cause(tmp_path):
