@@ -43,7 +43,8 @@ def main() -> None:
 
     def run(tmp: Path, name: str, nproc: int, threads: int) -> dict:
         batch = [f"train.global_batch_size={per_rank * nproc}"]
-        return train_rate(args.config, args.url, args.steps, tmp / name, [*args.overrides, *batch], nproc, threads)
+        given = [o for o in args.overrides if not o.startswith("train.global_batch_size=")]  # the batch is set here
+        return train_rate(args.config, args.url, args.steps, tmp / name, [*given, *batch], nproc, threads)
 
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
