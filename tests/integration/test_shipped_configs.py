@@ -162,6 +162,7 @@ def test_compiled_gpu_config_at_real_size(tmp_path):
     cfg = load_config(path)
     data = make_shards(tmp_path / "data", data_shape(cfg))
     overrides = {"train.global_batch_size": min(cfg.train.global_batch_size, CPU_BATCH),
+                 "train.batch_per_rank": "null",  # the per-GPU batch it is sized for, on 32 ranks
                  **where_to_run(tmp_path / "run", data)}
     result = torchrun(["--no-hooks", f"--config={path}", *(f"{k}={v}" for k, v in overrides.items())],
                       timeout=900, env={"OMP_NUM_THREADS": "1"})
