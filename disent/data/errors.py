@@ -35,6 +35,18 @@ class ShardError(RetryableFailure):
         return type(self), (str(self), self.shard)
 
 
+# What a shard that was read whole says when its content is wrong (rather than when it could not be read).
+_CORRUPT = ("truncated", "fails its checksum", "does not match its manifest", "corrupt shard", "outside 0..",
+            "holds images", "holds factors")
+
+
+def wrong_local_content(exc: ShardError) -> bool:
+    """A local shard whose bytes are wrong: read the same on every restart, so an input error (exit 2), not a failure
+    to retry. A missing or unreadable one may come back (a file system that hiccups, data moved back): that stays
+    retryable, as every S3 error does."""
+    return bool(exc.shard) and not exc.shard.startswith("s3://") and any(m in str(exc) for m in _CORRUPT)
+
+
 def unwrap_worker_error(exc: ShardError) -> ShardError:
     """A DataLoader worker's exception arrives rebuilt around the worker's whole traceback; keep the
     original one-line message, which names the shard."""

@@ -43,7 +43,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from disent.config import ConfigError, DataConfig
-from disent.data.errors import DataError, ShardError, unwrap_worker_error
+from disent.data.errors import DataError, ShardError, unwrap_worker_error, wrong_local_content
 from disent.data.pairing import rank_parts, split_among_workers, unpack
 from disent.data.reading import open_split
 from disent.data.workers import PairDataset, WorkerItems, resolve_num_streams, resolve_num_workers, worker_context
@@ -236,7 +236,7 @@ class PairLoader:
             items = [next(self._iter) for _ in range(self._item_sources)]  # type: ignore[arg-type]
         except ShardError as exc:
             exc = unwrap_worker_error(exc)
-            if exc.shard and not exc.shard.startswith("s3://"):  # local data that is wrong stays wrong: exit 2
+            if wrong_local_content(exc):
                 raise DataError(f"{exc}; a local shard is read the same way on every restart, so this is not "
                                 "retried") from None
             raise exc from None
