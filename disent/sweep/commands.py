@@ -53,7 +53,7 @@ def _print_best(best: dict | None) -> None:
 def _cmd_summarize(args: argparse.Namespace) -> int:
     """--summarize PARENT (by hand), or --finish-if-complete SWEEP_FILE (a point that ended, from its job)."""
     from disent.sweep import summary
-    from disent.tracking.run import experiment_name, tracking_uri
+    from disent.tracking.run import tracking_uri
 
     if args.summarize:
         result = summary.summarize(args.tracking_uri or tracking_uri(), args.summarize, finish=True)
@@ -71,7 +71,7 @@ def _cmd_summarize(args: argparse.Namespace) -> int:
 def _cmd_sweep(args: argparse.Namespace) -> int:
     from disent.sweep import backends, summary
     from disent.sweep.points import build_sweep
-    from disent.tracking.run import tracking_uri
+    from disent.tracking.run import experiment_name, tracking_uri
 
     if args.summarize or args.finish_if_complete:
         return _cmd_summarize(args)
