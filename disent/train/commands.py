@@ -15,7 +15,7 @@ import os
 import sys
 
 from disent.config import Config, ConfigError, load_config, micro_batch_size
-from disent.errors import ExitCode, RetryableFailure
+from disent.errors import RetryableFailure
 from disent.logs import setup_logging
 from disent.models.loss_weights import TERMS
 
