@@ -5,7 +5,8 @@ data manifest, the checkpoint to resume) is checked before the process group sta
 from torchrun's environment (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR, MASTER_PORT); without
 it the command trains as a single process. Exit codes (disent.errors.ExitCode): 0 done, 2 input
 error (never retried), 69 retryable failure (storage unreachable, a shard failing, a lost peer:
-restart and it resumes), 75 preempted (SIGTERM/SIGUSR1: a checkpoint was written; requeue).
+restart and it resumes), 75 preempted (SIGTERM/SIGUSR1: a checkpoint was written; requeue), 130 interrupted
+(Ctrl-C: a checkpoint was written; run it again to resume).
 """
 from __future__ import annotations
 
@@ -28,7 +29,8 @@ def register(subparsers, add_config_args) -> None:
         help="train on the two DeepSpeed engines (run under torchrun for several ranks)",
         description="Train the VAE and the discriminator. Resumes from the latest complete checkpoint in "
         "run_dir unless --resume names one. Exit codes: 2 input error (never retry), 69 retryable failure "
-        "(restart: it resumes), 75 preempted (SIGTERM/SIGUSR1) after checkpointing (requeue).",
+        "(restart: it resumes), 75 preempted (SIGTERM/SIGUSR1) after checkpointing (requeue), 130 interrupted "
+        "(Ctrl-C) after checkpointing.",
     )
     add_config_args(parser)
     parser.add_argument("--resume", metavar="PATH", help="a checkpoint directory (…/checkpoints/step-N) or a run dir")
