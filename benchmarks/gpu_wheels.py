@@ -12,6 +12,7 @@ store; full mlflow (its server and UI) does not fit, so the check starts no MLfl
 from __future__ import annotations
 
 import argparse
+import os
 import re
 import shutil
 import subprocess
@@ -72,7 +73,7 @@ def main() -> int:
         everything = Path(tmp) / "all"
         # DeepSpeed is an sdist: built here with no ops (pure Python) against this environment's torch.
         subprocess.run([*pip, "wheel", "--no-deps", "--no-build-isolation", "-w", str(everything), DEEPSPEED],
-                       check=True, env={**__import__("os").environ, "DS_BUILD_OPS": "0"})
+                       check=True, env={**os.environ, "DS_BUILD_OPS": "0"})
         deepspeed_wheel = next(everything.glob("deepspeed-*.whl"))
         if not deepspeed_wheel.name.endswith("py3-none-any.whl"):
             print(f"gpu-wheels: {deepspeed_wheel.name} is not a pure-Python wheel", file=sys.stderr)

@@ -59,12 +59,13 @@ def check_local_shards(manifest: Manifest) -> None:
     for shard in manifest.shards:
         if shard.url.startswith("s3://"):
             return
-        path = Path(shard.url)
-        if not path.is_file():
+        try:
+            size = Path(shard.url).stat().st_size
+        except FileNotFoundError:
             raise DataError(f"shard {shard.url} is missing; the data at {manifest.url} is incomplete: restore it or "
-                            "re-run `disent prepare`")
-        if path.stat().st_size != shard.bytes:
-            raise DataError(f"shard {shard.url} is {path.stat().st_size} bytes where its manifest says {shard.bytes} "
+                            "re-run `disent prepare`") from None
+        if size != shard.bytes:
+            raise DataError(f"shard {shard.url} is {size} bytes where its manifest says {shard.bytes} "
                             "(truncated or replaced): restore it or re-run `disent prepare`")
 
 

@@ -205,8 +205,8 @@ def leakage(ctx: EvalContext) -> dict:
 
 @register_metric("units", headline=("units_active",))
 def units(ctx: EvalContext) -> dict:
-    """Where the class sits in z (disent/eval/units.py): per-unit KL, the active units, and the yardstick on the
-    active and inactive units of the mean of z apart."""
+    """Where the class sits in z (disent/eval/units.py): per-unit KL, the active and informative units, and the
+    yardstick on each group of units of the mean of z apart."""
     return class_by_units(ctx.train_codes, ctx.train.labels, ctx.test_codes, ctx.test.labels, ctx.classes, ctx.epochs)
 
 

@@ -53,16 +53,6 @@ def adversarial_ramp(cfg: LossWeights, step: int) -> float:
     return min(1.0, step / cfg.adversarial_warmup_steps)
 
 
-def term_weights(cfg: LossWeights, z_dim: int, pixels: int, step: int) -> dict[str, float]:
-    """The weight of each VAE term, in the order the total adds them (TERMS'); the ramped ones follow the
-    adversarial warm-up."""
-    ramp = adversarial_ramp(cfg, step)
-    weights = {t.name: getattr(cfg, t.name) * (ramp if t.ramps else 1.0) for t in TERMS}
-    weights["kl"] = kl_weight(cfg, z_dim, pixels)
-    weights["class_code"] = 1.0  # model.class_channel's distillation of s toward c_y (present only with the channel)
-    return weights
-
-
 def weighted_sum(terms: dict[str, torch.Tensor], weights: dict[str, float]) -> torch.Tensor:
     """sum_k w_k * term_k over the terms present, added in the order of `weights`."""
     total = None
@@ -274,7 +264,13 @@ class Objective:
         self.needs_labels = [t.name for t in on if t.needs_labels]
 
     def term_weights(self, z_dim: int, pixels: int, step: int) -> dict[str, float]:
-        return term_weights(self.weights, z_dim, pixels, step)
+        """The weight of each VAE term, in the order the total adds them (TERMS'); the ramped ones follow the
+        adversarial warm-up."""
+        ramp = adversarial_ramp(self.weights, step)
+        weights = {t.name: getattr(self.weights, t.name) * (ramp if t.ramps else 1.0) for t in TERMS}
+        weights["kl"] = kl_weight(self.weights, z_dim, pixels)
+        weights["class_code"] = 1.0  # model.class_channel's distillation of s toward c_y (only with the channel)
+        return weights
 
     def vae_losses(
         self,
