@@ -1,15 +1,19 @@
 # The image k8s/job.yaml runs: disent and the launcher on CUDA. Build from the repository root:
-#   docker build -t ghcr.io/disent/disent:0.1.0 . && docker push ghcr.io/disent/disent:0.1.0
-# A CPU-only image (for trying the Job on a cluster without GPUs):
-#   docker build --build-arg BASE=python:3.11-slim-bookworm \
-#     --build-arg TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu -t disent:cpu .
+#   make image        (docker build -t $IMAGE .: ghcr.io/disent/disent:<disent.__version__> unless IMAGE= is given)
+#   make image-push   (builds, then docker push $IMAGE)
+# A CPU-only image (for trying the Job on a cluster without GPUs); Python 3.12 like the CUDA base's, the Python
+# docker/constraints.txt was resolved for:
+#   make image IMAGE=disent:cpu IMAGE_BUILD_ARGS="--build-arg BASE=python:3.12-slim-bookworm \
+#     --build-arg TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu"
 #
 # A devel base (nvcc, headers) because DeepSpeed compiles its fused optimizer ops just in time.
 ARG BASE=nvidia/cuda:12.8.1-cudnn-devel-ubuntu24.04
 FROM ${BASE}
 
 ARG TORCH_INDEX_URL=https://download.pytorch.org/whl/cu128
-ARG TORCH_SPEC="torch>=2.3,<3"
+# One torch release inside pyproject's range, the one the tests run (tests/unit/test_image.py checks both);
+# docker/constraints.txt was resolved with it: change them together (make constraints).
+ARG TORCH_SPEC="torch==2.13.0"
 ENV DEBIAN_FRONTEND=noninteractive \
     PYTHONUNBUFFERED=1 \
     PIP_NO_CACHE_DIR=1 \
@@ -22,7 +26,9 @@ RUN apt-get update \
       ca-certificates \
  && rm -rf /var/lib/apt/lists/*
 
-# torch first, from the index that matches the base (CUDA or CPU): the slowest layer, cached longest.
+# torch first, from the index that matches the base (CUDA or CPU): the slowest layer, cached longest. Without
+# -c: the constraints leave torch and its dependencies to this index by construction, and copying them in before
+# this layer would rebuild it whenever they are regenerated.
 RUN python3 -m venv /opt/venv \
  && pip install --index-url "${TORCH_INDEX_URL}" "${TORCH_SPEC}"
 
@@ -30,7 +36,9 @@ WORKDIR /app
 COPY pyproject.toml README.md ./
 COPY disent ./disent
 COPY launcher ./launcher
-RUN pip install . && python -c "import disent, launcher, deepspeed, mlflow, webdataset"
+# Every other version pinned: resolved from PyPI for this Python by `make constraints`.
+COPY docker/constraints.txt ./docker/
+RUN pip install -c docker/constraints.txt . && python -c "import disent, launcher, deepspeed, mlflow, webdataset"
 # Configs last: k8s/job.yaml's ConfigMap extends /app/configs/*.yaml.
 COPY configs ./configs
 

@@ -21,18 +21,28 @@ DEMO_APT_PACKAGES ?= dataset-fashion-mnist
 FONT_APT_PACKAGES ?= fonts-urw-base35
 TEST_APT_PACKAGES ?= $(DEMO_APT_PACKAGES) $(FONT_APT_PACKAGES) munge slurmctld slurmd slurm-client
 PYTEST_ARGS ?=
+# The image k8s/job.yaml runs, tagged with the package's version (read from the file: no import, no venv needed).
+VERSION := $(shell sed -n 's/^__version__ = "\(.*\)"$$/\1/p' disent/__init__.py)
+IMAGE ?= ghcr.io/disent/disent:$(VERSION)
+IMAGE_BUILD_ARGS ?=
+DOCKER ?= docker
+# A Python of the image's version (3.12) to resolve docker/constraints.txt with; empty: found on PATH or in pyenv.
+IMAGE_PYTHON ?=
 
 # One PATH for every process: DeepSpeed's CPU ops are built with the ninja found first, and
 # alternating between the system's and the venv's rebuilds them each time.
 export PATH := $(VENV)/bin:$(PATH)
 
-.PHONY: help setup system-deps demo test gpu-wheels clean
+.PHONY: help setup system-deps demo test gpu-wheels image image-push constraints clean
 
 help:
 	@echo "make demo   prepare Fashion-MNIST, train on 2 CPU ranks, evaluate, log to ./mlflow.db"
 	@echo "make test   run the test suite (what CI runs)"
 	@echo "make setup  create $(VENV) and install disent (make test adds the test extras)"
 	@echo "make gpu-wheels  .whl/: the wheels a lent GPU machine (no package registry) lacks, for benchmarks/gpu_check.sh"
+	@echo "make image  build the Docker image k8s/job.yaml runs, as IMAGE=$(IMAGE) (IMAGE_BUILD_ARGS: --build-arg ...)"
+	@echo "make image-push  build it and push IMAGE"
+	@echo "make constraints  regenerate docker/constraints.txt, the image's pinned versions (needs PyPI and a Python 3.12)"
 
 $(PYTHON):
 	python3 -m venv $(VENV)
@@ -69,6 +79,16 @@ test: $(TEST_STAMP)
 # For the lent GPU machine, which reaches no registry: what it lacks, as CPython 3.12 wheels, in .whl/.
 gpu-wheels: setup
 	$(PYTHON) benchmarks/gpu_wheels.py --out .whl
+
+image:
+	$(DOCKER) build $(IMAGE_BUILD_ARGS) -t $(IMAGE) .
+
+image-push: image
+	$(DOCKER) push $(IMAGE)
+
+# What `pip install .` resolves in the image after its torch line (PyPI, Python 3.12): docker/image_constraints.py.
+constraints: setup
+	$(PYTHON) docker/image_constraints.py $(if $(IMAGE_PYTHON),--python $(IMAGE_PYTHON))
 
 clean:
 	rm -rf runs data mlflow.db mlruns .pytest_cache

@@ -89,8 +89,35 @@ def warn_if_oversubscribed(topology, gpus: int) -> None:
               file=sys.stderr)
 
 
+def foreign_package() -> str | None:
+    """Why the `launcher` package Python imported is not this one (another distribution's __init__.py
+    written over ours, or ours removed when that distribution was uninstalled), else None."""
+    import launcher
+
+    if getattr(launcher, "DISTRIBUTION", None) == "disent-adversarial":
+        return None
+    where = getattr(launcher, "__file__", None) or ", ".join(getattr(launcher, "__path__", []))
+    return (f"the `launcher` package at {where} is not disent's: another installed distribution provides a "
+            "top-level `launcher` too; uninstall it, then reinstall disent-adversarial (docs/launch.md)")
+
+
+def dry_run_report(topology: Topology) -> str:
+    """--dry-run: the resolved topology and each rank's variables, as JSON."""
+    port = topology.master_port or 0
+    ranks = (
+        [rank_environment(topology, {}, i, port) for i in range(topology.nproc_per_node)]
+        if topology.spawn else [rank_environment(topology, {}, None, port)]
+    )
+    return json.dumps({"mode": topology.mode, "world_size": topology.world_size, "nnodes": topology.nnodes,
+                       "node_rank": topology.node_rank, "nproc_per_node": topology.nproc_per_node,
+                       "spawn": topology.spawn, "ranks": ranks}, indent=1)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if (foreign := foreign_package()) is not None:
+        print(f"launcher: error: {foreign}", file=sys.stderr)
+        return ExitCode.INPUT_ERROR
     command = list(args.command)
     if command and command[0] == "--":
         command = command[1:]
@@ -108,14 +135,7 @@ def main(argv: list[str] | None = None) -> int:
     warn_if_oversubscribed(topology, gpus)
 
     if args.dry_run:
-        port = topology.master_port or 0
-        ranks = (
-            [rank_environment(topology, {}, i, port) for i in range(topology.nproc_per_node)]
-            if topology.spawn else [rank_environment(topology, {}, None, port)]
-        )
-        print(json.dumps({"mode": topology.mode, "world_size": topology.world_size, "nnodes": topology.nnodes,
-                          "node_rank": topology.node_rank, "nproc_per_node": topology.nproc_per_node,
-                          "spawn": topology.spawn, "ranks": ranks}, indent=1))
+        print(dry_run_report(topology))
         return 0
 
     if topology.mode == "kubernetes":

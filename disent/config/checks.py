@@ -19,8 +19,9 @@ def _positive(cfg: Config, *dotted_keys: str) -> None:
 _URL_KEYS = ("data.url", "tracking.uri", "train.checkpoint_upload_url")
 
 
-def validate(cfg: Config, world_size: int | None = None) -> None:
-    """Checks across keys. With world_size, also checks that the batch splits evenly over ranks."""
+def validate(cfg: Config) -> None:
+    """Checks across keys, once, when the config is loaded: the code that runs after may take the values as valid.
+    The batch split over the ranks needs the world size; the run plan checks it (micro_batch_size)."""
     _positive(
         cfg,
         "data.image_size", "data.channels", "data.num_classes", "data.shuffle_buffer",
@@ -38,8 +39,7 @@ def validate(cfg: Config, world_size: int | None = None) -> None:
         raise ConfigError(f"config key 'data.channels' must be 1 or 3, got {cfg.data.channels}")
     if cfg.data.num_workers != "auto" and cfg.data.num_workers < 0:
         raise ConfigError(f"config key 'data.num_workers' must be >= 0 or auto, got {cfg.data.num_workers}")
-    if cfg.data.streams != "auto" and cfg.data.streams < 1:
-        raise ConfigError(f"config key 'data.streams' must be >= 1 or auto, got {cfg.data.streams}")
+    _streams(cfg)
     if cfg.model.base_channels % 8:
         raise ConfigError(
             f"config key 'model.base_channels' must be a multiple of 8 (GroupNorm uses 8 groups), "
@@ -68,8 +68,13 @@ def validate(cfg: Config, world_size: int | None = None) -> None:
                 "MLFLOW_TRACKING_TOKEN for MLflow; AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY / AWS_SESSION_TOKEN "
                 "or AWS_PROFILE for S3)"
             )
-    if world_size is not None:
-        micro_batch_size(cfg, world_size)
+
+
+def _streams(cfg: Config) -> None:
+    rows = cfg.train.global_batch_size // cfg.train.grad_accum  # a loader step's pairs over all ranks
+    if cfg.data.streams != "auto" and not 1 <= cfg.data.streams <= rows:
+        raise ConfigError(f"config key 'data.streams' must be auto or 1..{rows} (the pairs per loader step over all "
+                          f"ranks: train.global_batch_size / train.grad_accum), got {cfg.data.streams}")
 
 
 def _plain_vae_has_no_specified_terms(cfg: Config) -> None:

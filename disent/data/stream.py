@@ -44,6 +44,7 @@ from torch.utils.data import DataLoader
 
 from disent.config import ConfigError, DataConfig
 from disent.data.errors import DataError, ShardError, unwrap_worker_error, wrong_local_content
+from disent.data.manifest import Manifest
 from disent.data.pairing import rank_parts, split_among_workers, unpack
 from disent.data.reading import open_split
 from disent.data.workers import PairDataset, WorkerItems, resolve_num_streams, resolve_num_workers, worker_context
@@ -77,19 +78,18 @@ class PairLoader:
         rank, world_size: this process's place among the data-parallel ranks.
         seed: seeds shard order, pairing and sampling (use the run's seed).
         with_ids: also yield id1, id1p, id2, id2p (each image's index in its source).
+        manifest: the split's manifest, already read and checked (training passes its run plan's); read here without.
 
     Iterating continues from the current position; ``state_dict()``/``load_state_dict()``
     save and restore it (see the module docstring for the exact guarantee).
     """
 
     def __init__(self, data_cfg: DataConfig, split: str, batch_size: int, rank: int = 0, world_size: int = 1,
-                 seed: int = 0, with_ids: bool = False):
+                 seed: int = 0, with_ids: bool = False, manifest: Manifest | None = None):
         if batch_size < 1:
             raise ConfigError(f"batch size must be >= 1, got {batch_size}")
         if not 0 <= rank < world_size:
             raise ConfigError(f"rank {rank} is outside 0..{world_size - 1}")
-        if data_cfg.on_error not in ("raise", "skip"):
-            raise ConfigError(f"config key 'data.on_error' must be 'raise' or 'skip', got {data_cfg.on_error!r}")
         self.data_cfg = data_cfg
         self.split = split
         self.batch_size = batch_size
@@ -98,7 +98,7 @@ class PairLoader:
         self.seed = seed
         self.with_ids = with_ids
         self.num_workers = resolve_num_workers(data_cfg.num_workers)
-        self.manifest = open_split(data_cfg, split)
+        self.manifest = manifest if manifest is not None else open_split(data_cfg, split)
         self.num_streams = resolve_num_streams(data_cfg.streams, self.global_batch, world_size, self.num_workers,
                                                len(self.manifest.shards))
         self.batches_per_epoch = max(1, (self.manifest.num_samples // 2) // self.global_batch)

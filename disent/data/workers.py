@@ -12,7 +12,7 @@ import numpy as np
 import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
-from disent.config import ConfigError, DataConfig
+from disent.config import DataConfig
 from disent.data.manifest import Manifest
 from disent.data.pairing import PairStream, StreamCursor, StreamPart, draw_sizes, item_shapes, take_rows
 
@@ -173,11 +173,8 @@ def resolve_num_streams(setting: int | str, global_batch: int, world_size: int, 
                         num_shards: int) -> int:
     """``data.streams``: ``auto`` gives one stream per (rank, worker) of this run's first start, at most
     one per shard (a stream with no shard of its own would re-read another's) and one per row of the
-    global batch. A resumed run keeps the number it started with (PairLoader.load_state_dict)."""
+    global batch. A resumed run keeps the number it started with (PairLoader.load_state_dict). A number is taken as
+    it is: the config checks hold it to 1..global batch when the config is loaded."""
     if setting == "auto":
         return max(1, min(world_size * max(1, num_workers), num_shards, global_batch))
-    streams = int(setting)
-    if not 1 <= streams <= global_batch:
-        raise ConfigError(f"config key 'data.streams' must be auto or 1..{global_batch} (the pairs per loader step "
-                          f"over all ranks), got {setting}")
-    return streams
+    return int(setting)

@@ -17,7 +17,25 @@ from disent.errors import ExitCode
 from disent.sweep.points import Sweep
 
 ROOT = Path(__file__).resolve().parents[2]
+# A wheel carries copies of the checkout's slurm/train.sh and k8s/job.yaml here (setup.py's build step).
+SHIPPED = Path(__file__).resolve().parent / "templates"
 SWEEP_ENV = "DISENT_SWEEP"  # slurm/train.sh: the sweep file whose point SLURM_ARRAY_TASK_ID runs
+TEMPLATE_FLAGS = {"slurm/train.sh": "--slurm-script", "k8s/job.yaml": "--k8s-template"}
+
+
+def template(relative: str, given: str | None = None) -> Path:
+    """The file a backend is made from: `given` (its flag's value), else the copy an installed wheel ships,
+    else the checkout's (a source tree or an editable install). Refused, naming the flag, when missing."""
+    flag = TEMPLATE_FLAGS[relative]
+    if given is not None:
+        if not Path(given).is_file():
+            raise ConfigError(f"{flag} {given}: no such file")
+        return Path(given)
+    for candidate in (SHIPPED / relative, ROOT / relative):
+        if candidate.is_file():
+            return candidate
+    raise ConfigError(f"{relative} is not installed with disent (looked for {SHIPPED / relative} and "
+                      f"{ROOT / relative}); pass {flag} PATH (the file is in the disent-adversarial repository)")
 
 
 def point_overrides(sweep: Sweep, index: int, parent_id: str, run_dir: str) -> list[str]:
@@ -58,14 +76,17 @@ def run_local(sweep: Sweep, parent_id: str, run_dir: str, nproc: int | None, par
 # --------------------------------------------------------------------------- Slurm
 
 
-def slurm_command(size: int, sbatch_args: list[str], config: str) -> list[str]:
-    """The job array's sbatch command (the sweep file goes to the tasks in $DISENT_SWEEP)."""
-    return ["sbatch", "--parsable", f"--array=0-{size - 1}", *sbatch_args, str(ROOT / "slurm" / "train.sh"), config]
+def slurm_command(size: int, sbatch_args: list[str], config: str, script: str | None = None) -> list[str]:
+    """The job array's sbatch command (the sweep file goes to the tasks in $DISENT_SWEEP); `script`:
+    --slurm-script, else slurm/train.sh as shipped."""
+    return ["sbatch", "--parsable", f"--array=0-{size - 1}", *sbatch_args, str(template("slurm/train.sh", script)),
+            config]
 
 
-def submit_slurm(sweep: Sweep, sweep_file: Path, sbatch_args: list[str], echo=print) -> str:
+def submit_slurm(sweep: Sweep, sweep_file: Path, sbatch_args: list[str], echo=print, script: str | None = None
+                 ) -> str:
     """One job array; task i runs point i (slurm/train.sh reads it from the sweep file). The job id."""
-    command = slurm_command(len(sweep.points()), sbatch_args, sweep.config)
+    command = slurm_command(len(sweep.points()), sbatch_args, sweep.config, script)
     env = {**os.environ, SWEEP_ENV: str(sweep_file)}
     result = subprocess.run(command, capture_output=True, text=True, env=env)
     if result.returncode != 0:

@@ -77,6 +77,7 @@ def _cmd_sweep(args: argparse.Namespace) -> int:
         return _cmd_summarize(args)
     if not args.config:
         raise ConfigError("disent sweep needs CONFIG and key=v1,v2 arguments (or --summarize PARENT_RUN_ID)")
+    _check_backend(args)
     sweep = build_sweep(args.config, args.values, "zip" if args.zip else "grid")  # every point checked here
     first = load_config(args.config, sweep.overrides(sweep.points()[0]))
     uri = args.tracking_uri or tracking_uri(first)
@@ -113,10 +114,24 @@ def _cmd_sweep(args: argparse.Namespace) -> int:
         _print_best(result["best"])
         say(f"disent sweep: summary in {result['csv']} and {result['png']} (also on the parent run)")
         return next((c for c in codes if c != 0), 0)
-    job = backends.submit_slurm(sweep, sweep_file, args.sbatch_arg, echo=say)
+    job = backends.submit_slurm(sweep, sweep_file, args.sbatch_arg, echo=say, script=args.slurm_script)
     say(f"disent sweep: the last task to end summarises the sweep; or run `disent sweep --summarize "
         f"{parent_id}`. Follow with: squeue -j {job}")
     return 0
+
+
+def _check_backend(args: argparse.Namespace) -> None:
+    """What the backend starts from, found (or refused) before a run or a job exists: disent's launcher
+    (local), the job script (slurm) or the manifest template (k8s)."""
+    from disent.host import check_launcher
+    from disent.sweep import backends
+
+    if args.backend == "local":
+        check_launcher()
+    elif args.backend == "slurm":
+        args.slurm_script = str(backends.template("slurm/train.sh", args.slurm_script))
+    elif args.backend == "k8s":
+        args.k8s_template = str(backends.template("k8s/job.yaml", args.k8s_template))
 
 
 def name_slug(config_name: str, stamp: str) -> str:
@@ -146,7 +161,7 @@ def _dry_run(args, sweep, run_dir: str, name: str, uri: str, k8s_name: str) -> i
         overrides = backends.point_overrides(sweep, index, placeholder, run_dir)
         print("  " + shlex.join(["disent", "train", sweep.config, *overrides]))
     if args.backend == "slurm":
-        command = backends.slurm_command(len(sweep.points()), args.sbatch_arg, sweep.config)
+        command = backends.slurm_command(len(sweep.points()), args.sbatch_arg, sweep.config, args.slurm_script)
         print(f"  {backends.SWEEP_ENV}={Path(run_dir) / 'sweep.json'} " + shlex.join(command))
     say(f"disent sweep: dry run; nothing submitted (parent run {name!r} not created)")
     return 0
@@ -173,8 +188,12 @@ def register(subparsers, add_config_args) -> None:
     sw.add_argument("--tracking-uri", help="MLflow tracking URI (default: the config's, or $MLFLOW_TRACKING_URI)")
     sw.add_argument("--sbatch-arg", action="append", default=[], metavar="ARG",
                     help="slurm: an extra sbatch argument, e.g. --sbatch-arg=--partition=gpu (repeatable)")
-    sw.add_argument("--k8s-template", default=str(Path(__file__).resolve().parents[2] / "k8s" / "job.yaml"),
-                    help="k8s: the manifests each point's Indexed Job is made from")
+    sw.add_argument("--slurm-script", metavar="PATH",
+                    help="slurm: the job script each array task runs (default: slurm/train.sh as installed "
+                    "with disent)")
+    sw.add_argument("--k8s-template", metavar="PATH",
+                    help="k8s: the manifests each point's Indexed Job is made from (default: k8s/job.yaml as "
+                    "installed with disent)")
     sw.add_argument("--register-best", metavar="NAME",
                     help="register the best child's model (class from s minus class from mu) as NAME in the "
                     "Model Registry when the sweep is summarised: disent.load('models:/NAME/latest')")

@@ -1,11 +1,12 @@
-"""MLflow tracking for multi-rank training: only rank 0 talks to MLflow.
+"""MLflow tracking for multi-rank training: rank 0 logs the run; other nodes add only their system metrics.
 
 `MLflowLogger.start()` creates the run (or resumes the one a checkpoint names) on rank 0 and
 broadcasts the run id to every rank. Params, tags, metrics and artifacts are queued and sent by a
 background thread, so logging never blocks a training step. If the tracking server cannot be
 reached, the logger warns once, keeps what is queued and retries with backoff; when the queue
 overflows, the oldest metrics are dropped and counted. Nothing whose key looks like a secret is
-ever sent.
+ever sent. MLflow's system-metrics monitor runs on the first rank of every node, each node's metrics
+under system/node_<i>/ when there are several.
 
 The parts, each owning its state:
 
@@ -13,7 +14,7 @@ The parts, each owning its state:
 * `sendqueue`     -- `SendQueue`: the bounded queue, its drop policy and dropped count, batching;
 * `sender`        -- `Sender`: the background thread, backoff, permanent errors, warn-once;
 * `run`           -- `MLflowRun`: the client, creating/resuming the run, sending each kind of op;
-                     `SystemMetrics`; `tracking_uri`;
+                     `SystemMetrics`, `node_id`; `tracking_uri`;
 * `provenance`    -- `git_commit`;
 * `logger`        -- `MLflowLogger`, the facade.
 

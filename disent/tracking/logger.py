@@ -10,7 +10,7 @@ from typing import Any
 
 from disent.io.urls import redact_url_credentials
 from disent.process_group import from_rank_zero
-from disent.tracking.run import MLflowRun, SystemMetrics, experiment_name, tracking_uri
+from disent.tracking.run import MLflowRun, SystemMetrics, experiment_name, node_id, tracking_uri
 from disent.tracking.secret_filter import safe_params, safe_tags
 from disent.tracking.sender import Sender, WarnOnce
 from disent.tracking.sendqueue import Op, SendQueue
@@ -23,7 +23,9 @@ MAX_BATCH_PARAMS = 100  # MLflow's limit on the params in one log_batch
 
 
 class MLflowLogger:
-    """Rank-0 MLflow logging with a background sender. On other ranks every call is a no-op."""
+    """Rank-0 MLflow logging with a background sender. On other ranks every call is a no-op, but the first
+    rank of each other node (local_rank 0; None: $LOCAL_RANK, else rank) runs MLflow's system-metrics monitor
+    on the run from start() to close(), so every node's CPU, GPU and memory reach the run."""
 
     def __init__(
         self,
@@ -33,12 +35,16 @@ class MLflowLogger:
         max_queued_metrics: int = 100_000,
         system_metrics: bool = False,
         retry_max_seconds: float = 60.0,
+        local_rank: int | None = None,
     ):
         self.uri = uri or tracking_uri()
         self.experiment = experiment
         self.rank = rank
         self.enabled = rank == 0
-        self._system = SystemMetrics(self.uri, system_metrics)
+        local_rank = int(os.environ.get("LOCAL_RANK", rank)) if local_rank is None else local_rank
+        self.node_leader = self.enabled or local_rank == 0
+        self._system = SystemMetrics(self.uri, system_metrics, node_id(rank))
+        self._reachable = False  # whether rank 0 opened the run at start(), rather than queue its creation
         self._run = MLflowRun(self.uri, experiment, self._system)
         self._queue = SendQueue(max_queued_metrics)
         self._warn = WarnOnce()
@@ -46,10 +52,10 @@ class MLflowLogger:
                               retry_max_seconds)
 
     @classmethod
-    def from_config(cls, cfg, rank: int) -> "MLflowLogger":
+    def from_config(cls, cfg, rank: int, local_rank: int | None = None) -> "MLflowLogger":
         return cls(
             uri=tracking_uri(cfg), experiment=experiment_name(cfg), rank=rank,
-            system_metrics=cfg.tracking.system_metrics,
+            system_metrics=cfg.tracking.system_metrics, local_rank=local_rank,
         )
 
     # ------------------------------------------------------------------ state, kept by the parts
@@ -103,7 +109,11 @@ class MLflowLogger:
         """
         if self.enabled:
             self._open(run_id, run_name)
-        self.run_id = from_rank_zero(self.run_id)
+        self.run_id, self._run.resumed, reachable = from_rank_zero((self.run_id, self.resumed, self._reachable))
+        if not self.enabled and self.node_leader and reachable:
+            # A run rank 0 could not reach yet goes without the other nodes' metrics: their monitor would
+            # block this rank on a server that is away, and no later collective tells them it is back.
+            self._system.start(self.run_id, self.resumed)
         if params:
             self.log_params(params)
         if tags:
@@ -122,6 +132,7 @@ class MLflowLogger:
             self._queue.put(Op("create", (run_id, run_name)))
             run.run_id = run_id
         else:
+            self._reachable = True
             self._system.start(run.run_id, run.resumed)
         self._sender.start()
 
@@ -142,9 +153,9 @@ class MLflowLogger:
     def close(self, status: str | None = "FINISHED", timeout: float = 60.0) -> None:
         """End the run with status (None: leave it as it is), sending what is queued for up to timeout
         seconds; what does not arrive is reported with a count."""
+        self._system.finish()  # on every rank that runs a monitor, rank 0 or not
         if not self.enabled or not self._sender.running:
             return
-        self._system.finish()
         if status:
             self.set_status(status)
         self._sender.stop(timeout)

@@ -9,7 +9,8 @@ content's class drawn in the style's manner (floats in [0, 1], N x C x H x W).
 
 The logged folder holds the weights and config (``disent_model/``), the disent package itself (code,
 so the model loads where disent is not installed; torch, numpy, PyYAML and Pillow are the
-requirements), an input example and a signature. The signature declares the outputs and the
+requirements, torch pinned to the release that trained it, its full build in the MLmodel's metadata
+``torch_version``), an input example and a signature. The signature declares the outputs and the
 ``mode`` parameter; it leaves the input open because an MLflow tensor schema admits one dtype and
 the model takes uint8 and float images (it checks their shape and range itself, naming the fault).
 """
@@ -62,9 +63,22 @@ def _package_copy(into: Path) -> Path:
     return target
 
 
+def torch_requirement(version: str | None = None) -> str:
+    """The pip requirement on the torch that trains (version: torch.__version__), e.g. torch==2.5.1 for 2.5.1+cu121:
+    pip resolves no local build (+cpu, +cu121) from PyPI, and the same release loads the weights on CPU or GPU."""
+    from packaging.version import Version
+
+    if version is None:
+        import torch
+
+        version = str(torch.__version__)
+    return f"torch=={Version(version).public}"
+
+
 def save_pyfunc(model, directory: Path) -> Path:
     """Write the MLflow model of `model` (a disent.api.Model) into directory (which must not exist)."""
     import mlflow
+    import torch
     from mlflow.models import ModelSignature
     from mlflow.types.schema import ParamSchema, ParamSpec, Schema, TensorSpec
 
@@ -84,7 +98,8 @@ def save_pyfunc(model, directory: Path) -> Path:
         mlflow.pyfunc.save_model(
             path=str(directory), python_model=str(ENTRY), artifacts={ARTIFACT: str(exported)},
             code_paths=[str(_package_copy(Path(tmp)))], signature=signature, input_example=example,
-            pip_requirements=["torch", "numpy", "pyyaml", "pillow", f"mlflow=={mlflow.__version__}"],
+            pip_requirements=[torch_requirement(), "numpy", "pyyaml", "pillow", f"mlflow=={mlflow.__version__}"],
+            metadata={"torch_version": str(torch.__version__)},  # a TorchVersion, which YAML cannot write
         )
     return directory
 

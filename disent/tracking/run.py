@@ -1,5 +1,5 @@
 """One MLflow run seen from rank 0: the client, creating or resuming the run, sending queued ops to
-it, and MLflow's system-metrics monitor for it."""
+it; and MLflow's system-metrics monitor for it, which the first rank of every node runs."""
 from __future__ import annotations
 
 import logging
@@ -26,36 +26,57 @@ def experiment_name(cfg=None) -> str:
     return name or os.environ.get("MLFLOW_EXPERIMENT_NAME") or DEFAULT_EXPERIMENT
 
 
-def make_client(uri: str):
+def quiet_mlflow(uri: str) -> None:
+    """MLflow's settings for talking to uri from this process (unless set): no URLs printed, short HTTP retries."""
     # MLflow prints run URLs built from the tracking URI, credentials included; ours are redacted.
     os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
     if uri.startswith(("http://", "https://")):
         # We retry ourselves, in the background; MLflow's own retries would stall for minutes.
         os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "1")
         os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "20")
+
+
+def make_client(uri: str):
+    quiet_mlflow(uri)
     from mlflow.tracking import MlflowClient
 
     return MlflowClient(tracking_uri=uri)
 
 
-class SystemMetrics:
-    """MLflow's system-metrics monitor (CPU, GPU, memory) for the run, when enabled; off on any error."""
+def node_id(rank: int, env=os.environ) -> str | None:
+    """The system metrics' node label, node_<i> for this process's node (GROUP_RANK/NODE_RANK as the launcher and
+    torchrun set them, else rank // LOCAL_WORLD_SIZE), when the job spans several nodes; None on one node (MLflow's
+    plain system/ names). An index, not the hostname: a requeued job lands on other hosts, and its resumed run
+    should keep its metric names."""
+    world = int(env.get("WORLD_SIZE") or 1)
+    per_node = max(1, int(env.get("LOCAL_WORLD_SIZE") or world))
+    given = env.get("GROUP_RANK") or env.get("NODE_RANK")
+    index = int(given) if given else rank // per_node
+    return None if index == 0 and world <= per_node else f"node_{index}"
 
-    def __init__(self, uri: str, enabled: bool):
+
+class SystemMetrics:
+    """MLflow's system-metrics monitor (CPU, GPU, memory) for the run, when enabled; off on any error.
+    With a node_id its metrics are system/<node_id>/..., so the nodes of one run do not overwrite each other."""
+
+    def __init__(self, uri: str, enabled: bool, node_id: str | None = None):
         self.uri = uri
         self.enabled = enabled
+        self.node_id = node_id
         self._monitor = None
 
     def start(self, run_id: str | None, resumed: bool) -> None:
         if not self.enabled or self._monitor is not None or run_id is None:
             return
+        quiet_mlflow(uri=self.uri)  # also on a node whose process makes no client of its own
         try:
             from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
 
-            self._monitor = SystemMetricsMonitor(run_id, resume_logging=resumed, tracking_uri=self.uri)
+            self._monitor = SystemMetricsMonitor(run_id, resume_logging=resumed, node_id=self.node_id,
+                                                 tracking_uri=self.uri)
             self._monitor.start()
         except Exception as exc:
-            log.warning("MLflow system metrics are off: %s", exc)
+            log.warning("MLflow system metrics are off: %s", redact_url_credentials(str(exc)))
             self._monitor = None
 
     def finish(self) -> None:

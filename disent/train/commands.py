@@ -1,9 +1,10 @@
 """`disent train CONFIG [overrides...] [--resume PATH]`.
 
 Everything a user can get wrong (config, batch split over the world size, precision on CPU, the
-data manifest, the checkpoint to resume) is checked before the process group starts. Ranks come
-from torchrun's environment (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR, MASTER_PORT); without
-it the command trains as a single process. Exit codes (disent.errors.ExitCode): 0 done, 2 input
+data manifest, the checkpoint to resume) is checked before the process group starts, by the preflight,
+which leaves the run plan (train/plan.py) the rest of the run reads. Ranks come from torchrun's
+environment (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR, MASTER_PORT); without it the command trains
+as a single process. Exit codes (disent.errors.ExitCode): 0 done, 2 input
 error (never retried), 69 retryable failure (storage unreachable, a shard failing, a lost peer:
 restart and it resumes), 75 preempted (SIGTERM/SIGUSR1: a checkpoint was written; requeue), 130 interrupted
 (Ctrl-C: a checkpoint was written; run it again to resume).
@@ -12,13 +13,16 @@ from __future__ import annotations
 
 import argparse
 import logging
-import os
 import sys
+from typing import TYPE_CHECKING
 
-from disent.config import Config, ConfigError, load_config, micro_batch_size
+from disent.config import Config, ConfigError, load_config
 from disent.errors import RetryableFailure
 from disent.logs import setup_logging
 from disent.models.loss_weights import TERMS
+
+if TYPE_CHECKING:
+    from disent.train.plan import RunPlan
 
 log = logging.getLogger(__name__)
 
@@ -38,41 +42,15 @@ def register(subparsers, add_config_args) -> None:
     parser.set_defaults(func=_cmd_train)
 
 
-def _env_world_size() -> int:
-    try:
-        return int(os.environ.get("WORLD_SIZE", "1") or 1)
-    except ValueError:
-        raise ConfigError(f"environment variable WORLD_SIZE={os.environ['WORLD_SIZE']!r} must be an integer") from None
-
-
-def check_manifest(cfg: Config):
-    """Read the training split's manifest and check it against the config; returns it.
-
-    Uses the data package's own check (image shape, channels, classes). Raises ConfigError.
-    """
-    from disent.data.reading import open_split
-
-    try:
-        return open_split(cfg.data, cfg.data.train_split)
-    except (ConfigError, RetryableFailure):
-        raise
-    except Exception as exc:
-        raise ConfigError(
-            f"cannot use the training data at data.url={cfg.data.url!r} (split '{cfg.data.train_split}'): {exc}. "
-            "Prepare it first (disent prepare SOURCE OUT) or fix data.url"
-        ) from None
-
-
-def preflight(cfg: Config, world_size: int, device_type: str, resume: str | None, auto_resume: bool = True):
-    """All checks that need no process group. Raises ConfigError."""
+def preflight(cfg: Config, resume: str | None, auto_resume: bool = True, device_type: str | None = None) -> RunPlan:
+    """All checks that need no process group; returns the run plan they leave (built here, once per run).
+    Raises ConfigError."""
     from disent.checkpoint import CheckpointError, CheckpointManager, RunLayout
-    from disent.train.ds_config import deepspeed_config
+    from disent.train.plan import build_plan
 
-    micro_batch_size(cfg, world_size)
-    for engine in ("vae", "disc"):
-        deepspeed_config(cfg, engine, world_size, device_type)
+    plan = build_plan(cfg, device_type)
     try:
-        RunLayout(cfg.run_dir).check_writable(clean_up=world_size == 1)
+        RunLayout(cfg.run_dir).check_writable(clean_up=plan.world_size == 1)
     except CheckpointError as exc:
         raise ConfigError(f"config key 'run_dir': {exc}") from None
     info = None
@@ -85,6 +63,7 @@ def preflight(cfg: Config, world_size: int, device_type: str, resume: str | None
         info = CheckpointManager(cfg.run_dir).latest_complete()
     if info is not None:
         refuse_another_model(cfg, info.meta().get("config", {}), info.path, resume is None)
+    return plan
 
 
 def refuse_another_model(cfg: Config, saved: dict, path, automatic: bool) -> None:
@@ -107,18 +86,18 @@ def refuse_another_model(cfg: Config, saved: dict, path, automatic: bool) -> Non
 
 def run_training(
     cfg: Config,
+    plan: RunPlan,
     resume: str | None = None,
     auto_resume: bool = True,
     loader_factory=None,
-    manifest_digest: str | None = None,
     eval_hooks=None,
 ) -> int:
     """Join the process group, train, leave it. Returns the exit code (0, or 75 when preempted);
     raises RetryableFailure when a peer rank is lost."""
-    from disent.train.distributed import choose_device, detect_env, init_distributed, shutdown_distributed
+    from disent.train.distributed import init_distributed, shutdown_distributed
     from disent.train.engines import keep_freed_memory_for_reuse
 
-    env = detect_env(choose_device(cfg.train.device))
+    env = plan.env
     setup_logging(env.rank)
     if env.is_main:
         log.info("device: %s (train.device=%s; %d CUDA device(s) visible), %d rank(s), backend %s", env.device_type,
@@ -126,12 +105,12 @@ def run_training(
     keep_freed_memory_for_reuse()
     init_distributed(env, cfg.train.collective_timeout_s, cfg.eval.timeout_s)
     try:
-        return train_in_group(cfg, env, resume, auto_resume, loader_factory, manifest_digest, eval_hooks)
+        return train_in_group(cfg, plan, resume, auto_resume, loader_factory, eval_hooks)
     finally:
         shutdown_distributed()
 
 
-def train_in_group(cfg: Config, env, resume=None, auto_resume=True, loader_factory=None, manifest_digest=None,
+def train_in_group(cfg: Config, plan: RunPlan, resume=None, auto_resume=True, loader_factory=None,
                    eval_hooks=None) -> int:
     """One training run inside an initialized process group. Returns the exit code.
 
@@ -143,11 +122,11 @@ def train_in_group(cfg: Config, env, resume=None, auto_resume=True, loader_facto
     from disent.train.distributed import is_lost_peer
     from disent.train.trainer import Trainer
 
+    env = plan.env
     preemption = PreemptionFlag()
     preemption.install()
     try:
-        trainer = Trainer(cfg, env, loader_factory=loader_factory, manifest_digest=manifest_digest,
-                          eval_hooks=eval_hooks, preemption=preemption)
+        trainer = Trainer(cfg, plan, loader_factory=loader_factory, eval_hooks=eval_hooks, preemption=preemption)
         result = trainer.train(resume=resume, auto_resume=auto_resume, exiting=True)
     except Exception as exc:
         first_line = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
@@ -184,14 +163,9 @@ def _is_compile_failure(exc: BaseException) -> bool:
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
-    from disent.train.distributed import choose_device
-
     cfg = load_config(args.config, args.overrides)
-    device_type = choose_device(cfg.train.device)
-    world_size = _env_world_size()
-    preflight(cfg, world_size, device_type, args.resume, auto_resume=not args.no_auto_resume)
-    manifest = check_manifest(cfg)
-    return run_training(cfg, resume=args.resume, auto_resume=not args.no_auto_resume, manifest_digest=manifest.digest)
+    plan = preflight(cfg, args.resume, auto_resume=not args.no_auto_resume)
+    return run_training(cfg, plan=plan, resume=args.resume, auto_resume=not args.no_auto_resume)
 
 
 def torch_cuda_count() -> int:

@@ -74,7 +74,7 @@ def _env_int(name: str, default: int) -> int:
     try:
         return int(value)
     except ValueError:
-        raise ValueError(f"environment variable {name}={value!r} must be an integer") from None
+        raise ConfigError(f"environment variable {name}={value!r} must be an integer") from None
 
 
 def choose_device(requested: str) -> str:
@@ -103,12 +103,13 @@ def use_accelerator(device_type: str) -> None:
 
 
 def detect_env(device_type: str = "cpu") -> DistEnv:
-    """RANK / WORLD_SIZE / LOCAL_RANK from the environment, on the device `choose_device` picked."""
+    """RANK / WORLD_SIZE / LOCAL_RANK from the environment, on the device `choose_device` picked; read once per run,
+    by the run plan (train/plan.py). A value that is no integer is an input error."""
     world_size = _env_int("WORLD_SIZE", 1)
     rank = _env_int("RANK", 0)
     local_rank = _env_int("LOCAL_RANK", rank)
     if not 0 <= rank < world_size:
-        raise ValueError(f"RANK={rank} is outside WORLD_SIZE={world_size}")
+        raise ConfigError(f"RANK={rank} is outside WORLD_SIZE={world_size}")
     return DistEnv(rank=rank, world_size=world_size, local_rank=local_rank, device_type=device_type)
 
 
@@ -185,12 +186,8 @@ def shutdown_distributed() -> None:
 # --------------------------------------------------------------------------- the control group
 
 
-class _Control:
-    group: Any = None  # a gloo group beside an NCCL world; None: the world group is gloo already
-    waiting: Any = None  # the gloo group with the evaluation's timeout, for wait_for_rank_zero
-
-
-_CONTROL = _Control()
+# process_group owns the groups, so that its from_rank_zero (the one for every layer) broadcasts on them.
+_CONTROL = process_group.CONTROL
 
 
 def _world() -> int:
@@ -206,11 +203,6 @@ def agree_any(flag: bool) -> bool:
     value = torch.tensor([int(flag)], dtype=torch.int32)
     dist.all_reduce(value, op=dist.ReduceOp.MAX, group=_CONTROL.group)
     return bool(value[0])
-
-
-def from_rank_zero(value: Any) -> Any:
-    """Rank 0's value on every rank (picklable; a collective on CPU)."""
-    return process_group.from_rank_zero(value, group=_CONTROL.group)
 
 
 def wait_for_rank_zero(timeout_s: float) -> None:

@@ -26,12 +26,14 @@ def bucket_size(num_params: int) -> int:
 
 
 def deepspeed_config(
-    cfg: Config, engine: str, world_size: int, device_type: str = "cpu", num_params: int | None = None
+    cfg: Config, engine: str, world_size: int, device_type: str = "cpu", num_params: int | None = None,
+    micro_batch: int | None = None,
 ) -> dict:
     """The DeepSpeed config for engine 'vae' or 'disc'; `deepspeed.<engine>` keys are merged last.
 
-    num_params (the engine's model size; the trainer always passes it) sizes ZeRO's communication
-    buckets; without it DeepSpeed's defaults apply.
+    num_params (the engine's model size; the run plan always passes it) sizes ZeRO's communication
+    buckets; without it DeepSpeed's defaults apply. micro_batch: the run plan's, split once; without it
+    (tools, tests) it is split from world_size here.
     """
     if engine not in ENGINES:
         raise ValueError(f"engine must be one of {ENGINES}, got {engine!r}")
@@ -42,7 +44,7 @@ def deepspeed_config(
         )
     ds = {
         "train_batch_size": cfg.train.global_batch_size,
-        "train_micro_batch_size_per_gpu": micro_batch_size(cfg, world_size),
+        "train_micro_batch_size_per_gpu": micro_batch_size(cfg, world_size) if micro_batch is None else micro_batch,
         "gradient_accumulation_steps": cfg.train.grad_accum,
         "gradient_clipping": cfg.train.grad_clip,
         "steps_per_print": 10**9,  # progress and metrics go through our logger, not DeepSpeed's prints

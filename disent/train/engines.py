@@ -1,7 +1,7 @@
 """The two DeepSpeed engines (VAE and discriminator).
 
 Each engine gets its own optimizer, LR schedule and DeepSpeed config, all derived from the one
-YAML config by `disent.train.ds_config.deepspeed_config`.
+YAML config by `disent.train.ds_config.deepspeed_config`, once, in the run plan (train/plan.py).
 
 The VAE engine wraps `VAEObjective`, whose forward computes the whole VAE loss: DeepSpeed hooks
 its backward prologue (ZeRO's gradient-reduction bookkeeping, accumulation scaling) onto the
@@ -14,11 +14,12 @@ backward ("Direct calls to tensor.backward() are not supported ...").
 from __future__ import annotations
 
 import contextlib
+import copy
 import logging
 import os
 from dataclasses import dataclass, field
 from types import SimpleNamespace
-from typing import Any, Iterator
+from typing import TYPE_CHECKING, Any, Iterator
 
 import torch
 import torch.nn as nn
@@ -28,7 +29,9 @@ from disent.config import Config, ConfigError
 from disent.models.discriminator import critics_from_config
 from disent.models.objective import Fakes, Objective
 from disent.models.vae import DisentVAE, vae_from_config
-from disent.train.distributed import DistEnv
+
+if TYPE_CHECKING:
+    from disent.train.plan import RunPlan
 
 log = logging.getLogger(__name__)
 
@@ -88,8 +91,22 @@ class VAEObjective(nn.Module):
         return self.objective.vae_losses(self.vae, discriminator, x1, x1p, x2, x2p, y2, step, y1=y1)
 
 
+def _bare_modules(cfg: Config) -> tuple[VAEObjective, nn.Module]:
+    vae, disc = vae_from_config(cfg), critics_from_config(cfg)  # in this order: it decides the initial weights
+    return VAEObjective(vae, Objective(cfg.loss, cfg.data.num_classes)), disc
+
+
+def parameter_counts(cfg: Config) -> dict[str, int]:
+    """Each engine's parameter count, from its modules built on the meta device (no memory, no initialization, no
+    random numbers drawn): the run plan sizes ZeRO's buckets by it before the real modules exist."""
+    with torch.device("meta"):
+        vae_objective, disc = _bare_modules(cfg)
+    return {"vae": _count(vae_objective), "disc": _count(disc)}
+
+
 def build_modules(cfg: Config) -> tuple[VAEObjective, nn.Module]:
-    vae, disc = vae_from_config(cfg), critics_from_config(cfg)
+    vae_objective, disc = _bare_modules(cfg)
+    vae = vae_objective.vae
     if cfg.train.compile:
         # One Inductor cache under run_dir (a shared file system on a cluster) instead of each node's /tmp: every
         # rank and every restart reuses the kernels compiled once. A user's own setting wins.
@@ -99,7 +116,7 @@ def build_modules(cfg: Config) -> tuple[VAEObjective, nn.Module]:
         # encode/decode, and the critics run frozen inside the VAE step and trainable in their own.
         for part in (vae.encoder, vae.decoder, *disc.children()):
             part.compile()
-    return VAEObjective(vae, Objective(cfg.loss, cfg.data.num_classes)), disc
+    return vae_objective, disc
 
 
 @contextlib.contextmanager
@@ -143,20 +160,24 @@ def _count(module: nn.Module) -> int:
     return sum(p.numel() for p in module.parameters())
 
 
-def build_engines(cfg: Config, env: DistEnv) -> Engines:
-    """Build both modules and call deepspeed.initialize once per engine."""
+def build_engines(cfg: Config, plan: RunPlan) -> Engines:
+    """Build both modules and call deepspeed.initialize once per engine, with the plan's DeepSpeed configs."""
     import deepspeed
 
-    from disent.train.ds_config import deepspeed_config, describe_refusal
+    from disent.train.ds_config import describe_refusal
 
+    env = plan.env
     vae_objective, disc = build_modules(cfg)
     sizes = {"vae": _count(vae_objective), "disc": _count(disc)}
+    if sizes != dict(plan.parameters):
+        raise RuntimeError(f"the run plan sized the DeepSpeed configs for {dict(plan.parameters)} parameters, but the "
+                           f"modules have {sizes}")
     if env.rank == 0:
         parts = ", ".join(f"{name} {_count(part):,}" for name, part in disc.named_children())
         log.info("model: VAE %s parameters (encoder %s, decoder %s), discriminator and critics %s (%s)",
                  f"{sizes['vae']:,}", f"{_count(vae_objective.vae.encoder):,}", f"{_count(vae_objective.vae.decoder):,}",
                  f"{sizes['disc']:,}", parts)
-    configs = {name: deepspeed_config(cfg, name, env.world_size, env.device_type, sizes[name]) for name in sizes}
+    configs = {name: copy.deepcopy(dict(plan.deepspeed[name])) for name in sizes}  # the plan's stay as planned
     # DeepSpeed would put each engine on cuda:LOCAL_RANK; `device_rank` makes it use this rank's GPU.
     args = SimpleNamespace(device_rank=env.device_index) if env.device_type == "cuda" else None
     engines = {}

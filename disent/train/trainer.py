@@ -16,7 +16,6 @@ every rank finish its step, checkpoint and return with `preempted=True` (exit 75
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 import os
 from dataclasses import dataclass
@@ -26,14 +25,15 @@ from typing import Any, Callable
 import torch
 
 from disent.checkpoint import CheckpointInfo, CheckpointManager
-from disent.config import Config, changed_keys, flatten, micro_batch_size, to_dict, to_yaml
+from disent.config import Config, changed_keys, flatten, to_dict, to_yaml
 from disent.errors import ExitCode
-from disent.io.storage import write_bytes_atomic
+from disent.process_group import from_rank_zero
 from disent.signals import PreemptionFlag
 from disent.tracking.naming import run_name, training_tags
-from disent.train.distributed import DistEnv, agree_any, apply_determinism, from_rank_zero, wait_for_rank_zero
+from disent.train.distributed import agree_any, apply_determinism, wait_for_rank_zero
 from disent.train.engines import Engines, build_engines, frozen, stage0_grad_norm
 from disent.train.metrics import TrainingMetrics
+from disent.train.plan import RunPlan, write_plan
 from disent.train.profiler import StepProfiler
 from disent.train.progress import ProgressReport
 from disent.train.rng import isolated_rng, rng_state, seed_everything, set_rng_state
@@ -43,14 +43,14 @@ log = logging.getLogger(__name__)
 
 IMAGE_KEYS = ("x1", "x1p", "x2", "x2p")
 
-LoaderFactory = Callable[..., Any]  # (data_cfg, split, batch_size, rank, world_size, seed) -> PairLoader
+LoaderFactory = Callable[..., Any]  # (data_cfg, split, batch_size, rank, world_size, seed, manifest=) -> PairLoader
 
 
-def make_loader(data_cfg, split: str, batch_size: int, rank: int, world_size: int, seed: int):
+def make_loader(data_cfg, split: str, batch_size: int, rank: int, world_size: int, seed: int, manifest=None):
     """The one place the trainer gets its data loader from."""
     from disent.data.stream import PairLoader
 
-    return PairLoader(data_cfg, split, batch_size, rank, world_size, seed)
+    return PairLoader(data_cfg, split, batch_size, rank, world_size, seed, manifest=manifest)
 
 
 # --------------------------------------------------------------------------- trainer
@@ -71,27 +71,26 @@ class TrainResult:
 
 
 class Trainer:
-    """Owns the engines, the loader, the tracker and the checkpoints of one run."""
+    """Owns the engines, the loader, the tracker and the checkpoints of one run; what the run derives (world size,
+    device, micro batch, DeepSpeed configs, the training manifest) it reads from its plan."""
 
     def __init__(
         self,
         cfg: Config,
-        env: DistEnv,
+        plan: RunPlan,
         loader_factory: LoaderFactory | None = None,
         tracker=None,
-        manifest_digest: str | None = None,
         eval_hooks: list[Callable[[Any], None]] | None = None,  # each called with an EvalRequest (train/hooks.py)
         preemption: PreemptionFlag | None = None,
     ):
         from disent.train.hooks import EvaluationHook
 
         self.cfg = cfg
-        self.env = env
+        self.plan = plan
+        self.env = env = plan.env
         self.run_dir = Path(cfg.run_dir)
         self.loader_factory = loader_factory or make_loader
-        self.manifest_digest = manifest_digest
         self.step = 0
-        self.micro_batch = micro_batch_size(cfg, env.world_size)
         self.eval_hooks = list(eval_hooks) if eval_hooks is not None else [EvaluationHook()]
         # Installed by train(), or earlier by the caller (the CLI: before the engines are built, so a
         # preemption during start-up means "one step, checkpoint, exit 75" rather than dying with 143).
@@ -107,15 +106,15 @@ class Trainer:
         seed_everything(cfg.seed)
         self.deterministic = apply_determinism(cfg.train.deterministic, env.device_type)
         self.eval_failures: list[str] = []  # "step N: Error: message", also tagged on the MLflow run
-        self.engines: Engines = build_engines(cfg, env)
+        self.engines: Engines = build_engines(cfg, plan)
         self._seed_this_rank(step=0)
         self.loader = self.loader_factory(
-            cfg.data, cfg.data.train_split, self.micro_batch, env.rank, env.world_size, cfg.seed
+            cfg.data, cfg.data.train_split, plan.micro_batch, env.rank, env.world_size, cfg.seed, manifest=plan.manifest
         )
         if tracker is None:
             from disent.tracking import MLflowLogger
 
-            tracker = MLflowLogger.from_config(cfg, env.rank)
+            tracker = MLflowLogger.from_config(cfg, env.rank, env.local_rank)
         self.tracker = tracker  # owns the MLflow run id (rank 0's, broadcast to every rank at start)
 
     # ------------------------------------------------------------------ state
@@ -188,7 +187,7 @@ class Trainer:
 
     def train_step(self, batches) -> dict[str, torch.Tensor]:
         """One optimizer step of both engines (grad_accum micro-batches). Returns detached terms."""
-        accum = self.cfg.train.grad_accum
+        accum = self.plan.grad_accum
         sums: dict[str, torch.Tensor] = {}
         norms: dict[str, torch.Tensor | None] = {}
         for micro in range(accum):
@@ -256,7 +255,7 @@ class Trainer:
         cfg, env, total = self.cfg, self.env, self.cfg.train.steps
         batches = iter(self.loader)
         log.info("training from step %d to %d (%d ranks, micro batch %d, %s loader workers per rank, %s)",
-                 self.step, total, env.world_size, self.micro_batch, getattr(self.loader, "num_workers", "?"),
+                 self.step, total, env.world_size, self.plan.micro_batch, getattr(self.loader, "num_workers", "?"),
                  env.device_type)
         progress = ProgressReport(cfg.name, self.step, total, bar=env.is_main and cfg.train.progress)
         profiler = StepProfiler(cfg.train.profile_steps, total - self.step, self.layout.profile, env.rank, self.tracker)
@@ -381,20 +380,13 @@ class Trainer:
 
     def _start_tracking(self, resume_meta: dict | None) -> None:
         """Start (or, on resume, continue) the MLflow run; rank 0 writes and logs the run's config."""
-        params = flatten(to_dict(self.cfg))
-        params["derived.world_size"] = self.env.world_size
-        params["derived.micro_batch_size"] = self.micro_batch
+        params = {**flatten(to_dict(self.cfg)), **self.plan.params()}
         params["derived.loader_workers"] = getattr(self.loader, "num_workers", None)  # data.num_workers=auto
         run_id = resume_meta.get("mlflow_run_id") if resume_meta else None
         self.tracker.start(run_id=run_id, run_name=run_name(self.cfg), params=params, tags=training_tags(
-            self.cfg, self.env.world_size, self.env.device_type, self.manifest_digest,
+            self.cfg, self.env.world_size, self.env.device_type, self.plan.manifest.digest,
             {self.step: self.world_size_change} if self.world_size_change else {}))
         if self.env.is_main:
-            self.run_dir.mkdir(parents=True, exist_ok=True)
-            write_bytes_atomic(str(self.layout.config), to_yaml(self.cfg).encode())
-            ds_dir = self.layout.deepspeed_configs
-            ds_dir.mkdir(exist_ok=True)
-            for name, ds_cfg in self.engines.configs.items():
-                write_bytes_atomic(str(ds_dir / f"{name}.json"), json.dumps(ds_cfg, indent=2).encode())
+            write_plan(self.cfg, self.plan, self.layout)
             self.tracker.log_artifact(self.layout.config, "config")
-            self.tracker.log_artifact(ds_dir, "config/deepspeed")
+            self.tracker.log_artifact(self.layout.deepspeed_configs, "config/deepspeed")

@@ -10,6 +10,7 @@ from datetime import timedelta
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+from disent import process_group
 from disent.config import load_config
 from disent.host import free_port
 from disent.train import distributed
@@ -25,7 +26,7 @@ def _control_worker(rank: int, port: int, results):
     distributed._CONTROL.group = dist.new_group(backend="gloo")
     try:
         out = {"any": distributed.agree_any(rank == 1), "none": distributed.agree_any(False),
-               "choice": distributed.from_rank_zero(f"step-{rank}")}
+               "choice": process_group.from_rank_zero(f"step-{rank}")}
         if rank == 0:
             time.sleep(3)  # an evaluation longer than nothing, shorter than the wait allowed
         started = time.monotonic()

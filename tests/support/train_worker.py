@@ -11,7 +11,6 @@
 from __future__ import annotations
 
 import argparse
-import os
 import shlex
 import sys
 from pathlib import Path
@@ -20,7 +19,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the repository r
 
 from disent.config import ConfigError, load_config  # noqa: E402
 from disent.logs import setup_logging  # noqa: E402
-from disent.train.commands import check_manifest, preflight, train_in_group  # noqa: E402
+from disent.train.commands import preflight, train_in_group  # noqa: E402
 
 
 def dump_params(request):
@@ -42,7 +41,6 @@ def main() -> int:
     parser.add_argument("--case", action="append", default=[])
     parser.add_argument("overrides", nargs="*")
     args = parser.parse_args()
-    world_size = int(os.environ.get("WORLD_SIZE", "1"))
     cases = args.case or [""]
     configs = []
     try:
@@ -54,9 +52,7 @@ def main() -> int:
             cfg = load_config(config, [*(o for o in args.overrides if o.split("=", 1)[0] not in mine), *extra])
             if args.case:
                 cfg.run_dir = str(Path(cfg.run_dir) / f"case{i}")
-            preflight(cfg, world_size, "cpu", args.resume, auto_resume=False)
-            digest = check_manifest(cfg).digest
-            configs.append((cfg, digest))
+            configs.append((cfg, preflight(cfg, args.resume, auto_resume=False, device_type="cpu")))
     except ConfigError as exc:
         print(f"config error: {exc}", file=sys.stderr)
         return 2
@@ -64,15 +60,15 @@ def main() -> int:
     if args.no_hooks or args.dump_params:
         hooks = [dump_params] if args.dump_params else []
 
-    from disent.train.distributed import detect_env, init_distributed, shutdown_distributed
+    from disent.train.distributed import init_distributed, shutdown_distributed
 
-    env = detect_env("cpu")
+    env = configs[0][1].env  # the same for every case: one process group trains them all
     setup_logging(env.rank)
     init_distributed(env)
     try:
         codes = [
-            train_in_group(cfg, env, resume=args.resume, manifest_digest=digest, eval_hooks=hooks)
-            for cfg, digest in configs
+            train_in_group(cfg, plan, resume=args.resume, eval_hooks=hooks)
+            for cfg, plan in configs
         ]
     finally:
         shutdown_distributed()

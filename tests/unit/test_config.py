@@ -96,6 +96,11 @@ def test_malformed_override():
     [
         ("data.image_size=30", "28, 32 or 64"),
         ("data.num_workers=-1", ">= 0 or auto"),
+        # data.streams and data.on_error are checked here only: the loader takes them as valid
+        ("data.streams=0", r"'data.streams' must be auto or 1\.\.64 .*got 0"),
+        ("data.streams=9 train.global_batch_size=16 train.grad_accum=2", r"'data.streams' must be auto or 1\.\.8 "
+                                                                         r"\(the pairs per loader step over all ranks"),
+        ("data.on_error=ignore", "'data.on_error'.*'raise', 'skip'"),
         ("train.zero_stage=3", "0, 1 or 2"),
         ("train.channels_last=true train.zero_stage=1", "needs train.zero_stage=0"),
         # fp16's optimizer keeps the weights as views of flat buffers; the conversion would detach them

@@ -127,3 +127,65 @@ def test_close_sets_status(tmp_path, status):
     run_id = logger.start()
     logger.close(status=status)
     assert MlflowClient(uri).get_run(run_id).info.status == status
+
+
+@pytest.mark.parametrize("env, rank, want", [
+    ({}, 0, None),  # one process
+    ({"WORLD_SIZE": "8", "LOCAL_WORLD_SIZE": "8", "GROUP_RANK": "0"}, 5, None),  # one node: MLflow's plain names
+    ({"WORLD_SIZE": "8", "LOCAL_WORLD_SIZE": "4", "GROUP_RANK": "1"}, 4, "node_1"),
+    ({"WORLD_SIZE": "8", "LOCAL_WORLD_SIZE": "4", "NODE_RANK": "0"}, 0, "node_0"),
+    ({"WORLD_SIZE": "8", "LOCAL_WORLD_SIZE": "2"}, 7, "node_3"),  # no node rank given: rank // LOCAL_WORLD_SIZE
+])
+def test_node_id_is_the_node_index_when_there_are_several(env, rank, want):
+    from disent.tracking.run import node_id
+
+    assert node_id(rank, env) == want
+
+
+def test_the_first_rank_of_every_node_logs_its_system_metrics_to_the_run(tmp_path, monkeypatch):
+    """Two nodes of two ranks each, in one process: the broadcast of rank 0's run is simulated, the store is real."""
+    import disent.tracking.logger as logger_module
+
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    monkeypatch.setenv("MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL", "0.2")
+    monkeypatch.setenv("WORLD_SIZE", "4")
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
+    monkeypatch.setenv("GROUP_RANK", "0")
+    rank0 = MLflowLogger(uri, system_metrics=True, rank=0, local_rank=0)
+    run_id = rank0.start()
+    monkeypatch.setattr(logger_module, "from_rank_zero", lambda value: (run_id, False, True))
+    others = []
+    for rank in (1, 2, 3):
+        monkeypatch.setenv("GROUP_RANK", str(rank // 2))
+        others.append(MLflowLogger(uri, system_metrics=True, rank=rank, local_rank=rank % 2))
+        assert others[-1].start() == run_id
+    assert [o._system._monitor is not None for o in others] == [False, True, False]  # node 1's first rank only
+    wanted = {f"system/{node}/cpu_utilization_percentage" for node in ("node_0", "node_1")}
+    deadline = time.monotonic() + 30  # MLflow sends a monitor's first sample at once
+    while not wanted <= set(MlflowClient(uri).get_run(run_id).data.metrics) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    for logger in [*others, rank0]:
+        logger.close()
+    metrics = MlflowClient(uri).get_run(run_id).data.metrics
+    assert wanted <= set(metrics), sorted(metrics)
+    assert not [key for key in metrics if not key.startswith(("system/node_0/", "system/node_1/"))]
+    assert all(o._system._monitor is None for o in others)  # stopped at close
+
+
+def test_the_logged_model_pins_the_torch_release_that_trained_it(tmp_path):
+    """pip resolves no local build (+cpu, +cu121): the requirement is the release, the MLmodel keeps the full build."""
+    import torch
+    import yaml
+    from packaging.version import Version
+
+    from disent.api import Model
+    from disent.config import load_config
+    from disent.models.vae import vae_from_config
+    from disent.tracking.pyfunc import save_pyfunc, torch_requirement
+
+    assert torch_requirement("2.5.1+cu121") == "torch==2.5.1" and torch_requirement("2.6.0") == "torch==2.6.0"
+    cfg = load_config("configs/base.yaml", ["name=x", "data.url=d", "model.base_channels=8"])
+    saved = save_pyfunc(Model(vae_from_config(cfg), cfg, "test", "cpu"), tmp_path / "model")
+    requirements = (saved / "requirements.txt").read_text().split()
+    assert f"torch=={Version(torch.__version__).public}" in requirements
+    assert yaml.safe_load((saved / "MLmodel").read_text())["metadata"]["torch_version"] == torch.__version__

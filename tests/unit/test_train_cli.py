@@ -36,7 +36,77 @@ def test_valid_input_reaches_training(tmp_path, tiny_data, monkeypatch):
     seen = {}
     monkeypatch.setattr("disent.train.commands.run_training", lambda cfg, **kw: seen.update(kw, cfg=cfg) or 75)
     assert main(["train", "configs/base.yaml", *tiny_overrides(tmp_path, tiny_data), "--no-auto-resume"]) == 75
-    assert seen["auto_resume"] is False and len(seen["manifest_digest"]) == 64 and seen["cfg"].name == "tiny"
+    plan = seen["plan"]
+    assert seen["auto_resume"] is False and len(plan.manifest.digest) == 64 and seen["cfg"].name == "tiny"
+    assert plan.world_size == 1 and plan.env.device_type == "cpu" and plan.micro_batch == 8 // plan.grad_accum
+    assert set(plan.deepspeed) == {"vae", "disc"} and all(
+        c["train_micro_batch_size_per_gpu"] == plan.micro_batch for c in plan.deepspeed.values())
+
+
+def test_the_preflight_decides_each_setting_once(tmp_path, tiny_data, monkeypatch):
+    """The world size, the device, the micro batch, each DeepSpeed config and the manifest are derived once per run,
+    in the preflight's plan, and handed on; nothing after it derives them again (next test)."""
+    import disent.data.reading as reading
+    import disent.train.ds_config as ds_config
+    import disent.train.plan as plan_module
+
+    for var in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):
+        monkeypatch.delenv(var, raising=False)
+    calls = []
+
+    def counted(module, name):
+        real = getattr(module, name)
+        monkeypatch.setattr(module, name, lambda *a, **k: calls.append(name) or real(*a, **k))
+
+    for module, name in ((plan_module, "detect_env"), (plan_module, "choose_device"), (plan_module, "micro_batch_size"),
+                         (ds_config, "micro_batch_size"), (ds_config, "deepspeed_config"), (reading, "open_split"),
+                         (reading, "read_manifest")):
+        counted(module, name)
+    seen = {}
+    monkeypatch.setattr("disent.train.commands.run_training", lambda cfg, **kw: seen.update(kw) or 0)
+    assert main(["train", "configs/base.yaml", *tiny_overrides(tmp_path, tiny_data)]) == 0
+    assert sorted(calls) == sorted(["detect_env", "choose_device", "micro_batch_size", "deepspeed_config",
+                                    "deepspeed_config", "open_split", "read_manifest"])
+    assert isinstance(seen["plan"], plan_module.RunPlan)
+
+
+def test_the_trainer_takes_its_settings_from_the_plan(tmp_path, tiny_data, monkeypatch):
+    """Given a plan, the trainer builds its engines and its loader from it: it chooses no device, reads no
+    environment or manifest and splits no batch of its own."""
+    import ast
+    import importlib
+    import inspect
+    from types import SimpleNamespace
+
+    import disent.train.trainer as trainer_module
+    from disent.config import load_config
+    from disent.train.plan import build_plan
+
+    cfg = load_config("configs/base.yaml", tiny_overrides(tmp_path, tiny_data))
+    plan = build_plan(cfg)
+
+    def refused(*args, **kwargs):
+        raise AssertionError("derived again after the plan")
+
+    for name in ("disent.config.checks.micro_batch_size", "disent.train.ds_config.deepspeed_config",
+                 "disent.train.distributed.detect_env", "disent.train.distributed.choose_device",
+                 "disent.data.reading.open_split", "disent.data.reading.read_manifest"):
+        monkeypatch.setattr(name, refused)
+    built, loaders = [], []
+    monkeypatch.setattr(trainer_module, "build_engines", lambda c, p: built.append(p) or SimpleNamespace())
+    monkeypatch.setattr(trainer_module, "apply_determinism", lambda setting, device_type: False)
+    trainer = trainer_module.Trainer(cfg, plan, loader_factory=lambda *a, **k: loaders.append((a, k)) or [],
+                                     tracker=SimpleNamespace(), eval_hooks=[])
+    assert built == [plan] and trainer.env is plan.env
+    assert loaders == [((cfg.data, cfg.data.train_split, plan.micro_batch, 0, 1, cfg.seed),
+                        {"manifest": plan.manifest})]
+    derived = {"micro_batch_size", "deepspeed_config", "detect_env", "choose_device", "open_split", "read_manifest",
+               "check_manifest"}
+    for module in ("disent.train.trainer", "disent.train.engines"):  # nor anywhere a later change might put it
+        tree = ast.parse(inspect.getsource(importlib.import_module(module)))
+        names = {n.id for n in ast.walk(tree) if isinstance(n, ast.Name)}
+        names |= {a.name for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) for a in n.names}
+        assert not names & derived, (module, names & derived)
 
 
 @pytest.mark.parametrize("at_end", [True, False])
