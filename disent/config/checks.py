@@ -33,6 +33,9 @@ def validate(cfg: Config) -> None:
     if cfg.model.posterior_sigma < 0:
         raise ConfigError(f"config key 'model.posterior_sigma' must be >= 0 (0: a learned variance), "
                           f"got {cfg.model.posterior_sigma}")
+    if cfg.model.prune_below_kl < 0:
+        raise ConfigError(f"config key 'model.prune_below_kl' must be >= 0 nats (0: no pruning), "
+                          f"got {cfg.model.prune_below_kl}")
     if cfg.data.image_size not in IMAGE_SIZES:
         raise ConfigError(f"config key 'data.image_size' must be 28, 32 or 64, got {cfg.data.image_size}")
     if cfg.data.channels not in (1, 3):

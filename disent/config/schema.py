@@ -53,6 +53,10 @@ class ModelConfig:
     # the paper's f_z(x, s): the unspecified code's head also sees s. False: f_z(x), the trunk's features alone, so
     # the class has no direct path from s into the mean of z
     z_sees_s: bool = True
+    # 0: off. > 0: at the last step, the units of z whose KL to the prior (averaged over the train stream, nats) is
+    # below this are pruned: their mean is 0 and their variance 1 from then on (disent/train/pruning.py). The
+    # decoder barely uses such a unit, but its mean can keep small class-dependent offsets a probe reads
+    prune_below_kl: float = 0.0
 
 
 @dataclass

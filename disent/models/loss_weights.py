@@ -34,6 +34,7 @@ TERMS: tuple[Term, ...] = (
     Term("reverse_cycle", "reverse_cycle"),
     Term("class_mmd", "class_mmd", needs_labels=True),
     Term("class_probe", "class_probe", needs_labels=True, ramps=True, critic="class_probe"),
+    Term("swap_contrast", "swap_contrast", needs_labels=True),
 )
 
 
@@ -74,6 +75,10 @@ class LossWeights:
     class_probe: float = 0.0
     class_probe_steps: int = 4
     class_probe_refit_every: int = 250
+    # Extension (DCoDR's contrastive term, uses the labels): the re-encoded swap Dec(z1, s2) must pick out x1's mean
+    # of z from among the codes of x1's class, and x1 its swap from among x2's class; same-class negatives, so
+    # the class cannot help and a code that carries it pays.
+    swap_contrast: float = 0.0
 
     def on(self) -> list[Term]:
         """The terms whose weight is > 0, in TERMS' order."""

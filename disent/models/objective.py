@@ -9,7 +9,7 @@ The discriminator is trained to tell the real (x2, x2') from those fakes.
 
 Extensions beyond the paper follow the paper's terms, each named as its `loss.*` weight and off at 0
 (the paper's objective): `latent_adversarial`, `class_adversarial`, `specified_consistency`,
-`class_moments`, `reverse_cycle`, `class_mmd`, `class_probe`. Each is one function below with its docstring,
+`class_moments`, `reverse_cycle`, `class_mmd`, `class_probe`, `swap_contrast`. Each is one function below with its docstring,
 declared once in `disent.models.loss_weights.TERMS`. `Objective` holds one run's weights and runs the step.
 """
 from __future__ import annotations
@@ -137,6 +137,7 @@ class StepCodes:
     mu: torch.Tensor
     z_prior: torch.Tensor
     fake_prior: torch.Tensor
+    fake_z1: torch.Tensor  # Dec(z1, s2): x1's style in x2's class (logits)
     y1: torch.Tensor | None
     y2: torch.Tensor
     b: int
@@ -210,6 +211,38 @@ def class_probe(vae: DisentVAE, discriminator: torch.nn.Module, c: StepCodes) ->
     """The probe-like critic's guess of the class from the mean of z (of x1, x1', x2), held to uniform: 0 when it
     can do no better than chance. The critic learns in the discriminator's step (uses the labels there)."""
     return discriminator.class_probe.encoder_loss(c.mu)
+
+
+CONTRAST_TEMPERATURE = 0.2  # DCoDR's tau
+
+
+def same_class_info_nce(anchor: torch.Tensor, positive: torch.Tensor, bank: torch.Tensor, negative: torch.Tensor,
+                        temperature: float = CONTRAST_TEMPERATURE) -> torch.Tensor:
+    """InfoNCE of each anchor row against its positive row, with the rows of `bank` that `negative` marks
+    ([anchors, bank] bool) as its negatives; all rows unit-normalised. Masked, not indexed: no host sync."""
+    pos = (anchor * positive).sum(1, keepdim=True) / temperature
+    neg = torch.where(negative, anchor @ bank.t() / temperature, float("-inf"))
+    return (torch.logsumexp(torch.cat([pos, neg], 1), 1) - pos.squeeze(1)).mean()
+
+
+def swap_contrast(vae: DisentVAE, discriminator: torch.nn.Module, c: StepCodes) -> torch.Tensor:
+    """DCoDR's contrastive term (Kahana & Hoshen, 2022) with the swap as its augmentation: x1 rendered in x2's class,
+    Dec(z1, s2), re-encoded, must give back x1's code mu1 from among the codes of other images of x1's class, and
+    the other way round from among the codes of x2's class. The negatives share the anchor's class, so the class
+    tells them apart no better than chance, while the positive crosses classes: a code that carries the class pays
+    for it, and a code that drops the image cannot find its positive (z is kept). Compared on the batch-standardised,
+    unit-normalised mean of z (what the probe reads; shrinking z hides nothing). Only the encoder learns from it:
+    the image is detached, as for the reverse cycle (uses the labels)."""
+    b = c.b
+    _, mu_swapped, _ = vae.encode(torch.sigmoid(c.fake_z1.float()).detach())
+    codes = F.normalize(standardised(torch.cat([c.mu, mu_swapped])), dim=1)
+    real, mu1, swapped = codes[: 3 * b], codes[:b], codes[3 * b :]
+    labels = torch.cat([c.y1, c.y1, c.y2])
+    rows_ = torch.arange(3 * b, device=codes.device)
+    not_x1 = rows_[None, :] != rows_[:b, None]  # x1 is the positive, never a negative
+    from_x1 = same_class_info_nce(mu1, swapped, real, (labels[None, :] == c.y1[:, None]) & not_x1)
+    from_swap = same_class_info_nce(swapped, mu1, real, (labels[None, :] == c.y2[:, None]) & not_x1)
+    return (from_x1 + from_swap) / 2
 
 
 # --------------------------------------------------------------------------- the discriminator's losses
@@ -320,7 +353,7 @@ class Objective:
         images = torch.sigmoid(torch.cat([fake_z1, fake_prior]))
         mu1p, mu2 = rows(mu, 1, b), rows(mu, 2, b)
         terms.update(adversarial_terms(discriminator, images, x2, y2, mu1, mu1p))
-        codes = StepCodes(s=s, mu=mu, z_prior=z_prior, fake_prior=fake_prior, y1=y1, y2=y2, b=b,
+        codes = StepCodes(s=s, mu=mu, z_prior=z_prior, fake_prior=fake_prior, fake_z1=fake_z1, y1=y1, y2=y2, b=b,
                           num_classes=self.num_classes)
         terms.update({name: term(vae, discriminator, codes) for name, term in self.extensions.items()})
 

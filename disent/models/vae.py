@@ -38,11 +38,16 @@ class Encoder(nn.Module):
 
     posterior_sigma > 0 fixes sigma for every unit (LORD's fixed-variance posterior): f_z gives mu only and logvar is
     the constant log sigma^2. z_sees_s=False gives f_z the trunk's features alone (f_z(x) instead of f_z(x, s)):
-    s carries the class, and any weight from s into mu is a direct path for it."""
+    s carries the class, and any weight from s into mu is a direct path for it.
+
+    prunes_units gives it a mask over the units of z (a buffer, all ones until disent.train.pruning sets it): a pruned
+    unit's mean is 0 and its variance 1 for every image, so it is the prior itself and holds nothing a probe can read.
+    """
 
     def __init__(self, channels: int, image_size: int, s_dim: int, z_dim: int, base_channels: int,
-                 posterior_sigma: float = 0.0, z_sees_s: bool = True):
+                 posterior_sigma: float = 0.0, z_sees_s: bool = True, prunes_units: bool = False):
         super().__init__()
+        self.register_buffer("unit_mask", torch.ones(z_dim) if prunes_units else None)
         self.trunk, features = conv_trunk(channels, base_channels, image_size)
         # s_dim 0 is a plain VAE (the reference a leakage figure is read against): s is an empty code
         self.f_s = nn.Sequential(nn.Linear(features, 256), nn.SiLU(), nn.Linear(256, s_dim)) if s_dim else None
@@ -51,14 +56,25 @@ class Encoder(nn.Module):
         self.z_sees_s = z_sees_s
         self.f_z = nn.Sequential(nn.Linear(features + (s_dim if z_sees_s else 0), 256), nn.SiLU(), nn.Linear(256, outputs))
 
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        # Weights saved without pruning have no mask: none of their units is pruned.
+        if self.unit_mask is not None and prefix + "unit_mask" not in state_dict:
+            state_dict[prefix + "unit_mask"] = torch.ones_like(self.unit_mask)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         h = self.trunk(x)
         s = self.f_s(h) if self.f_s is not None else h.new_zeros(h.shape[0], 0)
         out = self.f_z(torch.cat([h, s], dim=1) if self.z_sees_s else h)
         if self.fixed_logvar is not None:
-            return s, out, torch.full_like(out, self.fixed_logvar)
-        mu, logvar = out.chunk(2, dim=1)
-        return s, mu, logvar.clamp(-10.0, 10.0)
+            mu, logvar = out, torch.full_like(out, self.fixed_logvar)
+        else:
+            mu, logvar = out.chunk(2, dim=1)
+            logvar = logvar.clamp(-10.0, 10.0)
+        if self.unit_mask is not None:
+            mask = self.unit_mask.to(mu.dtype)
+            mu, logvar = mu * mask, logvar * mask
+        return s, mu, logvar
 
 
 def upsampling_layer(in_channels: int, out_channels: int, kind: str) -> nn.Module:
@@ -97,10 +113,11 @@ class Decoder(nn.Module):
 class DisentVAE(nn.Module):
     def __init__(self, channels: int, image_size: int, s_dim: int, z_dim: int, base_channels: int = 32,
                  decoder: str = "transposed", class_channel_classes: int = 0, posterior_sigma: float = 0.0,
-                 z_sees_s: bool = True):
+                 z_sees_s: bool = True, prunes_units: bool = False):
         super().__init__()
         self.z_dim = z_dim
-        self.encoder = Encoder(channels, image_size, s_dim, z_dim, base_channels, posterior_sigma, z_sees_s)
+        self.encoder = Encoder(channels, image_size, s_dim, z_dim, base_channels, posterior_sigma, z_sees_s,
+                               prunes_units)
         self.decoder = Decoder(channels, image_size, s_dim, z_dim, base_channels, decoder)
         # LORD's class codes c_y (model.class_channel): what the decoder sees in place of s while training
         self.class_codes = nn.Embedding(class_channel_classes, s_dim) if class_channel_classes else None
@@ -141,7 +158,7 @@ def vae_from_config(cfg) -> DisentVAE:
     m = cfg.model
     return DisentVAE(cfg.data.channels, cfg.data.image_size, m.s_dim, m.z_dim, m.base_channels, m.decoder,
                      class_channel_classes=cfg.data.num_classes if m.class_channel else 0,
-                     posterior_sigma=m.posterior_sigma, z_sees_s=m.z_sees_s)
+                     posterior_sigma=m.posterior_sigma, z_sees_s=m.z_sees_s, prunes_units=m.prune_below_kl > 0)
 
 
 def float32_copy(vae: nn.Module, cfg, device: torch.device | str) -> DisentVAE:

@@ -35,6 +35,7 @@ from disent.train.engines import Engines, build_engines, frozen, stage0_grad_nor
 from disent.train.metrics import TrainingMetrics
 from disent.train.plan import RunPlan, write_plan
 from disent.train.profiler import StepProfiler
+from disent.train.pruning import prune_quiet_units
 from disent.train.progress import ProgressReport
 from disent.train.rng import isolated_rng, rng_state, seed_everything, set_rng_state
 from disent.train.summary import RunSummary
@@ -275,6 +276,8 @@ class Trainer:
                 evaluate = self.step % cfg.train.eval_every == 0 and self.step < total and not stop
                 # An evaluation step is a checkpoint step, and the checkpoint comes first: a run that fails while
                 # its ranks wait for the evaluation resumes after it instead of redoing the steps and the evaluation.
+                if self.step == total and cfg.model.prune_below_kl > 0:  # before the final checkpoint, which keeps it
+                    prune_quiet_units(self.engines.vae_model, batches, self._to_device, cfg.model.prune_below_kl)
                 if self.step % cfg.train.checkpoint_every == 0 or self.step == total or stop or evaluate:
                     self.save_checkpoint()
                     if exiting and (stop or self.step == total):

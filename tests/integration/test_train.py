@@ -62,6 +62,8 @@ CASES = [
     "train.zero_stage=0 model.discriminator=pair train.compile=true",
     "train.zero_stage=0 model.discriminator=pair train.precision=bf16",
     "train.zero_stage=0 model.discriminator=pair train.channels_last=true",
+    # the last-step pruning agrees across ranks (one all-reduce of the units' KL) and lands in the final weights
+    "train.zero_stage=1 model.discriminator=pair model.prune_below_kl=0.5 loss.swap_contrast=1.0",
 ]
 # relative agreement with case 0's first logged losses: compiled kernels and channels_last
 # reorder float sums; bf16 autocast rounds matmul and conv inputs to 8 mantissa bits
@@ -96,6 +98,9 @@ def test_two_ranks_zero_0_1_2_both_discriminators(tmp_path, tiny_data):
         # training moved the weights away from the initial ones
         final = torch.load(case_dir / "final" / "vae.pt", weights_only=True)
         assert final.keys() == {k[len("vae."):] for k in rank0 if k.startswith("vae.")}
+        assert ("encoder.unit_mask" in final) == ("prune_below_kl" in case), case
+        if "prune_below_kl" in case:
+            assert set(final["encoder.unit_mask"].tolist()) <= {0.0, 1.0}
         assert complete_checkpoints(case_dir) == [2, 4], case
         for ckpt in (step_dir(case_dir, 2), step_dir(case_dir, 4)):
             assert (ckpt / "vae").is_dir() and (ckpt / "disc").is_dir()

@@ -23,7 +23,7 @@ from tests.support.train_helpers import ROOT, tiny_overrides
 
 EVERY_TERM = ["loss.latent_adversarial=1.0", "loss.class_adversarial=0.5", "loss.class_moments=1.0",
               "loss.reverse_cycle=0.5", "loss.specified_consistency=1.0", "loss.reconstruct_x1_prime=true",
-              "loss.reconstruct_x2=true", "loss.class_mmd=1.0", "model.class_channel=true"]
+              "loss.reconstruct_x2=true", "loss.class_mmd=1.0", "loss.swap_contrast=1.0", "model.class_channel=true"]
 GPU = DistEnv(rank=0, world_size=1, local_rank=0, device_type="cuda")
 
 
@@ -44,7 +44,7 @@ def test_one_step_of_the_objective_stays_on_the_gpu_without_a_sync_or_a_host_cop
         loss, terms, fakes = objective.vae_losses(vae, critics, *x, y2, step=3, y1=y1)
         d_loss, d_terms = objective.discriminator_losses(critics, x[2], x[3], y2, fakes)
     assert {"latent_adversarial", "class_adversarial", "class_moments", "reverse_cycle", "class_mmd",
-            "class_code"} <= set(terms)
+            "swap_contrast", "class_code"} <= set(terms)
     assert "latent_critic" in d_terms and "class_moment_gap" in d_terms
     for value in [loss, d_loss, *terms.values(), *d_terms.values()]:
         assert value.device == CUDA and value.dtype == torch.float32

@@ -8,6 +8,7 @@ from disent.models.loss_weights import LossWeights
 from disent.models.discriminator import build_critics, build_discriminator
 from disent.models.vae import DisentVAE
 from disent.models.objective import Objective
+from disent.models.probe_critic import standardised
 from disent.train.engines import VAEObjective, frozen
 
 
@@ -196,6 +197,50 @@ def test_class_mmd_is_a_loss_option_that_trains_the_encoder():
         Objective(LossWeights(class_mmd=1.0), 4).vae_losses(vae, disc, x1, x1p, x2, x2p, y2, 0)
 
 
+def test_the_swap_contrast_is_low_when_z_keeps_the_image_without_its_class_and_high_otherwise():
+    """same_class_info_nce on constructed codes: a style code that the swap keeps and that holds no class scores
+    far below one that also holds the class (its swap moves to the other class), and below an empty code (its
+    positive is one of many alike); shrinking the code changes nothing."""
+    from disent.models.objective import same_class_info_nce
+
+    g = torch.Generator().manual_seed(0)
+    b, classes = 64, 4
+    y1, y2 = torch.arange(b) % classes, (torch.arange(b) + 1) % classes
+    labels = torch.cat([y1, y1, y2])
+    style = torch.randn(3 * b, 8, generator=g)
+    not_x1 = ~torch.eye(b, 3 * b, dtype=torch.bool)
+
+    def loss(codes, swapped):
+        unit = torch.nn.functional.normalize(standardised(torch.cat([codes, swapped])), dim=1)
+        real, swapped = unit[: 3 * b], unit[3 * b :]
+        return (same_class_info_nce(real[:b], swapped, real, (labels[None] == y1[:, None]) & not_x1)
+                + same_class_info_nce(swapped, real[:b], real, (labels[None] == y2[:, None]) & not_x1)) / 2
+
+    shift = torch.zeros(classes, 8)
+    shift[:, :4] = 3 * torch.randn(classes, 4, generator=g)
+    keeps_style = loss(style, style[:b])
+    holds_class = loss(style + shift[labels], style[:b] + shift[y2])
+    empty = loss(0.05 * torch.randn(3 * b, 8, generator=g), 0.05 * torch.randn(b, 8, generator=g))
+    assert keeps_style < 1.0 and holds_class > keeps_style + 3.0 and empty > keeps_style + 3.0
+    assert torch.allclose(loss(1e-2 * style, 1e-2 * style[:b]), keeps_style, atol=1e-4)
+
+
+def test_the_swap_contrast_is_a_loss_option_that_trains_the_encoder_only():
+    torch.manual_seed(0)
+    vae = DisentVAE(1, 28, 4, 4, 8)
+    cfg = LossWeights(reconstruction=0, swap=0, adversarial=0, kl=0, swap_contrast=1.0)
+    disc = build_critics("pair", 1, 28, 4, 8, 4, cfg)
+    x1, x1p, x2, x2p, y2 = batch(b=8)
+    with frozen(disc):
+        loss, terms, _ = Objective(cfg, 4).vae_losses(vae, disc, x1, x1p, x2, x2p, y2, 0, y1=torch.randint(0, 4, (8,)))
+        loss.backward()
+    assert torch.isfinite(terms["swap_contrast"]) and terms["swap_contrast"] > 0
+    assert vae.encoder.f_z[0].weight.grad.abs().sum() > 0
+    assert all(p.grad is None or p.grad.abs().sum() == 0 for p in vae.decoder.parameters())  # the swap is detached
+    with pytest.raises(ValueError, match="loss.swap_contrast > 0 needs the class of x1"):
+        Objective(cfg, 4).vae_losses(vae, disc, x1, x1p, x2, x2p, y2, 0)
+
+
 def test_the_reverse_cycle_feeds_the_encoder_float32_under_bf16_autocast():
     """A compiled encoder compiles a graph per input dtype: the reverse cycle's input (the decoder's bf16 output under
     autocast) is given in float32, like the real images, so it adds no variant."""
@@ -210,3 +255,31 @@ def test_the_reverse_cycle_feeds_the_encoder_float32_under_bf16_autocast():
     with frozen(disc), torch.autocast("cpu", dtype=torch.bfloat16):
         Objective(cfg, 4).vae_losses(vae, disc, x1, x1p, x2, x2p, y2, step=0)
     assert seen == [torch.float32, torch.float32]  # the step's own pass, then the reverse cycle's
+
+
+def test_pruning_makes_the_quiet_units_the_prior_and_keeps_the_others():
+    """model.prune_below_kl: units whose KL over the stream is below the bound get mean 0 and variance 1 for every
+    image (so no probe reads anything from them); the others are untouched; the mask is in the state dict."""
+    from disent.train.pruning import prune_quiet_units
+
+    torch.manual_seed(0)
+    vae = DisentVAE(1, 28, 4, 6, 8, prunes_units=True)
+    last = vae.encoder.f_z[-1]
+    with torch.no_grad():  # units 0 and 1 carry the image (KL > 2 nats), units 2..5 a faint trace of it
+        last.weight.mul_(0.01)
+        last.weight[:2] *= 300
+        last.bias.zero_()
+        last.bias[:2] = 2.0
+    x = torch.rand(16, 1, 28, 28)
+    _, mu_before, logvar_before = vae.encode(x)
+    assert mu_before[:, 2:].abs().max() > 0  # a quiet unit still moves with the image before pruning
+    batches = iter([{"x1": torch.rand(16, 1, 28, 28)} for _ in range(40)])
+    pruned = prune_quiet_units(vae, batches, lambda b: b, below_kl=0.5)
+    assert pruned == [2, 3, 4, 5]
+    _, mu, logvar = vae.encode(x)
+    assert torch.equal(mu[:, 2:], torch.zeros(16, 4)) and torch.equal(logvar[:, 2:], torch.zeros(16, 4))
+    assert torch.equal(mu[:, :2], mu_before[:, :2]) and torch.equal(logvar[:, :2], logvar_before[:, :2])
+    assert vae.state_dict()["encoder.unit_mask"].tolist() == [1, 1, 0, 0, 0, 0]
+    assert "encoder.unit_mask" not in DisentVAE(1, 28, 4, 6, 8).state_dict()  # off: checkpoints as before
+    with pytest.raises(ValueError, match="prunes_units"):
+        prune_quiet_units(DisentVAE(1, 28, 4, 6, 8), batches, lambda b: b, below_kl=0.5)
