@@ -18,8 +18,10 @@ from typing import Any
 import numpy as np
 import torch
 
-from disent.checkpoint import EXPORTED_FILES
-from disent.config import Config
+from disent.checkpoint import EXPORTED_FILES, CheckpointError, CheckpointManager, export_models, safe_torch_load
+from disent.config import Config, ConfigError, from_dict, load_config, to_yaml
+from disent.models.vae import float32_copy, vae_from_config
+
 MLFLOW_SCHEMES = ("runs:/", "models:/", "mlflow-artifacts:/")
 
 
@@ -101,25 +103,16 @@ class Model:
 
     def export(self, directory: str | Path) -> Path:
         """Write the weights and the config (EXPORTED_FILES) into directory; `disent.load` reads it back."""
-        from disent.checkpoint import export_models
-        from disent.config import to_yaml
-
         export_models(Path(directory), {"vae": self.vae}, to_yaml(self.config))
         return Path(directory)
 
     @classmethod
     def copy_of(cls, vae: torch.nn.Module, config: Config, source: str) -> "Model":
         """A CPU model holding a float32 copy of `vae`'s weights (a model in training is left as it is)."""
-        from disent.models.vae import float32_copy
-
         return cls(float32_copy(vae, config, "cpu"), config, source, "cpu")
 
 
 def _from_exported(directory: Path, source: str, device) -> Model:
-    from disent.checkpoint import safe_torch_load
-    from disent.config import load_config
-    from disent.models.vae import vae_from_config
-
     cfg = load_config(directory / "config.yaml")
     vae = vae_from_config(cfg)
     vae.load_state_dict(safe_torch_load(directory / "vae.pt", map_location="cpu"))
@@ -139,7 +132,7 @@ def load(source: str | Path, device: str | torch.device | None = None) -> Model:
     models:/NAME/VERSION or models:/NAME/latest; the tracking server from MLFLOW_TRACKING_URI)."""
     text = str(source)
     if text.startswith(MLFLOW_SCHEMES):
-        import mlflow
+        import mlflow  # lazy: a local checkpoint or export loads without MLflow's second and a half
 
         local = Path(mlflow.artifacts.download_artifacts(artifact_uri=text, dst_path=tempfile.mkdtemp(prefix="disent-")))
         found = _find_exported(local)
@@ -159,10 +152,6 @@ def load(source: str | Path, device: str | torch.device | None = None) -> Model:
 def read_checkpoint(path: str | Path, overrides: list[str] = ()):
     """(CheckpointInfo, the config it was trained with plus overrides, the VAE with its weights) from a
     run directory (its latest complete checkpoint) or one checkpoint directory."""
-    from disent.checkpoint import CheckpointError, CheckpointManager
-    from disent.config import ConfigError, from_dict
-    from disent.models.vae import vae_from_config
-
     try:
         info = CheckpointManager.resolve(path)
         cfg = from_dict(info.meta()["config"], list(overrides), origin=f"{info.path}/meta.json")

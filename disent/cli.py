@@ -18,9 +18,8 @@ def add_config_args(parser: argparse.ArgumentParser) -> None:
     )
 
 
-# Subcommands live beside their implementation. Each module has
-# register(subparsers, add_config_args) and imports torch/deepspeed/mlflow only inside its
-# handlers, so `disent --help` stays fast.
+# Subcommands live beside their implementation. Each module has register(subparsers, add_config_args);
+# why its handlers import inside themselves: docs/architecture.md, "Imports".
 SUBCOMMAND_MODULES: tuple[str, ...] = (
     "disent.data.commands", "disent.train.commands", "disent.eval.commands", "disent.sweep.commands",
 )

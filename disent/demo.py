@@ -14,6 +14,11 @@ import sys
 import time
 from pathlib import Path
 
+from mlflow.tracking import MlflowClient
+
+from disent.checkpoint import CheckpointManager
+from disent.data.sources import ensure_fashion_mnist
+
 FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")
 CONFIG = "configs/fashion_mnist.yaml"
 DATA = "data/fashion_mnist"
@@ -43,8 +48,6 @@ def main(argv: list[str] | None = None) -> int:
     os.environ["MLFLOW_TRACKING_URI"] = TRACKING_URI
 
     step("1/4 data: Fashion-MNIST -> pre-grouped WebDataset shards")
-    from disent.data.sources import ensure_fashion_mnist
-
     ensure_fashion_mnist(install=True)
     if Path(DATA, "train", "manifest.json").exists():
         print(f"{DATA} already prepared (delete it to prepare again)")
@@ -62,10 +65,6 @@ def main(argv: list[str] | None = None) -> int:
     run(*disent("eval", RUN_DIR))
 
     step("4/4 results")
-    from mlflow.tracking import MlflowClient
-
-    from disent.checkpoint import CheckpointManager
-
     report = json.loads((CheckpointManager.resolve(RUN_DIR).eval_dir / "eval.json").read_text())
     run_id = report["mlflow_run_id"]
     experiment_id = MlflowClient(TRACKING_URI).get_run(run_id).info.experiment_id

@@ -8,6 +8,7 @@ import os
 import socket
 import sys
 from importlib.machinery import PathFinder
+from importlib.metadata import packages_distributions
 from pathlib import Path
 
 from disent.errors import InputError
@@ -75,8 +76,6 @@ def check_launcher() -> None:
     if origin is None:  # uninstalling another `launcher` took the __init__.py both had written
         raise InputError(f"the `launcher` package at {', '.join(spec.submodule_search_locations or [])} has lost "
                          "its __init__.py (another distribution's uninstall removed it): reinstall disent-adversarial")
-    from importlib.metadata import packages_distributions
-
     others = sorted(set(packages_distributions().get("launcher", [])) - {"disent-adversarial"})
     raise InputError(f"`python -m launcher` would run {origin}, not disent's launcher; "
                      + (f"{', '.join(others)} also installs a top-level `launcher`: " if others else "")

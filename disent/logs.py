@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import os
 import sys
+import warnings
 
 from disent.errors import InputError
 
@@ -43,8 +44,6 @@ class _DropMessages(logging.Filter):
 
 def quiet_known_library_warnings() -> None:
     """Warnings every run printed at start, per rank and engine, that ask nothing of the user."""
-    import warnings
-
     deepspeed_logger = logging.getLogger("DeepSpeed")
     if not any(isinstance(f, _DropMessages) for f in deepspeed_logger.filters):
         # WarmupLR's own constructor reads its rate before step 0 and warns about it; the rate it

@@ -5,23 +5,19 @@ from __future__ import annotations
 
 from typing import Any
 
+import torch.distributed as dist
+
 
 def active() -> bool:
     """Whether this process is in an initialized process group."""
-    import torch.distributed as dist
-
     return dist.is_available() and dist.is_initialized()
 
 
 def rank_and_world() -> tuple[int, int]:
-    import torch.distributed as dist
-
     return (dist.get_rank(), dist.get_world_size()) if active() else (0, 1)
 
 
 def barrier() -> None:
-    import torch.distributed as dist
-
     if active():
         dist.barrier()
 
@@ -40,8 +36,6 @@ def from_rank_zero(value: Any) -> Any:
     """Rank 0's (picklable) value on every rank: a collective, so also a barrier after rank 0's work. It runs on
     the CPU control group when training made one, so a broadcast neither copies through the GPU nor waits behind
     the GPU's queued work."""
-    import torch.distributed as dist
-
     if rank_and_world()[1] == 1:
         return value
     box = [value]

@@ -16,7 +16,7 @@ import sys
 import time
 
 from disent.errors import ExitCode
-from disent.host import available_cpus
+from disent.host import available_cpus, free_port
 from launcher.supervise import log, run_group
 from launcher.topology import LaunchError, Topology, gpu_count, resolve
 
@@ -92,7 +92,7 @@ def warn_if_oversubscribed(topology, gpus: int) -> None:
 def foreign_package() -> str | None:
     """Why the `launcher` package Python imported is not this one (another distribution's __init__.py
     written over ours, or ours removed when that distribution was uninstalled), else None."""
-    import launcher
+    import launcher  # lazy: the package this process resolves now (another distribution's may shadow ours)
 
     if getattr(launcher, "DISTRIBUTION", None) == "disent-adversarial":
         return None
@@ -149,8 +149,6 @@ def main(argv: list[str] | None = None) -> int:
 
     single = not topology.spawn or (topology.nproc_per_node == 1 and args.max_restarts == 0)
     if single:
-        from disent.host import free_port
-
         port = topology.master_port if topology.master_port is not None else free_port(host="")
         rank_env = rank_environment(topology, env, 0 if topology.spawn else None, port)
         if topology.is_global_rank0_process:

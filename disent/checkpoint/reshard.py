@@ -88,6 +88,7 @@ def _load_buffers(engine, saved: Path) -> None:
 
 def _convert_to_universal(source: Path, target: Path) -> None:
     """DeepSpeed's ds_to_universal, on files checked first: it unpickles without weights_only."""
+    # lazy: importing DeepSpeed picks its accelerator, which train.distributed decides first (use_accelerator)
     from deepspeed.checkpoint.ds_to_universal import main as ds_to_universal
 
     for file in sorted(source.rglob("*.pt")):

@@ -9,13 +9,12 @@ from pathlib import Path
 from typing import Callable
 
 from disent.checkpoint.layout import COMPLETE
+from disent.io.s3 import upload_file
 
 log = logging.getLogger(__name__)
 
 
 def _upload_file(local: Path, url: str) -> None:
-    from disent.io.s3 import upload_file
-
     upload_file(str(local), url)
 
 

@@ -4,6 +4,8 @@ from __future__ import annotations
 import argparse
 import textwrap
 
+from disent.data.sources import SOURCES, SourceOptions, source_syntaxes
+
 _OUT_HELP = """\
 OUT is a directory or s3://bucket/prefix; OUT/<split>/manifest.json and
 OUT/<split>/shard-NNNNNN.tar are written for the splits train, val and test.
@@ -12,8 +14,6 @@ OUT/<split>/shard-NNNNNN.tar are written for the splits train, val and test.
 
 def source_help() -> str:
     """The epilog of `disent prepare --help`: every registered source (disent.data.sources) with its help."""
-    from disent.data.sources import SOURCES
-
     width = max([12, *(len(s.syntax) for s in SOURCES.values())])
     lines = ["SOURCE is one of"]
     for source in SOURCES.values():
@@ -28,8 +28,6 @@ def source_help() -> str:
 
 
 def register(subparsers, add_config_args) -> None:  # noqa: ARG001 - prepare takes no config
-    from disent.data.sources import source_syntaxes
-
     p = subparsers.add_parser(
         "prepare", help="turn a data source into pre-grouped WebDataset shards (local or s3://)",
         description="Write same-class groups of samples into shuffled WebDataset shards plus a manifest per "
@@ -64,7 +62,6 @@ def register(subparsers, add_config_args) -> None:  # noqa: ARG001 - prepare tak
 
 def _cmd_prepare(args: argparse.Namespace) -> int:
     from disent.data.prepare import PrepareOptions, prepare
-    from disent.data.sources import SourceOptions
 
     opts = PrepareOptions(
         group_size=args.group_size, groups_per_shard=args.groups_per_shard, val_fraction=args.val_fraction,

@@ -27,6 +27,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+from PIL import Image, ImageDraw, ImageFont
+from tqdm import tqdm
 
 from disent.data.errors import DataError
 
@@ -68,8 +70,6 @@ def find_fonts(spec: str | None) -> list[Path]:
 
 
 def _ink(font, text: str) -> bytes:
-    from PIL import Image, ImageDraw
-
     img = Image.new("L", (64, 64))
     ImageDraw.Draw(img).text((32, 32), text, fill=255, font=font, anchor="mm")
     return img.tobytes()
@@ -97,8 +97,6 @@ def debian_packages(paths: list[Path]) -> dict[str, str]:
 
 def load_faces(spec: str | None) -> list[Face]:
     """The usable faces of --fonts: each draws all of CHARACTERS; at least two, so font is a factor."""
-    from PIL import ImageFont
-
     paths = find_fonts(spec)
     if spec in (None, DEFAULT_FONTS):
         paths = [p for p in paths if p.stem not in DEFAULT_SYMBOL_FACES]
@@ -152,8 +150,6 @@ class Renderer:
         self._fonts: dict[tuple[int, int], object] = {}
 
     def _font(self, face: int, pixels: int):
-        from PIL import ImageFont
-
         key = (face, pixels)
         if key not in self._fonts:
             self._fonts[key] = ImageFont.truetype(self.faces[face].path, pixels)
@@ -161,8 +157,6 @@ class Renderer:
 
     def render(self, label: int, factors: np.ndarray) -> np.ndarray:
         """One glyph as uint8 [1, H, W], white on black."""
-        from PIL import Image, ImageDraw
-
         face, size, rotation, x, y = (float(v) for v in factors)
         big = self.image_size * _SUPERSAMPLE
         img = Image.new("L", (big, big))
@@ -180,8 +174,6 @@ def generate(num_samples: int, faces: list[Face], seed: int = 0, image_size: int
     images = np.empty((num_samples, 1, image_size, image_size), np.uint8)
     indices = range(num_samples)
     if progress:
-        from tqdm import tqdm
-
         indices = tqdm(indices, desc="rendering glyphs", unit="glyph", disable=not os.isatty(2))
     for i in indices:
         images[i] = renderer.render(int(labels[i]), factors[i])

@@ -24,6 +24,8 @@ from dataclasses import dataclass
 from typing import Callable
 
 import numpy as np
+import webdataset as wds
+from tqdm import tqdm
 
 from disent.data.errors import DataError
 from disent.data.manifest import FORMAT, MANIFEST_NAME, Manifest, ShardInfo, manifest_url
@@ -111,8 +113,6 @@ def make_groups(labels: np.ndarray, num_classes: int, group_size: int, rng: np.r
 
 
 def _shard_bytes(part: Part, ids: np.ndarray, groups: list[np.ndarray], first_group: int) -> bytes:
-    import webdataset as wds
-
     buf = io.BytesIO()
     # encoder=False: we hand over bytes. mtime is a fixed *int* so the same seed gives byte-identical
     # shards and tarfile writes no per-member PAX header (a float mtime costs one extra header each).
@@ -135,8 +135,6 @@ def _existing_manifests(out: str) -> list[str]:
 
 
 def _progress(total: int, enabled: bool):
-    from tqdm import tqdm
-
     return tqdm(total=total, unit="group", desc="writing shards", disable=None if enabled else True, file=sys.stderr,
                 dynamic_ncols=True)
 

@@ -15,6 +15,8 @@ import tarfile
 from dataclasses import dataclass
 
 import numpy as np
+import webdataset as wds
+from webdataset.tariterators import base_plus_ext
 
 from disent.io import s3  # noqa: F401  (registers the s3:// scheme in webdataset)
 from disent.data.errors import ShardError
@@ -44,8 +46,6 @@ def _read_whole(raw, size_hint: int) -> bytes:
 def _records(data: bytes, url: str) -> list[dict]:
     """The shard's records, WebDataset's way (members grouped by the key before the first dot of the
     file name), each entry a zero-copy view into `data`."""
-    from webdataset.tariterators import base_plus_ext
-
     view = memoryview(data)
     records: list[dict] = []
     with tarfile.open(fileobj=io.BytesIO(data), mode="r:") as archive:
@@ -119,8 +119,6 @@ def _decode(sample: dict, manifest: Manifest, url: str) -> Group:
 
 def read_shard(info: ShardInfo, manifest: Manifest, verify_checksum: bool = False) -> list[Group]:
     """All groups of one shard, checked against the manifest; ShardError names the shard otherwise."""
-    import webdataset as wds
-
     url = info.url
     try:
         raw = wds.gopen(url, "rb")

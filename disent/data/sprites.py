@@ -18,6 +18,7 @@ import colorsys
 import math
 
 import numpy as np
+from PIL import Image, ImageDraw
 
 CLASS_NAMES = ["square", "circle", "triangle", "cross", "star"]
 FACTOR_NAMES = ["x", "y", "scale", "rotation", "hue"]
@@ -74,8 +75,6 @@ def sample_factors(seed: int, start: int, count: int) -> tuple[np.ndarray, np.nd
 
 def render(label: int, factors: np.ndarray, image_size: int = 32) -> np.ndarray:
     """One sprite as uint8 [3, H, W]."""
-    from PIL import Image, ImageDraw
-
     x, y, scale, rotation, hue = (float(v) for v in factors)
     big = image_size * _SUPERSAMPLE
     # The largest shape just fits at the extreme positions; shapes fill much of the frame, so the

@@ -4,7 +4,9 @@ rank gets."""
 from __future__ import annotations
 
 import logging
+import multiprocessing
 import os
+import sys
 import time
 from typing import Any, Iterator
 
@@ -12,6 +14,7 @@ import numpy as np
 import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
+from disent import host
 from disent.config import DataConfig
 from disent.data.manifest import Manifest
 from disent.data.pairing import PairStream, StreamCursor, StreamPart, draw_sizes, item_shapes, take_rows
@@ -129,10 +132,6 @@ def worker_context() -> str | None:
     """DataLoader workers are forked on Linux (fast start, no re-import), whatever the process's
     own default (spawned ranks default to spawn; Python 3.14 to forkserver). DISENT_DATA_MP_CONTEXT
     overrides it."""
-    import multiprocessing
-    import os
-    import sys
-
     wanted = os.environ.get("DISENT_DATA_MP_CONTEXT")
     if wanted:
         return wanted
@@ -145,13 +144,12 @@ def rank_cores() -> int:
     """A rank's cores: ``DISENT_CPUS_PER_RANK`` (the launcher's share, Slurm's --cpus-per-task), else the usable CPUs
     divided by ``LOCAL_WORLD_SIZE``. Thread limits such as OMP_NUM_THREADS do not count: they leave the other cores
     free for workers."""
-    from disent.host import available_cpus
 
     def positive(name: str) -> int | None:
         value = os.environ.get(name, "")
         return int(value) if value.isdigit() and int(value) > 0 else None
 
-    return positive("DISENT_CPUS_PER_RANK") or max(1, available_cpus() // (positive("LOCAL_WORLD_SIZE") or 1))
+    return positive("DISENT_CPUS_PER_RANK") or max(1, host.available_cpus() // (positive("LOCAL_WORLD_SIZE") or 1))
 
 
 def resolve_num_workers(setting: int | str) -> int:

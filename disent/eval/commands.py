@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from disent.config import Config, ConfigError
+from disent.logs import setup_logging
 
 log = logging.getLogger(__name__)
 
@@ -61,7 +62,6 @@ def _cmd_eval(args: argparse.Namespace) -> int:
 
     from disent.eval.evaluate import evaluate
     from disent.host import available_cpus
-    from disent.logs import setup_logging
 
     setup_logging()  # each metric's progress on stderr
     model = load_trained(args.path, args.overrides)

@@ -16,7 +16,9 @@ import torch
 import torch.nn.functional as F
 
 from disent.config import Config
+from disent.data.reading import load_split_arrays, open_split
 from disent.eval import grids
+from disent.eval.leakage import class_leakage
 from disent.eval.metrics import EvalContext, register_metric, run_metrics
 from disent.eval.probes import (
     chance_accuracy,
@@ -30,7 +32,7 @@ from disent.eval.probes import (
     signal_to_noise,
 )
 from disent.eval.units import class_by_units
-from disent.models.vae import DisentVAE
+from disent.models.vae import DisentVAE, float32_copy
 
 log = logging.getLogger(__name__)
 
@@ -45,8 +47,6 @@ class Split:
 
 
 def load_split(cfg: Config, split: str, limit: int) -> Split:
-    from disent.data.reading import load_split_arrays, open_split
-
     manifest = open_split(cfg.data, split)
     images, labels, factors, names = load_split_arrays(cfg.data, split, limit, manifest)
     categorical = list(manifest.source.get("categorical_factors", []))
@@ -185,8 +185,6 @@ def class_probes(ctx: EvalContext) -> dict:
 def leakage(ctx: EvalContext) -> dict:
     """The fixed yardstick (disent/eval/leakage.py) on s and on the mean of z: MLP accuracy and bits over 3 seeds,
     beside the same probe on shuffled labels."""
-    from disent.eval.leakage import class_leakage
-
     out: dict = {}
     for code in ("s", "mu"):
         if not ctx.train_codes[code].shape[1]:  # a plain VAE's empty s
@@ -276,8 +274,6 @@ def for_evaluation(vae: DisentVAE, cfg: Config) -> DisentVAE:
     on every rank 0 start: the copy runs eagerly."""
     if not cfg.train.compile and all(p.dtype == torch.float32 for p in vae.parameters()):
         return vae
-    from disent.models.vae import float32_copy
-
     return float32_copy(vae, cfg, next(vae.parameters()).device)
 
 

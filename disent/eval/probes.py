@@ -11,8 +11,10 @@ import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from sklearn.ensemble import RandomForestClassifier, RandomForestRegressor
+from sklearn.linear_model import LogisticRegression
 from sklearn.metrics import mutual_info_score, r2_score
-from sklearn.preprocessing import KBinsDiscretizer
+from sklearn.preprocessing import KBinsDiscretizer, StandardScaler
 
 
 def _standardize(train: np.ndarray, test: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
@@ -141,9 +143,6 @@ def logistic_probe(train_codes: np.ndarray, train_labels: np.ndarray, test_codes
                    test_labels: np.ndarray) -> tuple[float, float]:
     """(train, test) accuracy of logistic regression on standardised codes (OverLORD's protocol for
     leakage into a deterministic code)."""
-    from sklearn.linear_model import LogisticRegression
-    from sklearn.preprocessing import StandardScaler
-
     scaler = StandardScaler().fit(train_codes)
     model = LogisticRegression(max_iter=2000).fit(scaler.transform(train_codes), train_labels)
     return (float(model.score(scaler.transform(train_codes), train_labels)),
@@ -169,8 +168,6 @@ def dci(codes: np.ndarray, factors: np.ndarray, categorical: list[bool], seed: i
     per class and took a minute for glyphs' 33 fonts): R[d, k] is how much code dimension d serves
     factor k; disentanglement is 1 - (entropy over factors) of each dimension, weighted by its share
     of R; completeness is 1 - (entropy over dimensions) for each factor, averaged."""
-    from sklearn.ensemble import RandomForestClassifier, RandomForestRegressor
-
     num_codes, num_factors = codes.shape[1], factors.shape[1]
     importance = np.zeros((num_codes, num_factors))
     for k in range(num_factors):

@@ -12,6 +12,8 @@ import sys
 import time
 from pathlib import Path
 
+import yaml
+
 from disent.config import ConfigError
 from disent.errors import ExitCode
 from disent.sweep.points import Sweep
@@ -107,8 +109,6 @@ def _slug(text: str, limit: int) -> str:
 
 def read_k8s_template(template: Path) -> tuple[list[dict], dict, dict]:
     """(shared objects, headless Service, Job) of a template shaped like k8s/job.yaml."""
-    import yaml
-
     docs = [d for d in yaml.safe_load_all(template.read_text()) if d]
     job = next((d for d in docs if d.get("kind") == "Job"), None)
     service = next((d for d in docs if d.get("kind") == "Service"), None)
@@ -218,8 +218,6 @@ def k8s_manifests(sweep: Sweep, template: Path, parent_id: str, run_dir: str, na
 
 
 def render_k8s(manifests: list[dict]) -> str:
-    import yaml
-
     class Dumper(yaml.SafeDumper):
         pass
 

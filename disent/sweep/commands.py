@@ -8,7 +8,7 @@ import sys
 import time
 from pathlib import Path
 
-from disent.config import ConfigError, load_config
+from disent.config import ConfigError, load_config, to_yaml
 
 BACKENDS = ("local", "slurm", "k8s")
 
@@ -141,7 +141,6 @@ def name_slug(config_name: str, stamp: str) -> str:
 def _k8s_manifests(args, sweep, parent_id: str, run_dir: str, uri: str, name: str) -> list[dict]:
     """The pods train the sweep's config as resolved here (its `extends` chain and the sweep's own
     settings merged into one file), so what was validated is what runs."""
-    from disent.config import to_yaml
     from disent.sweep import backends
 
     config_yaml = to_yaml(load_config(args.config, sweep.base_overrides))

@@ -10,7 +10,11 @@ import tempfile
 import textwrap
 from pathlib import Path
 
+from matplotlib import colormaps
+from matplotlib.figure import Figure
+
 from disent.sweep.points import Sweep, split_values
+from disent.tracking.run import MLflowRun, SystemMetrics, make_client, register_run_model
 
 log = logging.getLogger(__name__)
 
@@ -23,17 +27,9 @@ RESULTS = (("class_from_s", "eval/class_from_s_mlp"), ("class_from_mu", "eval/cl
            ("vae_loss", "vae_loss"))
 
 
-def _client(uri: str):
-    from disent.tracking.run import make_client
-
-    return make_client(uri)
-
-
 def start_parent(uri: str, experiment: str, sweep: Sweep, name: str, register_best: str | None = None) -> str:
     """The parent run, with the sweep's axes and points as params and sweep.json as an artifact; with
     register_best, the summary registers the best child's model under that name."""
-    from disent.tracking.run import MLflowRun, SystemMetrics
-
     run = MLflowRun(uri, experiment, SystemMetrics(uri, False))
     run_id = run.open(None, name)
     client = run.client
@@ -61,7 +57,7 @@ def children(client, parent_id: str) -> list:
 def summarize(uri: str, parent_id: str, out_dir: Path | None = None, finish: bool = True) -> dict:
     """Write summary.csv and leakage.png to the parent run (and out_dir), and finish the parent:
     FINISHED when every child finished, FAILED otherwise. Returns the rows."""
-    client = _client(uri)
+    client = make_client(uri)
     params = client.get_run(parent_id).data.params
     axes = {k[len(AXIS_PARAM):]: v for k, v in params.items() if k.startswith(AXIS_PARAM)}
     keys = [k for k, values in axes.items() if len(set(split_values(values))) > 1]  # shared settings: parent params
@@ -102,8 +98,6 @@ def _score(row: dict) -> float | None:
 def _register_best(client, rows: list[dict], name: str | None, parent_id: str) -> dict | None:
     """The best finished child (by _score) with a logged model, tagged on the parent; registered as
     `name` when given (models:/NAME/latest is then that child's model)."""
-    from disent.tracking.run import register_run_model
-
     scored = [r for r in rows if r["score"] is not None
               and any(a.path == "model" for a in client.list_artifacts(r["run_id"]))]
     if not scored:
@@ -146,17 +140,14 @@ def _write_csv(rows: list[dict], path: Path) -> None:
 
 
 def _plot(rows: list[dict], path: Path, title: str) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     done = [r for r in rows if r["class_from_s"] is not None and r["class_from_mu"] is not None]
-    fig, ax = plt.subplots(figsize=(7.5, 5.5 + 0.22 * len(done)), dpi=120)
+    # A Figure of its own, not pyplot's: no display backend, and nothing global to close or leave set.
+    fig = Figure(figsize=(7.5, 5.5 + 0.22 * len(done)), dpi=120)
+    ax = fig.subplots()
     markers = "osD^v<>PX*"
     for i, r in enumerate(done):  # one colour and marker per point, named in the legend: labels never overlap
         ax.scatter(r["class_from_mu"], r["class_from_s"], s=55, marker=markers[i % len(markers)],
-                   color=plt.cm.tab10(i % 10), label=f"{i + 1}: {r['label']}", zorder=3)
+                   color=colormaps["tab10"](i % 10), label=f"{i + 1}: {r['label']}", zorder=3)
         ax.annotate(str(i + 1), (r["class_from_mu"], r["class_from_s"]), textcoords="offset points", xytext=(5, 5),
                     fontsize=7)
     chance = next((r["chance"] for r in done if r["chance"] is not None), None)
@@ -174,4 +165,3 @@ def _plot(rows: list[dict], path: Path, title: str) -> None:
     ax.grid(alpha=0.3)
     fig.tight_layout()
     fig.savefig(path)
-    plt.close(fig)

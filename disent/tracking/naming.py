@@ -5,8 +5,11 @@ from __future__ import annotations
 
 from typing import Any
 
+import torch
+
 from disent.config import Config
 from disent.io.urls import redact_url_credentials
+from disent.tracking.provenance import git_commit
 
 
 def run_name(cfg: Config) -> str:
@@ -23,10 +26,7 @@ def run_name(cfg: Config) -> str:
 def training_tags(cfg: Config, world_size: int, device_type: str, manifest_digest: str | None,
                   world_size_changes: dict[int, tuple[int, int]]) -> dict[str, Any]:
     """The tags a training run starts (or resumes) with; world_size_changes: {step: (written by, now)}."""
-    import deepspeed
-    import torch
-
-    from disent.tracking.provenance import git_commit
+    import deepspeed  # lazy: importing DeepSpeed picks its accelerator, which train.distributed decides first
 
     tags = {
         "git_commit": git_commit(),

@@ -22,12 +22,15 @@ import tempfile
 from pathlib import Path
 from typing import Any, Callable
 
+import mlflow
 import numpy as np
+import torch
+from mlflow.models import ModelSignature
+from mlflow.pyfunc import PythonModel
+from mlflow.types.schema import ParamSchema, ParamSpec, Schema, TensorSpec
+from packaging.version import Version
 
-try:
-    from mlflow.pyfunc import PythonModel
-except ImportError:  # pragma: no cover - mlflow is a dependency; this keeps `import disent` light to read
-    PythonModel = object  # type: ignore[assignment,misc]
+from disent.api import load
 
 log = logging.getLogger(__name__)
 
@@ -37,8 +40,6 @@ ENTRY = Path(__file__).with_name("pyfunc_entry.py")  # MLflow's "models from cod
 
 class DisentPyfunc(PythonModel):
     def load_context(self, context) -> None:
-        from disent.api import load
-
         self.model = load(context.artifacts[ARTIFACT], device="cpu")
 
     def predict(self, context, model_input, params=None):
@@ -66,22 +67,13 @@ def _package_copy(into: Path) -> Path:
 def torch_requirement(version: str | None = None) -> str:
     """The pip requirement on the torch that trains (version: torch.__version__), e.g. torch==2.5.1 for 2.5.1+cu121:
     pip resolves no local build (+cpu, +cu121) from PyPI, and the same release loads the weights on CPU or GPU."""
-    from packaging.version import Version
-
     if version is None:
-        import torch
-
         version = str(torch.__version__)
     return f"torch=={Version(version).public}"
 
 
 def save_pyfunc(model, directory: Path) -> Path:
     """Write the MLflow model of `model` (a disent.api.Model) into directory (which must not exist)."""
-    import mlflow
-    import torch
-    from mlflow.models import ModelSignature
-    from mlflow.types.schema import ParamSchema, ParamSpec, Schema, TensorSpec
-
     m, d = model.config.model, model.config.data
     signature = ModelSignature(
         inputs=None,

@@ -5,6 +5,10 @@ from __future__ import annotations
 import logging
 import os
 
+from mlflow.entities import Metric, Param, RunTag
+from mlflow.exceptions import MlflowException
+from mlflow.tracking import MlflowClient
+
 from disent.io.urls import redact_url_credentials
 from disent.tracking.sendqueue import Op
 
@@ -38,8 +42,6 @@ def quiet_mlflow(uri: str) -> None:
 
 def make_client(uri: str):
     quiet_mlflow(uri)
-    from mlflow.tracking import MlflowClient
-
     return MlflowClient(tracking_uri=uri)
 
 
@@ -70,6 +72,7 @@ class SystemMetrics:
             return
         quiet_mlflow(uri=self.uri)  # also on a node whose process makes no client of its own
         try:
+            # lazy: it needs psutil, which MLflow does not require; without it only these metrics are off
             from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
 
             self._monitor = SystemMetricsMonitor(run_id, resume_logging=resumed, node_id=self.node_id,
@@ -151,8 +154,6 @@ class MLflowRun:
 
     def send(self, batch: list[Op]) -> None:
         """Send one batch from the queue (all ops of one kind; raises when it did not arrive)."""
-        from mlflow.entities import Metric, Param, RunTag
-
         head = batch[0]
         if head.kind == "create":
             self.run_id = self.open(*head.payload)
@@ -198,8 +199,6 @@ def register_run_model(client, name: str, run_id: str, artifact_path: str = "mod
     """A new version of registered model `name` from a run's model artifact (the registered model is
     created on first use); its version. When the latest version already is this run's model (a sweep
     summarised again, a retry after a lost reply) that version is returned and none is added."""
-    from mlflow.exceptions import MlflowException
-
     try:
         client.create_registered_model(name)
     except MlflowException as exc:

@@ -16,8 +16,9 @@ import logging
 import sys
 from typing import TYPE_CHECKING
 
-from disent.config import Config, ConfigError, load_config
+from disent.config import Config, ConfigError, flatten, load_config, to_dict
 from disent.errors import RetryableFailure
+from disent.io.urls import redact_url_credentials
 from disent.logs import setup_logging
 from disent.models.loss_weights import TERMS
 
@@ -70,8 +71,6 @@ def refuse_another_model(cfg: Config, saved: dict, path, automatic: bool) -> Non
     """A checkpoint of another model shape cannot be loaded (every rank would fail with a size mismatch deep in
     DeepSpeed, and a restart would fail the same way): one input error naming the keys, before any work. The shape is
     the model section, the data's image shape and classes, and the critics the loss terms build."""
-    from disent.config import flatten, to_dict
-
     now, then = flatten(to_dict(cfg)), flatten(saved)
     keys = [k for k in now if k.startswith("model.") or k in ("data.image_size", "data.channels", "data.num_classes")]
     keys += [f"loss.{t.name}" for t in TERMS if t.critic]  # on or off decides whether its critic exists
@@ -143,7 +142,6 @@ def train_in_group(cfg: Config, plan: RunPlan, resume=None, auto_resume=True, lo
             print(f"disent: {how} at step {result.step}; checkpoint {result.checkpoint}; exit {int(result.exit_code)} "
                   f"({'run it again' if result.interrupted else 'requeue'} to resume)", file=sys.stderr)
         else:
-            from disent.io.urls import redact_url_credentials
             from disent.tracking import tracking_uri
 
             uri = redact_url_credentials(tracking_uri(cfg))

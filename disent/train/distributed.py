@@ -24,6 +24,8 @@ from datetime import timedelta
 from typing import Any
 
 import torch
+import torch.distributed as dist
+from packaging.version import Version
 
 from disent import process_group
 from disent.config import ConfigError
@@ -94,7 +96,7 @@ def use_accelerator(device_type: str) -> None:
     if os.environ.get("DS_ACCELERATOR") not in (None, device_type):
         log.info("DS_ACCELERATOR=%s replaced by %s (train.device decides)", os.environ["DS_ACCELERATOR"], device_type)
     os.environ["DS_ACCELERATOR"] = device_type
-    from deepspeed.accelerator import real_accelerator
+    from deepspeed.accelerator import real_accelerator  # lazy: DeepSpeed's first import reads DS_ACCELERATOR
 
     chosen = real_accelerator.ds_accelerator
     if chosen is not None and chosen.device_name() != device_type:
@@ -115,8 +117,6 @@ def detect_env(device_type: str = "cpu") -> DistEnv:
 
 def _device_id_safe() -> bool:
     """torch 2.6.x-2.7.0 can hang with device_id (pytorch#153960); DeepSpeed skips it there too."""
-    from packaging.version import Version
-
     return not Version("2.6.0") < Version(torch.__version__.split("+")[0]) < Version("2.7.1")
 
 
@@ -124,8 +124,7 @@ def init_distributed(env: DistEnv, timeout_s: float = 600, wait_timeout_s: float
     """Join the process group (gloo on CPU, nccl on GPU, bound to this rank's own device) with the collective
     timeout; a lone process gets a local one. Then the control groups (make_control_groups)."""
     use_accelerator(env.device_type)
-    import deepspeed
-    import torch.distributed as dist
+    import deepspeed  # lazy: only now, with DS_ACCELERATOR set (use_accelerator)
 
     if process_group.active():
         return
@@ -154,8 +153,6 @@ def make_control_groups(backend: str, timeout_s: float, wait_timeout_s: float) -
     the gloo group the ranks wait for rank 0's evaluation on, whose timeout is the evaluation's: in gloo every rank
     but 0 waits in monitored_barrier with its group's timeout, not the barrier's, so a wait on the control group
     would give up at the collective timeout however long the evaluation may take."""
-    import torch.distributed as dist
-
     _CONTROL.group = dist.new_group(backend="gloo", timeout=timedelta(seconds=timeout_s)) if backend != "gloo" else None
     _CONTROL.waiting = dist.new_group(backend="gloo", timeout=timedelta(seconds=wait_timeout_s))
 
@@ -167,16 +164,12 @@ _PEER_LOSS_MARKERS = ("connection closed by peer", "connection reset by peer", "
 def is_lost_peer(exc: BaseException) -> bool:
     """A collective that failed because a peer rank died or became unreachable: torch's DistError
     family (NCCL, the store), or gloo's plain RuntimeError ("Connection closed by peer")."""
-    import torch.distributed as dist
-
     if isinstance(exc, dist.DistError):
         return True
     return isinstance(exc, RuntimeError) and any(m in str(exc).lower() for m in _PEER_LOSS_MARKERS)
 
 
 def shutdown_distributed() -> None:
-    import torch.distributed as dist
-
     _CONTROL.group = _CONTROL.waiting = None
     if process_group.active():
         with contextlib.suppress(Exception):
@@ -196,8 +189,6 @@ def _world() -> int:
 
 def agree_any(flag: bool) -> bool:
     """Whether any rank's flag is set (a collective on CPU: no device sync)."""
-    import torch.distributed as dist
-
     if _world() == 1:
         return flag
     value = torch.tensor([int(flag)], dtype=torch.int32)
@@ -208,8 +199,6 @@ def agree_any(flag: bool) -> bool:
 def wait_for_rank_zero(timeout_s: float) -> None:
     """Every rank waits here until rank 0 arrives (after its evaluation), at most timeout_s (the waiting group's
     own timeout, make_control_groups); a CPU barrier, so no NCCL collective is pending while rank 0 works."""
-    import torch.distributed as dist
-
     if _world() == 1:
         return
     group = _CONTROL.waiting if _CONTROL.waiting is not None else _CONTROL.group

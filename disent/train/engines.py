@@ -15,8 +15,10 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import ctypes
 import logging
 import os
+import platform
 from dataclasses import dataclass, field
 from types import SimpleNamespace
 from typing import TYPE_CHECKING, Any, Iterator
@@ -29,6 +31,7 @@ from disent.config import Config, ConfigError
 from disent.models.discriminator import critics_from_config
 from disent.models.objective import Fakes, Objective
 from disent.models.vae import DisentVAE, vae_from_config
+from disent.train.ds_config import describe_refusal
 
 if TYPE_CHECKING:
     from disent.train.plan import RunPlan
@@ -50,9 +53,6 @@ def keep_freed_memory_for_reuse() -> bool:
     """Fix glibc's mmap and trim thresholds for this process (its DataLoader workers inherit them).
     Returns whether they were set: not off glibc, and not where the environment already chooses the
     allocator or its settings (jemalloc/tcmalloc through LD_PRELOAD, MALLOC_*_, GLIBC_TUNABLES)."""
-    import ctypes
-    import platform
-
     if platform.libc_ver()[0] != "glibc" or any(os.environ.get(name) for name in _ALLOCATOR_SETTINGS):
         return False
     try:
@@ -162,9 +162,7 @@ def _count(module: nn.Module) -> int:
 
 def build_engines(cfg: Config, plan: RunPlan) -> Engines:
     """Build both modules and call deepspeed.initialize once per engine, with the plan's DeepSpeed configs."""
-    import deepspeed
-
-    from disent.train.ds_config import describe_refusal
+    import deepspeed  # lazy: importing DeepSpeed picks its accelerator, which train.distributed decides first
 
     env = plan.env
     vae_objective, disc = build_modules(cfg)

@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Callable
 
 import torch
+import torch.distributed as dist
 
 from disent import process_group
 from disent.train.progress import ProgressReport
@@ -26,8 +27,6 @@ def mean_over_ranks(values: dict[str, torch.Tensor | float], device: torch.devic
     """The rank average of each scalar (a collective: every rank calls it with the same keys), reduced on
     `device` (the process group's: the GPU under NCCL, the CPU under gloo). The one host-device sync of a
     log window is the read-back at the end."""
-    import torch.distributed as dist
-
     keys, stacked = stack_scalars(values, device)
     world = process_group.rank_and_world()[1]
     if world > 1:

@@ -16,10 +16,13 @@ from typing import Mapping
 
 from disent.checkpoint import RunLayout
 from disent.config import Config, ConfigError, micro_batch_size, to_yaml
+from disent.data import reading
 from disent.data.manifest import Manifest
 from disent.errors import RetryableFailure
 from disent.io.storage import write_bytes_atomic
+from disent.train import ds_config
 from disent.train.distributed import DistEnv, choose_device, detect_env
+from disent.train.engines import parameter_counts
 
 
 @dataclass(frozen=True)
@@ -43,14 +46,12 @@ class RunPlan:
 def build_plan(cfg: Config, device_type: str | None = None) -> RunPlan:
     """The plan of this rank's run; raises ConfigError (exit 2) for anything a user must fix. device_type: the
     device already decided (a test harness's "cpu"); by default train.device decides it here."""
-    from disent.train.ds_config import ENGINES, deepspeed_config
-    from disent.train.engines import parameter_counts
-
     env = detect_env(device_type or choose_device(cfg.train.device))
     micro = micro_batch_size(cfg, env.world_size)
     counts = parameter_counts(cfg)
-    configs = {name: deepspeed_config(cfg, name, env.world_size, env.device_type, counts[name], micro_batch=micro)
-               for name in ENGINES}
+    configs = {name: ds_config.deepspeed_config(cfg, name, env.world_size, env.device_type, counts[name],
+                                                micro_batch=micro)
+               for name in ds_config.ENGINES}
     return RunPlan(env=env, micro_batch=micro, grad_accum=cfg.train.grad_accum, deepspeed=MappingProxyType(configs),
                    parameters=MappingProxyType(counts), manifest=training_manifest(cfg))
 
@@ -59,10 +60,8 @@ def training_manifest(cfg: Config) -> Manifest:
     """The training split's manifest, read and checked against the config (disent.data.reading.check_manifest);
     whatever stops it from being used is an input error naming data.url, except storage that is unreachable for
     now (retryable)."""
-    from disent.data.reading import open_split
-
     try:
-        return open_split(cfg.data, cfg.data.train_split)
+        return reading.open_split(cfg.data, cfg.data.train_split)
     except (ConfigError, RetryableFailure):
         raise
     except Exception as exc:

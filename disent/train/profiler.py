@@ -5,6 +5,7 @@ import logging
 from pathlib import Path
 
 import torch
+from torch.profiler import ProfilerActivity, profile, schedule
 
 from disent.io.storage import write_bytes_atomic
 
@@ -27,8 +28,6 @@ class StepProfiler:
             self._start(steps, steps_left)
 
     def _start(self, steps: int, steps_left: int) -> None:
-        from torch.profiler import ProfilerActivity, profile, schedule
-
         skip = max(0, min(PROFILE_SKIP_STEPS, steps_left - 1 - steps))  # short runs still get their trace
         activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
         self._profile = profile(activities=activities, record_shapes=False, on_trace_ready=self._write,

@@ -5,6 +5,8 @@ import logging
 import sys
 import time
 
+from tqdm import tqdm
+
 log = logging.getLogger(__name__)
 
 
@@ -20,8 +22,6 @@ class ProgressReport:
         self.t0 = time.perf_counter()
         self.bar = None
         if bar and sys.stderr.isatty():
-            from tqdm import tqdm
-
             self.bar = tqdm(total=total, initial=start, desc=name, unit="step", dynamic_ncols=True)
 
     def update(self) -> None:

@@ -24,14 +24,18 @@ from typing import Any, Callable
 
 import torch
 
+from disent.api import Model
 from disent.checkpoint import CheckpointInfo, CheckpointManager
 from disent.config import Config, changed_keys, flatten, to_dict, to_yaml
+from disent.data.stream import PairLoader
 from disent.errors import ExitCode
 from disent.process_group import from_rank_zero
 from disent.signals import PreemptionFlag
+from disent.tracking import MLflowLogger
 from disent.tracking.naming import run_name, training_tags
 from disent.train.distributed import agree_any, apply_determinism, wait_for_rank_zero
 from disent.train.engines import Engines, build_engines, frozen, stage0_grad_norm
+from disent.train.hooks import EvalRequest, EvaluationHook
 from disent.train.metrics import TrainingMetrics
 from disent.train.plan import RunPlan, write_plan
 from disent.train.profiler import StepProfiler
@@ -49,8 +53,6 @@ LoaderFactory = Callable[..., Any]  # (data_cfg, split, batch_size, rank, world_
 
 def make_loader(data_cfg, split: str, batch_size: int, rank: int, world_size: int, seed: int, manifest=None):
     """The one place the trainer gets its data loader from."""
-    from disent.data.stream import PairLoader
-
     return PairLoader(data_cfg, split, batch_size, rank, world_size, seed, manifest=manifest)
 
 
@@ -84,8 +86,6 @@ class Trainer:
         eval_hooks: list[Callable[[Any], None]] | None = None,  # each called with an EvalRequest (train/hooks.py)
         preemption: PreemptionFlag | None = None,
     ):
-        from disent.train.hooks import EvaluationHook
-
         self.cfg = cfg
         self.plan = plan
         self.env = env = plan.env
@@ -113,8 +113,6 @@ class Trainer:
             cfg.data, cfg.data.train_split, plan.micro_batch, env.rank, env.world_size, cfg.seed, manifest=plan.manifest
         )
         if tracker is None:
-            from disent.tracking import MLflowLogger
-
             tracker = MLflowLogger.from_config(cfg, env.rank, env.local_rank)
         self.tracker = tracker  # owns the MLflow run id (rank 0's, broadcast to every rank at start)
 
@@ -325,7 +323,7 @@ class Trainer:
             for path in self.checkpoints.export_final(models, to_yaml(self.cfg)):
                 self.tracker.log_artifact(path, "final")
             if self.cfg.tracking.log_model:
-                from disent.api import Model
+                # lazy: MLflow warns when the model class is defined (and forces it shown); rank 0 alone logs it
                 from disent.tracking.pyfunc import log_trained_model
 
                 log_trained_model(self.tracker, lambda: Model.copy_of(self.engines.vae_model, self.cfg,
@@ -357,8 +355,6 @@ class Trainer:
             wait_for_rank_zero(bound + 30)
 
     def eval_request(self, step: int):
-        from disent.train.hooks import EvalRequest
-
         return EvalRequest(step=step, models={"vae": self.engines.vae_model, "disc": self.engines.disc_model},
                            cfg=self.cfg, device=self.env.device, rank=self.env.rank, out_dir=self.layout.eval_dir(step),
                            tracker=self.tracker)

@@ -11,6 +11,8 @@ of literals looped over, an f-string of those and `__name__`); imports under `if
 and do not count. `launcher/` imports only `disent.errors` and `disent.host` (so it starts without torch),
 and nothing in `disent/` imports `launcher`. No function in either is longer than 60 lines unless its
 docstring says why ("long because ...").
+Imports go at the top of a module: inside a function only in a command module (cli.py, commands.py, __main__.py)
+or with `# lazy: <reason>` on the import's line or the line above.
 """
 from __future__ import annotations
 
@@ -264,3 +266,39 @@ MAX_MODULE_LINES = 400
 def test_modules_do_one_job_within_400_lines(path):
     lines = len(path.read_text().splitlines())
     assert lines <= MAX_MODULE_LINES, f"{path.relative_to(ROOT)} has {lines} lines; split it by job (docs/architecture.md)"
+
+
+COMMAND_MODULES = {"cli.py", "commands.py", "__main__.py"}
+LAZY = "# lazy:"
+
+
+def unexplained_function_imports(source: str, where: str) -> list[str]:
+    """The imports inside functions of a module that is no command module, and that carry no `# lazy:` reason."""
+    if Path(where).name in COMMAND_MODULES:
+        return []
+    lines = ["", *source.splitlines()]
+    found = set()
+    for function in ast.walk(ast.parse(source)):
+        if isinstance(function, (ast.FunctionDef, ast.AsyncFunctionDef)):
+            for node in ast.walk(function):
+                line = getattr(node, "lineno", 0)
+                if isinstance(node, (ast.Import, ast.ImportFrom)) and LAZY not in lines[line] and not (
+                        lines[line - 1].strip().startswith(LAZY)):
+                    found.add(f"{where}:{line} imports inside {function.name}(): move `{lines[line].strip()}` to the "
+                              f"top of the module, or say why it cannot be there ({LAZY} <reason>)")
+    return sorted(found)
+
+
+@pytest.mark.parametrize("path", PRODUCT + LAUNCHER, ids=lambda p: str(p.relative_to(ROOT)))
+def test_imports_are_at_the_top_unless_a_command_runs_them_or_a_reason_is_given(path):
+    found = unexplained_function_imports(path.read_text(), str(path.relative_to(ROOT)))
+    assert not found, "\n".join(found)
+
+
+def test_the_import_check_catches_an_unexplained_import_in_a_function():
+    assert unexplained_function_imports("def f():\n    import torch\n", "disent/data/stream.py")
+    assert unexplained_function_imports("class A:\n    def f(self):\n        from x import y\n", "disent/m.py")
+    assert not unexplained_function_imports("import torch\n\ndef f():\n    pass\n", "disent/data/stream.py")
+    assert not unexplained_function_imports("def f():\n    import torch  # lazy: why\n", "disent/data/stream.py")
+    assert not unexplained_function_imports("def f():\n    # lazy: why\n    import torch\n", "disent/data/stream.py")
+    assert not unexplained_function_imports("def f():\n    import torch\n", "disent/train/commands.py")

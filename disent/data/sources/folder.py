@@ -66,7 +66,7 @@ def _list_images(root: Path, limit: int | None) -> tuple[list[Path], list[tuple[
 
 def _decode_images(paths: list[Path]) -> np.ndarray:
     """uint8 [N, C, H, W]: grey (C=1) unless some image has colour (C=3); all must have one size."""
-    from PIL import Image, UnidentifiedImageError
+    from PIL import Image, UnidentifiedImageError  # lazy: `disent --help` lists every source, this one too
 
     decoded: list[Any] = []
     size: tuple[int, int] | None = None

@@ -10,7 +10,7 @@ from disent.data.sources.registry import Part, SourceData, SourceOptions, check_
     "--fonts DIR|GLOB) with known factors (font, size, rotation, x, y)",
 )
 def load_glyphs(opts: SourceOptions) -> SourceData:
-    from disent.data import glyphs  # the renderer (imported here: `disent --help` need not load it)
+    from disent.data import glyphs  # lazy: `disent --help` lists every source; the renderer loads PIL and tqdm
 
     classes = len(glyphs.CHARACTERS)
     check_drawn(opts, "glyphs", classes)

@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import gzip
 import os
+import shutil
+import subprocess
 from pathlib import Path
 
 import numpy as np
@@ -139,9 +141,6 @@ def ensure_fashion_mnist(install: bool = True, echo=print) -> Path:
     the package (``apt-get update`` + ``apt-get install -y dataset-fashion-mnist``). Otherwise
     raises DataError saying how to get it.
     """
-    import shutil
-    import subprocess
-
     d = Path(default_fashion_mnist_dir())
     if d.is_dir() and any(d.glob("train-images*")):
         return d

@@ -6,7 +6,7 @@ from disent.data.sources.registry import Part, SourceData, SourceOptions, check_
 
 @register_source("sprites", help="procedural shapes with known factors (x, y, scale, rotation, hue)")
 def load_sprites(opts: SourceOptions) -> SourceData:
-    from disent.data import sprites  # the renderer (imported here: `disent --help` need not load it)
+    from disent.data import sprites  # lazy: `disent --help` lists every source; the renderer loads PIL
 
     check_drawn(opts, "sprites", len(sprites.CLASS_NAMES))
     images, labels, factors = sprites.generate(opts.num_samples, opts.seed, opts.image_size)

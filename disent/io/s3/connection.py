@@ -8,7 +8,10 @@ import os
 import threading
 from typing import Any, Callable
 
-
+import boto3
+import urllib3.exceptions as u3
+from botocore import exceptions as bex
+from botocore.config import Config
 
 log = logging.getLogger("disent.io.s3")
 
@@ -78,9 +81,6 @@ def client():
 
     Cached per process id, so DataLoader workers forked from a parent build their own.
     """
-    import boto3
-    from botocore.config import Config
-
     ep = endpoint_url()
     retries, _ = retry_settings()
     # The cache key holds which settings are in force, not secrets themselves: a changed
@@ -180,8 +180,6 @@ def is_retryable(exc: BaseException) -> bool:
     """Throttling, 5xx and connection-level failures: what botocore retries, and what a broken read
     resumes from. Once the retries are spent these mean the endpoint is unavailable (S3Unavailable);
     4xx answers are final."""
-    from botocore import exceptions as bex
-
     if isinstance(exc, bex.ClientError):
         status, code = status_and_code(exc)
         if code in THROTTLE_CODES or code in TRANSIENT_CODES:
@@ -194,13 +192,8 @@ def is_retryable(exc: BaseException) -> bool:
     )
     if isinstance(exc, retryable):
         return True
-    try:
-        import urllib3.exceptions as u3
-
-        if isinstance(exc, (u3.ProtocolError, u3.ReadTimeoutError, u3.IncompleteRead)):
-            return True
-    except ImportError:  # pragma: no cover
-        pass
+    if isinstance(exc, (u3.ProtocolError, u3.ReadTimeoutError, u3.IncompleteRead)):
+        return True
     return isinstance(exc, (ConnectionError, TimeoutError))
 
 

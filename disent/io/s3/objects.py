@@ -9,6 +9,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from botocore import exceptions as bex
+
 from disent.io.s3.connection import S3Error, S3NotFound, call, status_and_code, client, parse_s3_url
 from disent.io.s3.streams import open_read, upload_fileobj
 
@@ -92,8 +94,6 @@ def delete(url: str) -> None:
 
 def create_bucket(name: str) -> None:
     """Create a bucket (used by tests and demos); an existing bucket owned by us is fine."""
-    from botocore import exceptions as bex
-
     try:
         call(lambda: client().create_bucket(Bucket=name), f"s3://{name}", "create the bucket")
     except S3Error as exc:

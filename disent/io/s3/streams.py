@@ -2,11 +2,13 @@
 ``s3://`` scheme for WebDataset's gopen."""
 from __future__ import annotations
 
+import importlib
 import io
-from typing import Any
 import logging
 import random
+import tempfile
 import time
+from typing import Any
 
 from disent.io.s3.connection import S3Error, call, describe, final_error, retry_settings, client, is_retryable, parse_s3_url
 
@@ -106,8 +108,6 @@ class S3Writer(io.RawIOBase):
 
     def __init__(self, url: str):
         super().__init__()
-        import tempfile
-
         self.url = url
         parse_s3_url(url)
         self._buffer = tempfile.SpooledTemporaryFile(max_size=64 << 20)
@@ -142,8 +142,6 @@ def gopen_s3(url: str, mode: str = "rb", bufsize: int = 8192, **kw) -> io.IOBase
 
 
 def register_gopen() -> None:
-    import importlib
-
     # `webdataset.gopen` the attribute is the function; the dispatch table lives in the module.
     wds_gopen = importlib.import_module("webdataset.gopen")
     wds_gopen.gopen_schemes["s3"] = gopen_s3
