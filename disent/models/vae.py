@@ -142,9 +142,14 @@ class DisentVAE(nn.Module):
         return self.decode(self.sample(mu, logvar), s)
 
 
+def unit_kl_to_standard_normal(mu: torch.Tensor, logvar: torch.Tensor) -> torch.Tensor:
+    """KL(N(mu_d, sigma_d) || N(0, 1)) of each code and unit ([batch, z_dim])."""
+    return -0.5 * (1 + logvar - mu.pow(2) - logvar.exp())
+
+
 def kl_to_standard_normal(mu: torch.Tensor, logvar: torch.Tensor) -> torch.Tensor:
     """KL(N(mu, sigma) || N(0, I)) summed over z, averaged over the batch."""
-    return (-0.5 * (1 + logvar - mu.pow(2) - logvar.exp())).sum(dim=1).mean()
+    return unit_kl_to_standard_normal(mu, logvar).sum(dim=1).mean()
 
 
 def reconstruction_loss(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:

@@ -16,7 +16,7 @@ from typing import Callable, Iterator
 import torch
 import torch.distributed as dist
 
-from disent.models.vae import DisentVAE
+from disent.models.vae import DisentVAE, unit_kl_to_standard_normal
 
 log = logging.getLogger(__name__)
 
@@ -30,8 +30,7 @@ def unit_kl_on_stream(vae: DisentVAE, batches: Iterator[dict], to_device: Callab
     total, count = None, None
     for _ in range(num_batches):
         _, mu, logvar = vae.encode(to_device(next(batches))["x1"])
-        mu, logvar = mu.float(), logvar.float()
-        kl = (0.5 * (mu.pow(2) + logvar.exp() - 1.0 - logvar)).sum(0)
+        kl = unit_kl_to_standard_normal(mu.float(), logvar.float()).sum(0)
         n = torch.tensor(float(mu.shape[0]), device=mu.device)
         total, count = (kl, n) if total is None else (total + kl, count + n)
     if dist.is_available() and dist.is_initialized():
