@@ -58,4 +58,7 @@ def prune_quiet_units(vae: DisentVAE, batches: Iterator[dict], to_device: Callab
     pruned = [i for i, k in enumerate(keep.tolist()) if k == 0]
     log.info("pruned %d of %d units of z below %.2f nats: %s (KL per unit: %s)", len(pruned), len(keep), below_kl,
              pruned, " ".join(f"{v:.2f}" for v in kl.tolist()))
+    if len(pruned) == len(keep):  # a short or failed run: z now holds nothing of the image
+        log.warning("every unit of z was below model.prune_below_kl=%s nats and is pruned: z carries nothing; train "
+                    "longer or set model.prune_below_kl=0", below_kl)
     return pruned

@@ -257,7 +257,7 @@ def test_the_reverse_cycle_feeds_the_encoder_float32_under_bf16_autocast():
     assert seen == [torch.float32, torch.float32]  # the step's own pass, then the reverse cycle's
 
 
-def test_pruning_makes_the_quiet_units_the_prior_and_keeps_the_others():
+def test_pruning_makes_the_quiet_units_the_prior_and_keeps_the_others(caplog):
     """model.prune_below_kl: units whose KL over the stream is below the bound get mean 0 and variance 1 for every
     image (so no probe reads anything from them); the others are untouched; the mask is in the state dict."""
     from disent.train.pruning import prune_quiet_units
@@ -283,3 +283,7 @@ def test_pruning_makes_the_quiet_units_the_prior_and_keeps_the_others():
     assert "encoder.unit_mask" not in DisentVAE(1, 28, 4, 6, 8).state_dict()  # off: checkpoints as before
     with pytest.raises(ValueError, match="prunes_units"):
         prune_quiet_units(DisentVAE(1, 28, 4, 6, 8), batches, lambda b: b, below_kl=0.5)
+    with caplog.at_level("WARNING", logger="disent.train.pruning"):
+        more = iter([{"x1": torch.rand(16, 1, 28, 28)} for _ in range(32)])
+        assert prune_quiet_units(vae, more, lambda b: b, below_kl=100.0) == [0, 1, 2, 3, 4, 5]
+    assert "every unit of z was below model.prune_below_kl=100.0 nats" in caplog.text
